@@ -1,0 +1,285 @@
+"""The HySparse ops as functions: validate the inputs, then call the `hysparse::*` custom ops.
+
+Layout as SDPA: `q [B, Hq, T, d]`, `k, v [B, Hkv, T, d]`, `Hq % Hkv == 0`. Semantics in docs/design.md.
+
+    >>> import torch
+    >>> from hysparse_compile import functional as F
+    >>> q, k, v = torch.randn(1, 8, 100, 64), torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64)
+    >>> out, idx = F.full_attention(q, k, v, block_size=16, topk=32)
+    >>> idx.shape, idx.dtype
+    (torch.Size([1, 2, 100, 2]), torch.int32)
+    >>> y = F.sparse_attention(q, k, v, k, v, idx, block_size=16, window=8, sinks=torch.zeros(8))
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .kernels import backends
+from .kernels import ops  # noqa: F401  (registers torch.ops.hysparse.*)
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _tensor(name: str, x, *, ndim: int = 4) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+    return x
+
+
+def _same(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; they must match")
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; they must be on one device")
+
+
+def _qkv(q: Tensor, pairs: list[tuple[str, Tensor]]) -> tuple[int, int, int, int, int]:
+    """Check q and (name, K/V tensor) pairs; returns B, Hq, Hkv, T, d."""
+    _tensor("q", q)
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    B, Hq, T, d = q.shape
+    name0, k0 = pairs[0]
+    for name, x in pairs:
+        _tensor(name, x)
+        _same(name, x, "q", q)
+        if x.shape[0] != B or x.shape[3] != d:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [B={B}, Hkv, T, d={d}] to match q "
+                             f"{tuple(q.shape)}")
+        if x.shape != k0.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but {name0} has {tuple(k0.shape)}; they must match")
+    Hkv = k0.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"q has {Hq} heads and {name0} has {Hkv}: the query heads must be a multiple of the KV "
+                         f"heads (GQA), e.g. Hkv in {[h for h in range(1, Hq + 1) if Hq % h == 0]}")
+    return B, Hq, Hkv, T, d
+
+
+def _int(name: str, value, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _block_topk(block_size, topk=None) -> None:
+    _int("block_size", block_size)
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 (16, 32, 64, 128, ...), got {block_size}")
+    if topk is not None:
+        _int("topk", topk)
+        if topk % block_size:
+            raise ValueError(f"topk must be a positive multiple of block_size={block_size}, got {topk}")
+
+
+def _scale(scale, d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float or None (1/sqrt(d)), got {scale!r}")
+    return float(scale)
+
+
+def _indices(indices, B: int, Hkv: int, T: int, q: Tensor, name: str = "indices") -> int:
+    _tensor(name, indices)
+    if indices.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (as full_attention returns it), got {indices.dtype}")
+    if indices.device != q.device:
+        raise ValueError(f"{name} is on {indices.device} but q is on {q.device}")
+    if tuple(indices.shape[:3]) != (B, Hkv, T) or indices.shape[3] < 1:
+        raise ValueError(f"{name} has shape {tuple(indices.shape)}; expected [B={B}, Hkv={Hkv}, T={T}, nsel>=1]")
+    return indices.shape[3]
+
+
+def _gate(name: str, gate, B: int, Hq: int, T: int, d: int, q: Tensor):
+    """Broadcast a gate to exactly [B, Hq, T, 1] (per head) or [B, Hq, T, d] (per channel)."""
+    if gate is None:
+        return None
+    if not isinstance(gate, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(gate).__name__}")
+    _same(name, gate, "q", q)
+    last = gate.shape[-1] if gate.dim() else 1
+    target = (B, Hq, T, 1 if last == 1 else d)
+    try:
+        if gate.dim() > 4:
+            raise RuntimeError("too many dims")
+        return gate.expand(target)
+    except RuntimeError:
+        raise ValueError(f"{name} has shape {tuple(gate.shape)}; it must broadcast to [B, Hq, T, 1] (one gate per head) "
+                     f"or [B, Hq, T, d] (one per channel) = {(B, Hq, T, 1)} or {(B, Hq, T, d)}") from None
+
+
+def _sinks(sinks, Hq: int, q: Tensor):
+    if sinks is None:
+        return None
+    _tensor("sinks", sinks, ndim=1)
+    if sinks.shape[0] != Hq or not sinks.is_floating_point():
+        raise ValueError(f"sinks must be a float tensor of shape [Hq={Hq}] (one logit per query head), "
+                         f"got {sinks.dtype} {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}")
+    return sinks
+
+
+def _backend(backend: str, op: str, q: Tensor, Hkv: int, **extra) -> str:
+    if backend not in backends.CHOICES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, backends.CHOICES))}, got {backend!r}")
+    if backend != "auto" and not torch.compiler.is_compiling():
+        backends.resolve(backend, op, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], group=q.shape[1] // Hkv,
+                         **extra)  # raises with the reason and the backends that can
+    return backend
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------- ops
+def full_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int = 64, topk: int = 1024, scale=None,
+                   backend: str = "auto", return_scores: bool = False):
+    """Causal attention plus block selection (SPEC §2.1).
+
+    q [B, Hq, T, d], k/v [B, Hkv, T, d] -> out [B, Hq, T, d], indices int32 [B, Hkv, T, topk // block_size]
+    (the top blocks of the group-max block scores among blocks starting at or before each token, sorted ascending,
+    -1 padded). With `return_scores=True` also the per-head block scores float32 [B, Hq, T, ceil(T / block_size)].
+    """
+    B, Hq, Hkv, T, d = _qkv(q, [("k", k), ("v", v)])
+    _block_topk(block_size, topk)
+    scale = _scale(scale, d)
+    backend = _backend(backend, "full_attention", q, Hkv, block_size=block_size, nsel=topk // block_size)
+    out, indices, _, scores = torch.ops.hysparse.full_attention(q, k, v, block_size, topk, scale,
+                                                                bool(return_scores), backend)
+    return (out, indices, scores) if return_scores else (out, indices)
+
+
+def sparse_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_shared: Tensor, indices: Tensor,
+                     *, block_size: int = 64, window: int | None = 128, gate_sparse=None, gate_swa=None, sinks=None,
+                     scale=None, merge: bool = False, backend: str = "auto") -> Tensor:
+    """The sparse layer (SPEC §2.2): sparse branch over `k_shared/v_shared` at the selected blocks, SWA branch over
+    `k_own/v_own` in the last `window` positions (`window=None`: no SWA branch), sinks in each denominator, gates on
+    the branch outputs. `merge=True` (training-free, SPEC §2.4): one softmax over selected blocks ∪ window of
+    `k_shared/v_shared` (pass the layer's own K/V there; `k_own/v_own` are not read), no gates.
+
+    q [B, Hq, T, d]; k_*/v_* [B, Hkv, T, d]; indices int32 [B, Hkv, T, nsel]; gates broadcastable to
+    [B, Hq, T, 1] or [B, Hq, T, d]; sinks [Hq] -> out [B, Hq, T, d]
+    """
+    B, Hq, Hkv, T, d = _qkv(q, [("k_own", k_own), ("v_own", v_own), ("k_shared", k_shared), ("v_shared", v_shared)])
+    _block_topk(block_size)
+    if window is not None:
+        _int("window", window)
+    if merge and (gate_sparse is not None or gate_swa is not None):
+        raise ValueError("merge=True (training-free) takes no gates: it is a single softmax; pass gate_sparse=None "
+                         "and gate_swa=None")
+    if not merge and window is None and gate_swa is not None:
+        raise ValueError("gate_swa was given but window=None turns the SWA branch off; drop gate_swa or set a window")
+    nsel = _indices(indices, B, Hkv, T, q)
+    gate_sparse = _gate("gate_sparse", gate_sparse, B, Hq, T, d, q)
+    gate_swa = _gate("gate_swa", gate_swa, B, Hq, T, d, q)
+    sinks = _sinks(sinks, Hq, q)
+    scale = _scale(scale, d)
+    backend = _backend(backend, "sparse_attention", q, Hkv, block_size=block_size, nsel=nsel)
+    save = _needs_grad(q, k_own, v_own, k_shared, v_shared, gate_sparse, gate_swa, sinks)
+    out, _, _ = torch.ops.hysparse.sparse_attention(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse,
+                                                    gate_swa, sinks, block_size, window or 0, scale, bool(merge),
+                                                    save, backend)
+    return out
+
+
+def _cache_len(cache_len, B: int, S: int, q: Tensor) -> Tensor:
+    _tensor("cache_len", cache_len, ndim=1)
+    if cache_len.shape[0] != B or cache_len.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cache_len must be an int32/int64 tensor of shape [B={B}], got {cache_len.dtype} "
+                         f"{tuple(cache_len.shape)}")
+    if cache_len.device != q.device:
+        raise ValueError(f"cache_len is on {cache_len.device} but q is on {q.device}")
+    if not torch.compiler.is_compiling() and cache_len.device.type == "cpu":
+        lo, hi = int(cache_len.min()), int(cache_len.max())
+        if lo < 1 or hi > S:
+            raise ValueError(f"cache_len values must be in 1..{S} (the cache length, new token included), "
+                             f"got min {lo}, max {hi}")
+    return cache_len.to(torch.int32)
+
+
+def _decode_q(q: Tensor) -> None:
+    _tensor("q", q)
+    if q.shape[2] != 1:
+        raise ValueError(f"decode takes one new token per sequence: q must be [B, Hq, 1, d], got {tuple(q.shape)}")
+
+
+def full_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, *, block_size: int = 64,
+                          topk: int = 1024, scale=None, backend: str = "auto"):
+    """One decode step of a full layer; the caches already hold the new token at position `cache_len - 1`.
+
+    q [B, Hq, 1, d]; k_cache/v_cache [B, Hkv, S, d]; cache_len int [B]
+    -> out [B, Hq, 1, d], indices int32 [B, Hkv, 1, topk // block_size]
+    """
+    _decode_q(q)
+    B, Hq, Hkv, S, d = _qkv_cache(q, [("k_cache", k_cache), ("v_cache", v_cache)])
+    _block_topk(block_size, topk)
+    cache_len = _cache_len(cache_len, B, S, q)
+    scale = _scale(scale, d)
+    backend = _backend(backend, "full_attention_decode", q, Hkv, block_size=block_size, nsel=topk // block_size)
+    return torch.ops.hysparse.full_attention_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale, backend)
+
+
+def sparse_attention_decode(q: Tensor, k_win: Tensor, v_win: Tensor, k_shared: Tensor, v_shared: Tensor,
+                            indices: Tensor, cache_len: Tensor, *, block_size: int = 64, window: int | None = 128,
+                            gate_sparse=None, gate_swa=None, sinks=None, scale=None, merge: bool = False,
+                            backend: str = "auto") -> Tensor:
+    """One decode step of a sparse layer at position `cache_len - 1`.
+
+    q [B, Hq, 1, d]; k_win/v_win [B, Hkv, W, d] the SWA ring buffer (position p in slot p % W, W >= window);
+    k_shared/v_shared [B, Hkv, S, d] the full layer's cache (with merge=True: this layer's own full cache, which
+    also serves the window; k_win/v_win are not read); indices int32 [B, Hkv, 1, nsel]; cache_len int [B]
+    -> out [B, Hq, 1, d]
+    """
+    _decode_q(q)
+    B, Hq, Hkv, S, d = _qkv_cache(q, [("k_shared", k_shared), ("v_shared", v_shared)])
+    for name, x in (("k_win", k_win), ("v_win", v_win)):
+        _tensor(name, x)
+        _same(name, x, "q", q)
+        if (x.shape[0], x.shape[1], x.shape[3]) != (B, Hkv, d):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [B={B}, Hkv={Hkv}, W, d={d}]")
+    _block_topk(block_size)
+    if window is not None:
+        _int("window", window)
+        if not merge and k_win.shape[2] < window:
+            raise ValueError(f"k_win holds {k_win.shape[2]} slots but window={window}: the ring buffer needs at "
+                             f"least window slots")
+    if merge and (gate_sparse is not None or gate_swa is not None):
+        raise ValueError("merge=True (training-free) takes no gates; pass gate_sparse=None and gate_swa=None")
+    nsel = _indices(indices, B, Hkv, 1, q)
+    cache_len = _cache_len(cache_len, B, S, q)
+    gate_sparse = _gate("gate_sparse", gate_sparse, B, Hq, 1, d, q)
+    gate_swa = _gate("gate_swa", gate_swa, B, Hq, 1, d, q)
+    sinks = _sinks(sinks, Hq, q)
+    scale = _scale(scale, d)
+    backend = _backend(backend, "sparse_attention_decode", q, Hkv, block_size=block_size, nsel=nsel)
+    return torch.ops.hysparse.sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len,
+                                                      gate_sparse, gate_swa, sinks, block_size, window or 0, scale,
+                                                      bool(merge), backend)
+
+
+def _qkv_cache(q: Tensor, pairs):
+    """Like `_qkv` but the caches may be longer than q (S >= 1 slots)."""
+    B, Hq, _, d = q.shape
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    name0, k0 = pairs[0]
+    for name, x in pairs:
+        _tensor(name, x)
+        _same(name, x, "q", q)
+        if x.shape != k0.shape or x.shape[0] != B or x.shape[3] != d:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [B={B}, Hkv, S, d={d}] like {name0} "
+                             f"{tuple(k0.shape)}")
+    Hkv = k0.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"q has {Hq} heads and {name0} has {Hkv}: the query heads must be a multiple of the KV heads")
+    return B, Hq, Hkv, k0.shape[2], d

@@ -1,0 +1,1 @@
+"""HySparse kernels: one folder per backend (reference, flex, triton), registered once as custom ops in `ops`."""

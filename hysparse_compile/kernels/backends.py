@@ -1,0 +1,72 @@
+"""The backend table: names, lazy import, capability checks, and what `backend="auto"` picks.
+
+    >>> from hysparse_compile.kernels import backends
+    >>> backends.resolve("auto", "full_attention", device="cpu", dtype="float32", head_dim=64, group=4).NAME
+    'reference'
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "flex", "triton")
+CHOICES = BACKENDS + ("auto",)
+OPS = ("full_attention", "sparse_attention", "full_attention_decode", "sparse_attention_decode")
+
+
+def _triton_usable(device: torch.device) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the platform
+        return f"triton is not importable ({e.__class__.__name__}: {e})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1), not on {device.type}"
+
+
+def load(name: str) -> ModuleType:
+    """Import a backend module by name (raises ValueError naming the valid ones)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, CHOICES))}, got {name!r}")
+    return importlib.import_module(f"hysparse_compile.kernels.{name}")
+
+
+def unsupported_reason(name: str, op: str, **meta) -> str | None:
+    """Why backend `name` cannot run `op` for these inputs, or None if it can.
+
+    meta: device (torch.device or str), dtype (torch.dtype or str), head_dim, group (Hq // Hkv), and op-specific
+    keys such as block_size / nsel.
+    """
+    device = torch.device(meta.get("device", "cpu"))
+    if name == "triton":
+        why = _triton_usable(device)
+        if why:
+            return why
+    try:
+        module = load(name)
+    except ImportError as e:
+        return f"backend {name!r} could not be imported ({e})"
+    return module.supports(op, **{**meta, "device": device})
+
+
+def resolve(name: str, op: str, **meta) -> ModuleType:
+    """The backend module to run `op` with. "auto": triton on CUDA when it supports the case, else flex on CUDA
+    when it does, else the reference. An explicit name that cannot run the case raises ValueError with the reason
+    and the backends that can."""
+    if name == "auto":
+        device = torch.device(meta.get("device", "cpu"))
+        order = ("triton", "flex", "reference") if device.type == "cuda" else ("reference",)
+        for candidate in order:
+            if unsupported_reason(candidate, op, **meta) is None:
+                return load(candidate)
+        return load("reference")
+    why = unsupported_reason(name, op, **meta)
+    if why is not None:
+        able = [b for b in BACKENDS if b != name and unsupported_reason(b, op, **meta) is None]
+        raise ValueError(f"backend={name!r} cannot run {op} here: {why}; backends that can: {', '.join(able)}")
+    return load(name)

@@ -1,0 +1,184 @@
+"""The one registration point: every HySparse op as a `torch.library` custom op in the `hysparse` namespace, with a
+fake (meta) implementation and autograd, so `torch.compile`, `torch.export` and the exporters see one node per op.
+
+Ops (schemas in docs/design.md):
+    hysparse::full_attention            -> (out, indices, lse, scores)
+    hysparse::full_attention_backward   -> (dq, dk, dv)
+    hysparse::sparse_attention          -> (out, lse, branch_out)
+    hysparse::sparse_attention_backward -> (dq, dk_own, dv_own, dk_shared, dv_shared, dgate_sparse, dgate_swa, dsinks)
+    hysparse::full_attention_decode     -> (out, indices)
+    hysparse::sparse_attention_decode   -> out
+The backend string travels with the call; "auto" is resolved when the op runs (see `backends.resolve`).
+Absent optional gradients come back from the backward op as empty tensors and are turned into None here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+
+def _meta(op: str, q: Tensor, k: Tensor, **extra) -> dict:
+    return dict(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], group=q.shape[1] // k.shape[1], **extra)
+
+
+def _impl(backend: str, op: str, q: Tensor, k: Tensor, **extra):
+    return backends.resolve(backend, op, **_meta(op, q, k, **extra))
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+# ---------------------------------------------------------------------------------------------- full attention
+@torch.library.custom_op("hysparse::full_attention", mutates_args=())
+def full_attention(q: Tensor, k: Tensor, v: Tensor, block_size: int, topk: int, scale: float,
+                   return_scores: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = _impl(backend, "full_attention", q, k, block_size=block_size, nsel=topk // block_size)
+    out, indices, lse, scores = impl.full_attention_fwd(q, k, v, block_size, topk, scale, return_scores)
+    return out, indices, lse, scores if return_scores else q.new_empty(0, dtype=torch.float32)
+
+
+@full_attention.register_fake
+def _(q, k, v, block_size, topk, scale, return_scores, backend):
+    B, Hq, T, d = q.shape
+    nb = -(-T // block_size)
+    out = torch.empty_like(q)
+    indices = q.new_empty((B, k.shape[1], T, topk // block_size), dtype=torch.int32)
+    lse = q.new_empty((B, Hq, T), dtype=torch.float32)
+    scores = q.new_empty((B, Hq, T, nb) if return_scores else (0,), dtype=torch.float32)
+    return out, indices, lse, scores
+
+
+@torch.library.custom_op("hysparse::full_attention_backward", mutates_args=())
+def full_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    impl = _impl(backend, "full_attention", q, k)
+    dq, dk, dv = impl.full_attention_bwd(dout.contiguous(), q, k, v, out, lse, scale)
+    return dq, dk, dv
+
+
+@full_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _full_setup(ctx, inputs, output):
+    q, k, v, block_size, topk, scale, return_scores, backend = inputs
+    out, indices, lse, scores = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.mark_non_differentiable(indices, lse, scores)
+
+
+def _full_backward(ctx, dout, dindices, dlse, dscores):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        return (None,) * 8
+    dq, dk, dv = torch.ops.hysparse.full_attention_backward(dout, q, k, v, out, lse, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
+
+
+full_attention.register_autograd(_full_backward, setup_context=_full_setup)
+
+
+# ---------------------------------------------------------------------------------------------- sparse attention
+@torch.library.custom_op("hysparse::sparse_attention", mutates_args=())
+def sparse_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_shared: Tensor, indices: Tensor,
+                     gate_sparse: Optional[Tensor], gate_swa: Optional[Tensor], sinks: Optional[Tensor],
+                     block_size: int, window: int, scale: float, merge: bool, save_branches: bool,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    impl = _impl(backend, "sparse_attention", q, k_own, block_size=block_size, nsel=indices.shape[-1])
+    out, lse, branch_out = impl.sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse,
+                                                     gate_swa, sinks, block_size, window, scale, merge, save_branches)
+    if not save_branches:
+        branch_out = q.new_empty(0)
+    elif branch_out is None or branch_out.numel() == 0:  # backend recomputes in its backward: keep the shape only
+        branch_out = q.new_empty((2, *q.shape))
+    return out, lse, branch_out
+
+
+@sparse_attention.register_fake
+def _(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, block_size, window, scale, merge,
+      save_branches, backend):
+    B, Hq, T, d = q.shape
+    lse = q.new_empty((B, Hq, T, 2), dtype=torch.float32)
+    branch = q.new_empty((2, B, Hq, T, d) if save_branches else (0,))
+    return torch.empty_like(q), lse, branch
+
+
+@torch.library.custom_op("hysparse::sparse_attention_backward", mutates_args=())
+def sparse_attention_backward(dout: Tensor, q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor,
+                              v_shared: Tensor, indices: Tensor, gate_sparse: Optional[Tensor],
+                              gate_swa: Optional[Tensor], sinks: Optional[Tensor], out: Tensor, lse: Tensor,
+                              branch_out: Tensor, block_size: int, window: int, scale: float, merge: bool,
+                              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = _impl(backend, "sparse_attention", q, k_own, block_size=block_size, nsel=indices.shape[-1])
+    grads = impl.sparse_attention_bwd(dout.contiguous(), q, k_own, v_own, k_shared, v_shared, indices, gate_sparse,
+                                      gate_swa, sinks, out, lse, branch_out, block_size, window, scale, merge)
+    return tuple(_empty(q) if g is None else g for g in grads)
+
+
+@sparse_attention_backward.register_fake
+def _(dout, q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, out, lse, branch_out,
+      block_size, window, scale, merge, backend):
+    like = lambda t: _empty(q) if t is None else torch.empty_like(t)  # noqa: E731
+    return (torch.empty_like(q), torch.empty_like(k_own), torch.empty_like(v_own), torch.empty_like(k_shared),
+            torch.empty_like(v_shared), like(gate_sparse), like(gate_swa), like(sinks))
+
+
+def _sparse_setup(ctx, inputs, output):
+    (q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, block_size, window, scale, merge,
+     save_branches, backend) = inputs
+    out, lse, branch_out = output
+    ctx.save_for_backward(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, out, lse,
+                          branch_out)
+    ctx.args = (block_size, window, scale, merge, backend)
+    ctx.mark_non_differentiable(lse, branch_out)
+
+
+def _sparse_backward(ctx, dout, dlse, dbranch):
+    saved = ctx.saved_tensors
+    if dout is None:
+        return (None,) * 15
+    block_size, window, scale, merge, backend = ctx.args
+    grads = torch.ops.hysparse.sparse_attention_backward(dout, *saved, block_size, window, scale, merge, backend)
+    present = (True, True, True, True, True, saved[6] is not None, saved[7] is not None, saved[8] is not None)
+    grads = [g if keep else None for g, keep in zip(grads, present)]
+    return (*grads[:5], None, *grads[5:], None, None, None, None, None, None)
+
+
+sparse_attention.register_autograd(_sparse_backward, setup_context=_sparse_setup)
+
+
+# ---------------------------------------------------------------------------------------------- decode
+@torch.library.custom_op("hysparse::full_attention_decode", mutates_args=())
+def full_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, block_size: int,
+                          topk: int, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    impl = _impl(backend, "full_attention_decode", q, k_cache, block_size=block_size, nsel=topk // block_size)
+    return impl.full_attention_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale)
+
+
+@full_attention_decode.register_fake
+def _(q, k_cache, v_cache, cache_len, block_size, topk, scale, backend):
+    B = q.shape[0]
+    return torch.empty_like(q), q.new_empty((B, k_cache.shape[1], 1, topk // block_size), dtype=torch.int32)
+
+
+@torch.library.custom_op("hysparse::sparse_attention_decode", mutates_args=())
+def sparse_attention_decode(q: Tensor, k_win: Tensor, v_win: Tensor, k_shared: Tensor, v_shared: Tensor,
+                            indices: Tensor, cache_len: Tensor, gate_sparse: Optional[Tensor],
+                            gate_swa: Optional[Tensor], sinks: Optional[Tensor], block_size: int, window: int,
+                            scale: float, merge: bool, backend: str) -> Tensor:
+    impl = _impl(backend, "sparse_attention_decode", q, k_shared, block_size=block_size, nsel=indices.shape[-1])
+    return impl.sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse,
+                                        gate_swa, sinks, block_size, window, scale, merge)
+
+
+@sparse_attention_decode.register_fake
+def _(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa, sinks, block_size, window,
+      scale, merge, backend):
+    return torch.empty_like(q)

@@ -1,0 +1,160 @@
+"""Flex full-attention layer: causal FlexAttention for out and lse, block scores and selection in query chunks.
+
+FlexAttention cannot expose per-block row maxima, so the block scores are recomputed from q.k^T one query chunk at
+a time (at most [B, Hq, chunk, T] float32 logits alive), turned into probabilities with the lse that flex returned,
+max-reduced per key block and over the GQA group, and handed to the reference's `select_blocks`.
+
+Also home of `flex_attend`, the one place that calls flex_attention (compiled on CUDA, eager on CPU; see there).
+The backward recomputes the flex forward under autograd: a second implementation and a baseline, not a fast path.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+from torch.nn.attention import flex_attention as _fa
+
+from ..reference.full_attention import block_max, causal_logits, compute_dtype
+from ..reference.full_attention import full_attention_decode as _torch_full_decode
+from ..reference.select_blocks import select_blocks
+
+Q_BLOCK = 128  # flex's query tile for every block mask we build (its default sparse block size)
+_CHUNK_ELEMS = {"cuda": 1 << 27, "cpu": 1 << 23}  # float32 logits per scoring chunk (512 MiB on CUDA)
+
+_compiled = None
+
+
+def _compiled_flex():
+    """torch.compile(flex_attention), built once per process."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_fa.flex_attention, dynamic=False, fullgraph=True)
+    return _compiled
+
+
+def _recompile_limit_patch():
+    """Every (shape, mask) pair is its own compiled graph: lift dynamo's recompile limit around flex calls."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    return cfg.patch(**{name: max(256, getattr(cfg, name))})
+
+
+def _identity_score(score, b, h, q_idx, kv_idx):
+    return score
+
+
+def _hop_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float):
+    """Eager flex through its higher-order op: the public function refuses backward on CPU, the op itself does not.
+    Same math (flex's dense implementation); lse comes back in log2 units."""
+    opts = _fa._apply_kernel_options(q, k, v, True, None, None)
+    out, lse, _ = _fa.flex_attention_hop(q, k, v, _identity_score, block_mask.as_tuple(), scale, opts)
+    return out, lse * math.log(2.0)
+
+
+def kernel_options(device: torch.device, q_block: int, kv_block: int) -> dict | None:
+    """Tile sizes that divide the block mask's sparse blocks (flex errors out when its default tiles do not)."""
+    if device.type != "cuda" or (q_block >= 128 and kv_block >= 128):
+        return None
+    m, n = min(128, q_block), min(64, kv_block)
+    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M1": min(64, m), "BLOCK_N1": n, "BLOCK_M2": min(64, m),
+            "BLOCK_N2": n}
+
+
+def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, options: dict | None = None):
+    """out [B, Hq, T, d] (q's dtype), lse float32 [B, Hq, T] (natural log, -inf for rows with no key).
+
+    q [B, Hq, T, d], k/v [B, Hkv, T, d]; GQA through flex's enable_gqa (query head h reads KV head h // G).
+    CUDA: torch.compile(flex_attention), cached once per process (one graph per shape and mask; dynamo's recompile
+    limit is lifted around the call). CPU: eager flex -- compiled flex on CPU is inference-only and cannot return
+    the lse (torch 2.13), and eager spares CI the 15-30 s compiles; when autograd is recording on CPU, flex's own
+    higher-order op is called directly (the public function refuses CPU backward; the op's math path does it).
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu" and needs_grad:
+        return _hop_attend(q, k, v, block_mask, scale)
+    gqa = q.shape[1] != k.shape[1]
+    aux = {"return_aux": _fa.AuxRequest(lse=True)} if hasattr(_fa, "AuxRequest") else {"return_lse": True}
+    if q.device.type == "cpu":
+        with warnings.catch_warnings():  # eager flex warns that it is unfused: on CPU that is the choice
+            warnings.simplefilter("ignore", UserWarning)
+            out, res = _fa.flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **aux)
+    else:
+        with _recompile_limit_patch():
+            out, res = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                                        kernel_options=options, **aux)
+    lse = res.lse if hasattr(res, "lse") else res
+    return out, lse.float()
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+@lru_cache(maxsize=32)
+def causal_block_mask(T: int, device: torch.device):
+    """Causal BlockMask for T queries and keys (cached per shape and device)."""
+    return _fa.create_block_mask(_causal, None, None, T, T, device=device, _compile=device.type == "cuda")
+
+
+def _chunk_rows(B: int, Hq: int, T: int, device: torch.device) -> int:
+    return max(1, min(T, _CHUNK_ELEMS.get(device.type, 1 << 23) // max(1, B * Hq * T)))
+
+
+def block_scores_and_select(q: Tensor, k: Tensor, lse: Tensor, block_size: int, nsel: int, scale: float,
+                            return_scores: bool):
+    """Block scores from q.k^T and lse, chunk by chunk over queries, then selection.
+
+    q [B, Hq, T, d], k [B, Hkv, T, d], lse float32 [B, Hq, T]
+    -> indices int32 [B, Hkv, T, nsel], scores float32 [B, Hq, T, nb] (or None unless return_scores)
+    """
+    B, Hq, T, _ = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    nb = -(-T // block_size)
+    ct = compute_dtype(q.dtype)
+    kf = k.to(ct)  # [B, Hkv, T, d], converted once
+    indices = torch.empty(B, Hkv, T, nsel, dtype=torch.int32, device=q.device)
+    scores = torch.zeros(B, Hq, T, nb, dtype=torch.float32, device=q.device) if return_scores else None
+    step = _chunk_rows(B, Hq, T, q.device)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        logits = causal_logits(q[:, :, t0:t1].to(ct), kf[:, :, :t1], t0, scale)  # [B, Hkv, G, C, t1]
+        s = torch.exp(block_max(logits, block_size) - lse[:, :, t0:t1].view(B, Hkv, G, -1, 1))  # [B,Hkv,G,C,nbc]
+        del logits
+        if scores is not None:
+            scores[:, :, t0:t1, : s.shape[-1]] = s.reshape(B, Hq, t1 - t0, -1).float()
+        pos = torch.arange(t0, t1, device=q.device)
+        indices[:, :, t0:t1] = select_blocks(s.amax(dim=2), pos, block_size, nsel)
+    return indices, scores
+
+
+def full_attention_fwd(q: Tensor, k: Tensor, v: Tensor, block_size: int, topk: int, scale: float,
+                       return_scores: bool):
+    """q [B, Hq, T, d], k/v [B, Hkv, T, d] -> out [B, Hq, T, d], indices int32 [B, Hkv, T, nsel],
+    lse float32 [B, Hq, T], scores float32 [B, Hq, T, nb] (empty unless return_scores)."""
+    T = q.shape[2]
+    with torch.no_grad():
+        out, lse = flex_attend(q, k, v, causal_block_mask(T, q.device), scale)
+        indices, scores = block_scores_and_select(q, k, lse, block_size, topk // block_size, scale, return_scores)
+    return out, indices, lse, scores if scores is not None else q.new_empty(0, dtype=torch.float32)
+
+
+def full_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float):
+    """Causal-attention gradients by recomputing the flex forward under autograd. Returns dq, dk, dv."""
+    with torch.enable_grad():
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+        o, _ = flex_attend(qg, kg, vg, causal_block_mask(q.shape[2], q.device), scale)
+        dq, dk, dv = torch.autograd.grad(o, (qg, kg, vg), dout)
+    return dq, dk, dv
+
+
+def full_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, block_size: int,
+                          topk: int, scale: float):
+    """One query row per sequence: plain torch over the cache (flex gains nothing on a single row).
+
+    q [B, Hq, 1, d], k_cache/v_cache [B, Hkv, S, d], cache_len int [B] -> out [B, Hq, 1, d], indices [B, Hkv, 1, nsel]
+    """
+    return _torch_full_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale)

@@ -1,0 +1,27 @@
+"""The Triton backend: fused kernels for both HySparse ops (forward, backward, decode). The default on CUDA.
+
+Full layer: `full_attention.py` (flash forward with running per-head top-k of block maxima, GQA merge in
+`select_blocks.py`, FA2-style backward) and `full_attention_decode.py` (split-K). Sparse layer:
+`sparse_attention.py` (both branches in one kernel over the per-tile block union of `block_union.py`),
+`sparse_attention_bwd.py`, `sparse_attention_decode.py`. Design notes: docs/kernels_full.md, docs/kernels_sparse.md.
+"""
+from .full_attention import full_attention_bwd, full_attention_fwd, full_attention_supports
+from .full_attention_decode import full_attention_decode
+from .sparse_attention import sparse_attention_fwd, sparse_attention_supports
+from .sparse_attention_bwd import sparse_attention_bwd
+from .sparse_attention_decode import sparse_attention_decode
+
+NAME = "triton"
+
+
+def supports(op: str, **meta) -> str | None:
+    """Why the Triton kernels cannot run `op` for these inputs (see `backends.unsupported_reason`), or None."""
+    if op.startswith("full_attention"):
+        return full_attention_supports(op, **meta)
+    return sparse_attention_supports(**meta)
+
+
+__all__ = [
+    "full_attention_fwd", "full_attention_bwd", "full_attention_decode",
+    "sparse_attention_fwd", "sparse_attention_bwd", "sparse_attention_decode", "supports",
+]

@@ -1,0 +1,400 @@
+"""Full-attention layer on Triton: causal flash attention + block scores + block selection (forward, backward).
+
+Forward: one flash-attention pass (online softmax, fp32 accumulation). Per query row it also keeps a running
+top-`nsel` list of (raw scaled block max logit `m_j`, block index) in registers, updated once per key block.
+Within one head, `S_j = exp(m_j - lse)` ranks blocks exactly as `m_j` does, so the list is the head's exact top
+`nsel` without knowing `lse`; at the end it is written as log block scores `m_j - lse`. `select_blocks.py` then
+merges the G heads of each KV group. No T x T/B score tensor is written. Derivation: docs/kernels_full.md.
+
+Backward: FA2-style (delta = rowsum(dO * O); dk/dv over query tiles, summed over the G heads of a group; dq over
+key tiles). Selection is not differentiated.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .select_blocks import merge_head_candidates
+
+LOG2E = 1.4426950408889634
+LOG2E_C = tl.constexpr(LOG2E)  # globals used inside kernels must be constexpr
+LN2 = tl.constexpr(0.6931471805599453)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tuned on H100 (bench/tune_full_attention.py); the interpreter uses the smallest legal tiles.
+FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+BWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}  # dk/dv; dq uses the transpose
+
+
+def full_attention_supports(op, **meta):
+    """Reason why the Triton full-attention kernels cannot run a case, or None.
+
+    op: "full_attention" or "full_attention_decode". meta keys (all optional, as `backends.resolve` passes them):
+    device, dtype (torch.dtype or its name), head_dim, group (Hq // Hkv), block_size, nsel (or topk), scale.
+
+    >>> full_attention_supports("full_attention", head_dim=96)
+    'triton full_attention supports head dims 16, 32, 64, 128, got 96'
+    """
+    if op not in ("full_attention", "full_attention_decode"):
+        return f"{op} is not a full-attention op"
+    device = meta.get("device")
+    if device is not None and torch.device(device).type != "cuda" and not INTERPRET:
+        return f"triton {op} needs a CUDA device (got {device}); set TRITON_INTERPRET=1 to run on CPU"
+    dtype = meta.get("dtype")
+    if dtype is not None and str(dtype).replace("torch.", "") not in ("float16", "bfloat16", "float32"):
+        return f"triton {op} supports float16/bfloat16/float32, got {dtype}"
+    d = meta.get("head_dim")
+    if d is not None and d not in (16, 32, 64, 128):
+        return f"triton {op} supports head dims 16, 32, 64, 128, got {d}"
+    bs = meta.get("block_size")
+    if bs is not None and bs not in (16, 32, 64, 128):
+        return f"triton {op} supports block_size 16, 32, 64, 128, got {bs}"
+    nsel = meta.get("nsel")
+    if nsel is None and bs is not None and meta.get("topk") is not None:
+        nsel = meta["topk"] // bs
+    if nsel is not None and nsel > 256:
+        return f"triton {op} keeps at most 256 selected blocks per token, got nsel={nsel}"
+    scale = meta.get("scale")
+    if scale is not None and not scale > 0:
+        return f"triton {op} needs a positive scale (block maxima are taken before scaling), got {scale}"
+    group = meta.get("group")
+    if group is None and meta.get("num_heads") and meta.get("num_kv_heads"):
+        group = meta["num_heads"] / meta["num_kv_heads"]
+    if group is not None and not (group == int(group) and 1 <= group <= 16):
+        return f"triton {op} supports GQA groups (Hq // Hkv) 1..16, got {group}"
+    return None
+
+
+@triton.jit
+def _insert_block(top_v, top_i, m_blk, blk):
+    """Running top list update: put block `blk` (max logit m_blk [M]) in place of the worst entry if strictly better.
+
+    Worst = lowest value, ties -> highest block index (blocks arrive in increasing order, so ties keep the lower).
+    """
+    v_min = tl.min(top_v, 1)
+    evict = tl.max(tl.where(top_v == v_min[:, None], top_i, -(2**30)), 1)
+    repl = (top_i == evict[:, None]) & (m_blk > v_min)[:, None]
+    top_v = tl.where(repl, m_blk[:, None], top_v)
+    top_i = tl.where(repl, blk, top_i)
+    return top_v, top_i
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, start_n, offs_m, offs_n, offs_d, skt, svt, T, qk_scale,
+              DIAG: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+              SELECT: tl.constexpr):
+    kn = start_n + offs_n
+    if DIAG:
+        k = tl.load(K + kn[:, None] * skt + offs_d[None, :], mask=kn[:, None] < T, other=0.0)
+        v = tl.load(V + kn[:, None] * svt + offs_d[None, :], mask=kn[:, None] < T, other=0.0)
+    else:
+        k = tl.load(K + kn[:, None] * skt + offs_d[None, :])
+        v = tl.load(V + kn[:, None] * svt + offs_d[None, :])
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] unscaled; qk_scale > 0 so max(qk) * s == max(qk * s)
+    if DIAG:
+        qk = tl.where((offs_m[:, None] >= kn[None, :]) & (kn[None, :] < T), qk, float("-inf"))
+    # block scores: row max of each key block in this tile (scaled, log2 units)
+    if (BLOCK_N == BS) or (not SELECT):
+        m_tile = tl.max(qk, 1) * qk_scale
+        if SELECT:
+            top_v, top_i = _insert_block(top_v, top_i, m_tile, start_n // BS)
+    else:
+        m_sub = tl.max(tl.reshape(qk, (qk.shape[0], BLOCK_N // BS, BS)), 2) * qk_scale  # [BLOCK_M, BLOCK_N // BS]
+        sub = tl.arange(0, BLOCK_N // BS)[None, :]
+        for s in tl.static_range(BLOCK_N // BS):
+            m_s = tl.max(tl.where(sub == s, m_sub, float("-inf")), 1)
+            top_v, top_i = _insert_block(top_v, top_i, m_s, start_n // BS + s)
+        m_tile = tl.max(m_sub, 1)
+    m_new = tl.maximum(m_i, m_tile)
+    if DIAG:  # a row may have seen no key yet (m = -inf); off-diagonal rows always have one
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    p = tl.math.exp2(qk * qk_scale - m_safe[:, None])  # one FMA per logit
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new, top_v, top_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, CandS, CandI,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    T, Hq, G, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+    NSEL: tl.constexpr, NSEL_P2: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr,
+):
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query tiles first
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
+    h = (bh % Hq).to(tl.int64)
+    g = h // G
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    Kb = K + b * skb + g * skh
+    Vb = V + b * svb + g * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    slot = tl.arange(0, NSEL_P2)[None, :] + tl.zeros([BLOCK_M, 1], tl.int32)  # [BLOCK_M, NSEL_P2]
+    top_v = tl.where(slot < NSEL, float("-inf"), float("inf"))  # slots >= NSEL are never evicted
+    top_i = -1 - slot  # distinct negative ids for empty slots
+    lo = start_m * BLOCK_M
+    for start_n in range(0, lo, BLOCK_N):  # strictly below the diagonal: no masks
+        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, start_n, offs_m, offs_n,
+                                                offs_d, skt, svt, T, qk_scale, False, BLOCK_N, BS, IEEE, SELECT)
+    hi = tl.minimum(lo + BLOCK_M, T)
+    for start_n in range(lo, hi, BLOCK_N):  # diagonal tiles: causal + bounds masks
+        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, start_n, offs_m, offs_n,
+                                                offs_d, skt, svt, T, qk_scale, True, BLOCK_N, BS, IEEE, SELECT)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    row_ok = offs_m < T
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None])
+    lse2 = m_i + tl.math.log2(l_safe)  # log2 units
+    tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse2 * LN2, mask=row_ok)
+    # candidates: log block score (m_j - lse), natural log; empty / dead slots -> (-inf, -1)
+    real = top_i >= 0
+    cand_s = tl.where(real, (top_v - lse2[:, None]) * LN2, float("-inf"))
+    cand_i = tl.where(real, top_i, -1)
+    c_off = (bh.to(tl.int64) * T + offs_m[:, None]) * NSEL_P2 + tl.arange(0, NSEL_P2)[None, :]
+    if SELECT:
+        tl.store(CandS + c_off, cand_s, mask=row_ok[:, None])
+        tl.store(CandI + c_off, cand_i, mask=row_ok[:, None])
+
+
+@triton.jit
+def _block_scores_kernel(
+    Q, K, Lse, Scores, sqb, sqh, sqt, skb, skh, skt, T, Hq, G, NB, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Per-head block scores S [B, Hq, T, NB] (inspection path, return_scores=True)."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
+    h = (bh % Hq).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    lse2 = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0) * LOG2E_C
+    Kb = K + b * skb + (h // G) * skh
+    row = (bh.to(tl.int64) * T + offs_m) * NB
+    for j in range(0, NB):
+        kn = j * BS + offs_n
+        k = tl.load(Kb + kn[:, None] * skt + offs_d[None, :], mask=kn[:, None] < T, other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        else:
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.where((offs_m[:, None] >= kn[None, :]) & (kn[None, :] < T), qk, float("-inf"))
+        s = tl.math.exp2(tl.max(qk, 1) - lse2)  # 0 for future blocks
+        tl.store(Scores + row + j, s, mask=offs_m < T)
+
+
+INTERPRET_FWD_CONFIG = None  # tests set this to exercise the GPU tiling (BLOCK_N > block_size) on the interpreter
+
+
+def _fwd_config(block_size, head_dim):
+    if INTERPRET and INTERPRET_FWD_CONFIG is not None:
+        return dict(INTERPRET_FWD_CONFIG)
+    if INTERPRET:
+        return {"BLOCK_M": max(16, block_size), "BLOCK_N": block_size, "num_warps": 4, "num_stages": 1}
+    cfg = dict(FWD_CONFIG)
+    cfg["BLOCK_N"] = max(cfg["BLOCK_N"], block_size)  # powers of two: a multiple of block_size
+    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], cfg["BLOCK_N"])
+    return cfg
+
+
+def full_attention_fwd(q, k, v, block_size, topk, scale, return_scores):
+    """Causal attention + block selection.
+
+    q [B, Hq, T, d], k/v [B, Hkv, T, d] -> out [B, Hq, T, d] (q.dtype), indices int32 [B, Hkv, T, nsel]
+    (ascending, -1 padded), lse float32 [B, Hq, T], scores float32 [B, Hq, T, ceil(T/block_size)] or empty.
+    """
+    if INTERPRET and q.dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot is wrong: run fp32, cast back
+        out, indices, lse, scores = full_attention_fwd(q.float(), k.float(), v.float(), block_size, topk, scale,
+                                                       return_scores)
+        return out.to(q.dtype), indices, lse, scores
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out, lse, cand_s, cand_i = attention_with_candidates(q, k, v, block_size, topk, scale)
+    if topk >= block_size:
+        indices = merge_head_candidates(cand_s, cand_i, Hkv, topk // block_size)  # [B, Hkv, T, nsel]
+    else:
+        indices = torch.empty(B, Hkv, T, 0, dtype=torch.int32, device=q.device)
+    scores = torch.empty(0, dtype=torch.float32, device=q.device)
+    if return_scores:
+        nb = triton.cdiv(T, block_size)
+        scores = torch.empty(B, Hq, T, nb, dtype=torch.float32, device=q.device)
+        bm = max(16, min(64, triton.next_power_of_2(T)))
+        _block_scores_kernel[(triton.cdiv(T, bm), B * Hq)](
+            q, k, lse, scores, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            T, Hq, Hq // Hkv, nb, scale * LOG2E, HEAD_DIM=d, BLOCK_M=bm, BS=block_size,
+            IEEE=q.dtype == torch.float32, num_warps=4,
+        )
+    return out, indices, lse, scores
+
+
+def attention_with_candidates(q, k, v, block_size, topk, scale):
+    """The flash pass alone: out [B, Hq, T, d], lse [B, Hq, T], per-head candidates cand_s float32 / cand_i int32
+    [B, Hq, T, NSEL_P2] (log block score, block index; -inf / -1 in empty slots). q/k/v: unit last stride."""
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    nsel = max(1, topk // block_size)
+    nsel_p2 = triton.next_power_of_2(nsel)
+    out = torch.empty_like(q)  # [B, Hq, T, d]
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    cand_s = torch.empty(B, Hq, T, nsel_p2, dtype=torch.float32, device=q.device)
+    cand_i = torch.empty(B, Hq, T, nsel_p2, dtype=torch.int32, device=q.device)
+    cfg = _fwd_config(block_size, d)
+    ieee = q.dtype == torch.float32
+    qk_scale = scale * LOG2E
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, cand_s, cand_i,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        T, Hq, Hq // Hkv, qk_scale,
+        HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BS=block_size, NSEL=nsel, NSEL_P2=nsel_p2,
+        IEEE=ieee, SELECT=topk >= block_size, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse, cand_s, cand_i
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,  # DO shares q's layout via its own strides
+    T, Hq, Hkv, qk_scale, scale,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = (bg // Hkv).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
+    g = (bg % Hkv).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_ok = offs_n[:, None] < T
+    k = tl.load(K + b * skb + g * skh + offs_n[:, None] * skt + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + b * svb + g * svh + offs_n[:, None] * svt + offs_d[None, :], mask=kv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    lo = (start_n // BLOCK_M) * BLOCK_M
+    for hh in range(G):
+        h = g * G + hh
+        Qh = Q + b * sqb + h * sqh
+        DOh = DO + b * sdb + h * sdh
+        row = (b * Hq + h).to(tl.int64) * T
+        for start_m in range(lo, T, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < T
+            q = tl.load(Qh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            do = tl.load(DOh + offs_m[:, None] * sdt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            lse2 = tl.load(Lse + row + offs_m, mask=m_ok, other=0.0) * LOG2E_C
+            delta = tl.load(Delta + row + offs_m, mask=m_ok, other=0.0)
+            qkT = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BLOCK_N, BLOCK_M]
+            pT = tl.math.exp2(qkT - lse2[None, :])
+            pT = tl.where((offs_m[None, :] >= offs_n[:, None]) & m_ok[None, :], pT, 0.0)
+            dv += _dot(pT.to(do.dtype), do, IEEE)
+            dpT = _dot(v, tl.trans(do), IEEE)  # [BLOCK_N, BLOCK_M]
+            dsT = pT * (dpT - delta[None, :])
+            dk += _dot(dsT.to(q.dtype), q, IEEE)
+    # DK/DV are contiguous [B, Hkv, T, d]
+    o_off = ((b * Hkv + g).to(tl.int64) * T + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + o_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + o_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    T, Hq, G, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
+    h = (bh % Hq).to(tl.int64)
+    g = h // G
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < T
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    lse2 = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0) * LOG2E_C
+    delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+    Kb = K + b * skb + g * skh
+    Vb = V + b * svb + g * svh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    hi = tl.minimum((start_m + 1) * BLOCK_M, T)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n[:, None] < T
+        k = tl.load(Kb + offs_n[:, None] * skt + offs_d[None, :], mask=n_ok, other=0.0)
+        v = tl.load(Vb + offs_n[:, None] * svt + offs_d[None, :], mask=n_ok, other=0.0)
+        qk = _dot(q, tl.trans(k), IEEE) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        p = tl.where((offs_m[:, None] >= offs_n[None, :]) & m_ok[:, None], p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    o_off = (bh.to(tl.int64) * T + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(DQ + o_off, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
+
+
+def full_attention_bwd(dout, q, k, v, out, lse, scale):
+    """Plain causal flash backward. dout/q/out [B, Hq, T, d], k/v [B, Hkv, T, d], lse float32 [B, Hq, T].
+
+    Returns dq [B, Hq, T, d], dk/dv [B, Hkv, T, d] (contiguous, dtype of the inputs); GQA heads summed per group.
+    """
+    if INTERPRET and q.dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot is wrong: run fp32, cast back
+        grads = full_attention_bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, scale)
+        return tuple(g.to(q.dtype) for g in grads)
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
+    lse = lse.contiguous()
+    delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, Hq, T]
+    dq = torch.empty(B, Hq, T, d, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, Hkv, T, d, dtype=k.dtype, device=q.device)
+    dv = torch.empty(B, Hkv, T, d, dtype=v.dtype, device=q.device)
+    ieee = q.dtype == torch.float32
+    if INTERPRET:
+        bm, bn, warps, stages = 16, 16, 4, 1
+    else:
+        bm, bn, warps, stages = (BWD_CONFIG[x] for x in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    _bwd_dkdv_kernel[(triton.cdiv(T, bn), B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, *strides, T, Hq, Hkv, scale * LOG2E, scale,
+        G=Hq // Hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages,
+    )
+    _bwd_dq_kernel[(triton.cdiv(T, bn), B * Hq)](
+        q, k, v, dout, lse, delta, dq, *strides, T, Hq, Hq // Hkv, scale * LOG2E, scale,
+        HEAD_DIM=d, BLOCK_M=bn, BLOCK_N=bm, IEEE=ieee, num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv

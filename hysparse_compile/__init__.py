@@ -9,20 +9,20 @@ from .schedule import PRESETS, LayerSpec, Schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["Schedule", "LayerSpec", "PRESETS", "functional", "__version__"]
+__all__ = ["Schedule", "LayerSpec", "PRESETS", "functional", "compile", "inspect", "Report", "plan_kv", "KVPlan",
+           "__version__"]
 
 
-def __getattr__(name):  # heavier pieces load on first use
-    if name == "compile":
-        from .compiler import compile
+_LAZY = {"compile": ("compiler", "compile"), "inspect": ("inspect", "inspect"), "Report": ("inspect", "Report"),
+         "plan_kv": ("kv_plan", "plan_kv"), "KVPlan": ("kv_plan", "KVPlan")}
 
-        return compile
-    if name == "inspect":
-        from .inspect import inspect
 
-        return inspect
-    if name in ("plan_kv", "KVPlan"):
-        from . import kv_plan
+def __getattr__(name):  # heavier pieces (torch.export, transformers glue) load on first use
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hysparse_compile' has no attribute {name!r}")
+    import importlib
 
-        return getattr(kv_plan, name)
-    raise AttributeError(f"module 'hysparse_compile' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value  # importing the submodule `inspect` bound the name to the module: rebind the function
+    return value

@@ -55,12 +55,14 @@ def unsupported_reason(name: str, op: str, **meta) -> str | None:
 
 
 def resolve(name: str, op: str, **meta) -> ModuleType:
-    """The backend module to run `op` with. "auto": triton on CUDA when it supports the case, else flex on CUDA
-    when it does, else the reference. An explicit name that cannot run the case raises ValueError with the reason
-    and the backends that can."""
+    """The backend module to run `op` with. "auto": for 16-bit inputs on CUDA, triton when it supports the case,
+    else flex when it does, else the reference; float32/float64 inputs and other devices get the reference (the
+    kernels' tensor-core dots would round fp32 to TF32, and users who ask for fp32 expect fp32 accuracy). An
+    explicit name that cannot run the case raises ValueError with the reason and the backends that can."""
     if name == "auto":
         device = torch.device(meta.get("device", "cpu"))
-        order = ("triton", "flex", "reference") if device.type == "cuda" else ("reference",)
+        half = str(meta.get("dtype", "")).replace("torch.", "") in ("float16", "bfloat16")
+        order = ("triton", "flex", "reference") if device.type == "cuda" and half else ("reference",)
         for candidate in order:
             if unsupported_reason(candidate, op, **meta) is None:
                 return load(candidate)

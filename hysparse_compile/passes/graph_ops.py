@@ -1,0 +1,47 @@
+"""Small graph-friendly functions the rewrite inserts around the HySparse ops (plain torch: they export, compile
+and differentiate like any other code).
+
+Padding (docs/design.md "Padding"): a left-padded row becomes right-padded before each op (`roll_rows` by the row's
+count of leading pads) and the output is rolled back (`unroll_rows`), so causality keeps real tokens away from pads
+and block boundaries match the unpadded row.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def left_pad_shift(attention_mask: Tensor) -> Tensor:
+    """attention_mask [B, T] (1 = token, 0 = pad) -> int64 [B]: the number of leading pads of each row."""
+    return (attention_mask.cumsum(-1) == 0).sum(-1)
+
+
+def _row_index(x: Tensor, shift: Tensor, dim: int, sign: int) -> Tensor:
+    T = x.shape[dim]
+    idx = (torch.arange(T, device=x.device)[None, :] + sign * shift[:, None]) % T  # [B, T]
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = T
+    return idx.view(shape).expand_as(x)
+
+
+def roll_rows(x: Tensor, shift: Tensor, dim: int = 2) -> Tensor:
+    """x [B, ..., T (at dim), ...] -> row b rolled left by shift[b]: out[b, ..., t] = x[b, ..., (t + shift[b]) % T]."""
+    return torch.gather(x, dim, _row_index(x, shift, dim, 1))
+
+
+def unroll_rows(x: Tensor, shift: Tensor, dim: int = 2) -> Tensor:
+    """The inverse of `roll_rows`: out[b, ..., t] = x[b, ..., (t - shift[b]) % T]."""
+    return torch.gather(x, dim, _row_index(x, shift, dim, -1))
+
+
+def branch_gates(x: Tensor, weight: Tensor, heads: int, branches: int) -> tuple[Tensor, ...]:
+    """Gates of a sparse layer from its input hidden state (SPEC §2.2: g~, g' = sigmoid(W x_t)).
+
+    x [B, T, hidden] (or [B*T, hidden] with T taken from the weight's use); weight [branches * heads * e, hidden]
+    with e = head_dim (gate="element") or 1 (gate="head") -> `branches` tensors [B, heads, T, e]: the sparse-branch
+    gate first, then the SWA-branch gate.
+    """
+    g = torch.sigmoid(torch.nn.functional.linear(x, weight))  # [B, T, branches * heads * e]
+    B, T = x.shape[0], x.shape[1]
+    g = g.view(B, T, branches, heads, -1).permute(2, 0, 3, 1, 4)  # [branches, B, heads, T, e]
+    return tuple(g[i] for i in range(branches))

@@ -1,0 +1,169 @@
+"""Pass 4 — rewrite: each full layer's attention becomes `hysparse_compile.functional.full_attention`, each sparse
+layer's `functional.sparse_attention`, with real graph edges from the full layer's K/V and indices to the sparse
+layers that read them (SPEC §2.2; kv_sharing, swa and mode as the schedule says).
+
+Sparse layers get new parameters, registered under the layer's module path in the captured module (so they appear
+as e.g. `model.layers.5.hysparse.gate.weight` and `model.layers.5.hysparse.sinks` in `state_dict()`):
+- `gate.weight` [branches * Hq * e, hidden], no bias, e = head_dim (gate="element") or 1 (gate="head"),
+  branches = 2 with SWA else 1; zero-initialized (both gates 0.5) unless options give `gate_init`;
+- `sinks` [Hq] logits, `sink_init` (default 0.0).
+`mode="training_free"` adds none (merge=True, the layer's own K/V, no gates, no sinks).
+"""
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule, Node
+
+from .. import functional
+from . import graph_ops
+
+log = logging.getLogger(__name__)
+ASSERT_META = torch.ops.aten._assert_tensor_metadata.default
+DEAD_IF_UNUSED = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default}
+
+
+def _new_layer_params(gm, site, spec, options) -> tuple[str, nn.Module]:
+    """The `hysparse` submodule of one sparse layer: gate (nn.Linear, no bias) and sinks, initialized per options."""
+    val = site.q.meta["val"]
+    dtype, device = val.dtype, val.device  # new parameters follow the queries' dtype and device
+    mod = nn.Module()
+    if spec.gate != "none":
+        branches = 2 if spec.window is not None else 1
+        per = site.head_dim if spec.gate == "element" else 1
+        mod.gate = nn.Linear(site.hidden, branches * site.heads * per, bias=False, device=device, dtype=dtype)
+        init = options.get("gate_init", 0.0)
+        with torch.no_grad():
+            init(mod.gate.weight) if callable(init) else mod.gate.weight.fill_(float(init))
+    if spec.sinks:
+        mod.sinks = nn.Parameter(torch.full((site.heads,), float(options.get("sink_init", 0.0)), dtype=dtype,
+                                            device=device))
+    name = f"{site.layer}.hysparse" if site.layer else "hysparse"
+    taken = {n for n, _ in gm.named_modules()}
+    base, i = name, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name, mod
+
+
+class _Emitter:
+    """Inserts nodes before a site's output node; rolls tensors into the padding-free layout when needed."""
+
+    def __init__(self, graph, shift: Node | None):
+        self.graph, self.shift = graph, shift
+
+    def call(self, fn, *args, **kwargs) -> Node:
+        return self.graph.call_function(fn, args, kwargs)
+
+    def roll(self, node: Node, dim: int = 2) -> Node:
+        return node if self.shift is None else self.call(graph_ops.roll_rows, node, self.shift, dim)
+
+    def unroll(self, node: Node) -> Node:
+        return node if self.shift is None else self.call(graph_ops.unroll_rows, node, self.shift, 2)
+
+
+def _shift_node(gm: GraphModule, state) -> Node | None:
+    if not state.padding:
+        return None
+    mask = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "attention_mask")
+    with gm.graph.inserting_before(state.sites[0].out):
+        return gm.graph.call_function(graph_ops.left_pad_shift, (mask,))
+
+
+def _rewrite_full(em: _Emitter, site, spec, backend) -> dict:
+    q, k, v = em.roll(site.q), em.roll(site.k), em.roll(site.v)
+    res = em.call(functional.full_attention, q, k, v, block_size=spec.block_size, topk=spec.topk,
+                  scale=site.scale, backend=backend)
+    out = em.call(operator.getitem, res, 0)  # [B, Hq, T, d]
+    indices = em.call(operator.getitem, res, 1)  # int32 [B, Hkv, T, nsel]
+    return dict(out=em.unroll(out), k=k, v=v, indices=indices)
+
+
+def _rewrite_sparse(em: _Emitter, gm, site, spec, full: dict, params: str | None, backend) -> tuple[Node, list]:
+    q, k_own, v_own = em.roll(site.q), em.roll(site.k), em.roll(site.v)
+    edges = ["indices"]
+    if spec.merge:  # training-free: one softmax over selected blocks ∪ window of the layer's own K/V
+        k_own_, v_own_, k_shared, v_shared = k_own, v_own, k_own, v_own
+    elif spec.kv_sharing == "sparse_branch":
+        k_own_, v_own_, k_shared, v_shared = k_own, v_own, full["k"], full["v"]
+        edges.append("kv")
+    elif spec.kv_sharing == "both":
+        k_own_, v_own_, k_shared, v_shared = full["k"], full["v"], full["k"], full["v"]
+        edges.append("kv")
+    else:  # "none": oracle selection only
+        k_own_, v_own_, k_shared, v_shared = k_own, v_own, k_own, v_own
+    gates, sinks = [None, None], None
+    if params is not None and not spec.merge:
+        mod = gm.get_submodule(params)
+        if hasattr(mod, "gate"):
+            weight = em.graph.get_attr(f"{params}.gate.weight")
+            branches = 2 if spec.window is not None else 1
+            x = em.roll(site.gate_input, dim=1)
+            g = em.call(graph_ops.branch_gates, x, weight, site.heads, branches)
+            gates = [em.call(operator.getitem, g, i) for i in range(branches)] + [None] * (2 - branches)
+        if hasattr(mod, "sinks"):
+            sinks = em.graph.get_attr(f"{params}.sinks")
+    out = em.call(functional.sparse_attention, q, k_own_, v_own_, k_shared, v_shared, full["indices"],
+                  block_size=spec.block_size, window=spec.window, gate_sparse=gates[0], gate_swa=gates[1],
+                  sinks=sinks, scale=site.scale, merge=spec.merge, backend=backend)
+    return em.unroll(out), edges
+
+
+def _drop_dead_code(gm: GraphModule) -> None:
+    """Dead code elimination that also drops what FX keeps as impure but is dead here: `_assert_tensor_metadata`
+    checks on otherwise unused values (softmax probabilities, masks) and unused dropout (a seeded random op)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.users:
+                continue
+            arg = node.args[0] if node.args else None
+            dead_assert = (node.target is ASSERT_META and isinstance(arg, Node)
+                           and all(u.target is ASSERT_META for u in arg.users))
+            if dead_assert or node.target in DEAD_IF_UNUSED:
+                gm.graph.erase_node(node)
+                changed = True
+        changed |= gm.graph.eliminate_dead_code()
+
+
+def run(state):
+    gm, sites, specs = state.gm, state.sites, state.specs
+    new_mods = {}
+    for site, spec in zip(sites, specs):
+        if spec.role == "sparse" and not spec.merge and (spec.gate != "none" or spec.sinks):
+            name, mod = _new_layer_params(gm, site, spec, state.options)
+            gm.add_submodule(name, mod)
+            new_mods[site.index] = name
+            for pname, p in mod.named_parameters():
+                state.new_parameters[f"{name}.{pname}"] = p
+    shift = _shift_node(gm, state)
+    full_outputs, edges = {}, []
+    for site, spec in zip(sites, specs):
+        em = _Emitter(gm.graph, shift)
+        with gm.graph.inserting_before(site.out):
+            if spec.role == "full":
+                full_outputs[site.index] = _rewrite_full(em, site, spec, state.backend)
+                new_out = full_outputs[site.index]["out"]
+                log.info("rewrite: layer %d (%s): %s -> full_attention(block_size=%d, topk=%d, scale=%.6g)",
+                         site.index, site.module, site.out.target, spec.block_size, spec.topk, site.scale)
+            else:
+                new_out, kinds = _rewrite_sparse(em, gm, site, spec, full_outputs[spec.kv_source],
+                                                 new_mods.get(site.index), state.backend)
+                edges += [(spec.kv_source, site.index, kind) for kind in kinds]
+                log.info("rewrite: layer %d (%s): %s -> sparse_attention(window=%s, merge=%s) reading %s of layer %d",
+                         site.index, site.module, site.out.target, spec.window, spec.merge, "/".join(kinds),
+                         spec.kv_source)
+        site.out.replace_all_uses_with(new_out)
+        gm.graph.erase_node(site.out)  # sdpa is tagged random (dropout), so plain DCE would keep it
+    _drop_dead_code(gm)
+    gm.graph.lint()
+    gm.recompile()
+    state.edges = edges
+    log.info("rewrite: %d full and %d sparse layers, %d new parameters (%d values), padding roll %s",
+             sum(s.role == "full" for s in specs), sum(s.role == "sparse" for s in specs), len(state.new_parameters),
+             sum(p.numel() for p in state.new_parameters.values()), "on" if shift is not None else "off")
+    return state

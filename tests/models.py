@@ -1,0 +1,191 @@
+"""Tiny test models: hand-written decoders and HF families built from small configs (random weights, no downloads).
+
+Every builder seeds torch so two calls give the same weights, and returns the model in eval mode with dropout off.
+"""
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB = 128
+HIDDEN = 64
+LAYERS = 4
+MAX_POS = 128
+
+
+class _NanoAttention(nn.Module):
+    """nanoGPT CausalSelfAttention: fused qkv, F.scaled_dot_product_attention(is_causal=True); with kv_heads < heads
+    the K/V heads are shared through SDPA's enable_gqa=True."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int | None = None):
+        super().__init__()
+        self.heads, self.kv_heads, self.d = heads, kv_heads or heads, hidden // heads
+        self.c_attn = nn.Linear(hidden, hidden + 2 * self.kv_heads * self.d)
+        self.c_proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split([C, self.kv_heads * self.d, self.kv_heads * self.d], dim=2)
+        q = q.view(B, T, self.heads, self.d).transpose(1, 2)  # [B, H, T, d]
+        k = k.view(B, T, self.kv_heads, self.d).transpose(1, 2)  # [B, Hkv, T, d]
+        v = v.view(B, T, self.kv_heads, self.d).transpose(1, 2)
+        gqa = {"enable_gqa": True} if self.kv_heads != self.heads else {}
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class _SoftmaxAttention(nn.Module):
+    """Explicit softmax(q k^T * scale + mask) v with GQA by repeat_interleave and a tril buffer mask."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, max_pos: int, scale: float | None = None,
+                 mask: str = "causal"):
+        super().__init__()
+        self.mask = mask  # "causal" | "none" (bidirectional) | "alibi" (causal plus a distance bias) | "window"
+        self.heads, self.kv_heads, self.d = heads, kv_heads, hidden // heads
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(self.d)
+        self.q_proj = nn.Linear(hidden, heads * self.d, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.d, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.d, bias=False)
+        self.o_proj = nn.Linear(heads * self.d, hidden, bias=False)
+        self.register_buffer("bias", torch.tril(torch.ones(max_pos, max_pos)).view(1, 1, max_pos, max_pos))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.d).transpose(1, 2)  # [B, Hq, T, d]
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.d).transpose(1, 2)  # [B, Hkv, T, d]
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.d).transpose(1, 2)
+        G = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        att = (q @ k.transpose(-2, -1)) * self.scale  # [B, Hq, T, T]
+        if self.mask == "alibi":
+            pos = torch.arange(T, device=x.device)
+            att = att - 0.1 * (pos[:, None] - pos[None, :]).abs()
+        if self.mask == "window":
+            pos = torch.arange(T, device=x.device)
+            att = att.masked_fill(pos[:, None] - pos[None, :] >= 4, float("-inf"))
+        if self.mask != "none":
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = att @ v  # [B, Hq, T, d]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class _Block(nn.Module):
+    def __init__(self, hidden: int, attn: nn.Module):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(hidden), attn, nn.LayerNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyDecoder(nn.Module):
+    """A plain decoder: ``forward(input_ids [B, T]) -> logits [B, T, vocab]`` (a tensor, not a ModelOutput)."""
+
+    def __init__(self, attn_factory, layers: int = LAYERS, hidden: int = HIDDEN, vocab: int = VOCAB,
+                 max_pos: int = MAX_POS):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, hidden), nn.Embedding(max_pos, hidden)
+        self.h = nn.ModuleList(_Block(hidden, attn_factory()) for _ in range(layers))
+        self.ln_f, self.lm_head = nn.LayerNorm(hidden), nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids):
+        T = input_ids.shape[1]
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(pos)  # [B, T, hidden]
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def nano_gpt(layers: int = LAYERS, heads: int = 4, kv_heads: int | None = None, seed: int = 0) -> TinyDecoder:
+    torch.manual_seed(seed)
+    return TinyDecoder(lambda: _NanoAttention(HIDDEN, heads, kv_heads), layers=layers).eval()
+
+
+def softmax_gqa(layers: int = LAYERS, heads: int = 4, kv_heads: int = 2, scale: float | None = None,
+                mask: str = "causal", seed: int = 0) -> TinyDecoder:
+    torch.manual_seed(seed)
+    return TinyDecoder(lambda: _SoftmaxAttention(HIDDEN, heads, kv_heads, MAX_POS, scale, mask),
+                       layers=layers).eval()
+
+
+class MLPOnly(nn.Module):
+    """No attention at all: embeddings, an MLP, a head."""
+
+    def __init__(self, vocab: int = VOCAB, hidden: int = HIDDEN):
+        super().__init__()
+        self.wte, self.mlp = nn.Embedding(vocab, hidden), nn.Sequential(nn.Linear(hidden, hidden), nn.GELU())
+        self.lm_head = nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids):
+        return self.lm_head(self.mlp(self.wte(input_ids)))
+
+
+def _hf_common(layers: int, heads: int, kv_heads: int) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=MAX_POS,
+                tie_word_embeddings=False, attention_dropout=0.0)
+
+
+def hf_model(family: str, attn: str = "sdpa", layers: int = LAYERS, heads: int = 4, kv_heads: int = 2,
+             seed: int = 0):
+    """A tiny HF causal LM of ``family`` ("llama", "mistral", "qwen2", "gpt2") with ``attn`` implementation."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        config = tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=layers, n_head=heads, n_positions=MAX_POS,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cls = tf.GPT2LMHeadModel
+    elif family == "llama":
+        config, cls = tf.LlamaConfig(**_hf_common(layers, heads, kv_heads)), tf.LlamaForCausalLM
+    elif family == "mistral":
+        config = tf.MistralConfig(**_hf_common(layers, heads, kv_heads), sliding_window=None)
+        cls = tf.MistralForCausalLM
+    elif family == "qwen2":
+        config, cls = tf.Qwen2Config(**_hf_common(layers, heads, kv_heads)), tf.Qwen2ForCausalLM
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    config._attn_implementation = attn
+    model = cls(config)
+    model.config._attn_implementation = attn
+    return model.eval()
+
+
+FAMILIES = [(f, a) for f in ("llama", "mistral", "qwen2", "gpt2") for a in ("sdpa", "eager")]
+
+
+# ------------------------------------------------------------------------------------------- shared compiled models
+BLOCK, TOPK, WINDOW = 16, 48, 16  # topk >= every test length (T <= 40): training-free must be exact
+
+
+def build(name: str, layers: int = 2):
+    """A model by name: "nano", "softmax", or "<family>-<attn>" (e.g. "llama-sdpa")."""
+    if name == "nano":
+        return nano_gpt(layers=layers)
+    if name == "softmax":
+        return softmax_gqa(layers=layers)
+    family, attn = name.split("-")
+    return hf_model(family, attn, layers=layers)
+
+
+MODEL_NAMES = ["nano", "softmax"] + [f"{f}-{a}" for f, a in FAMILIES]
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_pair(name: str, mode: str = "training_free", pattern: str = "FS", **options):
+    """(original, compiled) for a model name, shared by every test of the session (torch.export is the slow part)."""
+    import hysparse_compile as hs
+
+    model = build(name, layers=len(pattern))
+    schedule = hs.Schedule.from_pattern(pattern, block_size=BLOCK, topk=TOPK, window=WINDOW, mode=mode)
+    return model, hs.compile(model, schedule, **options)
+
+
+def logits(out):
+    return out if isinstance(out, torch.Tensor) else out.logits

@@ -1,0 +1,34 @@
+"""The padding helpers the rewrite inserts: roll left-padded rows to right-padded and back."""
+import torch
+
+from hysparse_compile.passes import graph_ops
+
+
+def test_left_pad_shift_counts_leading_pads_per_row():
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]])
+    assert graph_ops.left_pad_shift(mask).tolist() == [0, 2, 4, 0]
+
+
+def test_roll_rows_moves_real_tokens_to_the_front_and_unroll_inverts_it():
+    x = torch.randn(3, 2, 7, 5, generator=torch.Generator().manual_seed(0))  # [B, H, T, d]
+    shift = torch.tensor([0, 3, 6])
+    rolled = graph_ops.roll_rows(x, shift)
+    assert torch.equal(rolled[1, :, :4], x[1, :, 3:]) and torch.equal(rolled[2, :, 0], x[2, :, 6])
+    assert torch.equal(graph_ops.unroll_rows(rolled, shift), x)
+
+
+def test_roll_rows_on_the_hidden_state_axis():
+    x = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(1))  # [B, T, hidden]
+    shift = torch.tensor([1, 2])
+    assert torch.equal(graph_ops.roll_rows(x, shift, dim=1)[1, :4], x[1, 2:])
+
+
+def test_branch_gates_are_half_with_zero_weights_and_split_per_branch():
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
+    sparse, swa = graph_ops.branch_gates(x, torch.zeros(2 * 3 * 4, 8), heads=3, branches=2)
+    assert sparse.shape == swa.shape == (2, 3, 5, 4) and torch.equal(sparse, torch.full_like(sparse, 0.5))
+    w = torch.zeros(2 * 3 * 1, 8)
+    w[3:, 0] = 100.0  # only the SWA gates read feature 0
+    sparse, swa = graph_ops.branch_gates(x, w, heads=3, branches=2)
+    assert sparse.shape == (2, 3, 5, 1) and torch.equal(sparse, torch.full_like(sparse, 0.5))
+    assert torch.allclose(swa[..., 0], torch.sigmoid(100 * x[..., 0])[:, None, :].expand(2, 3, 5))

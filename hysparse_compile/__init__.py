@@ -13,7 +13,7 @@ __all__ = ["Schedule", "LayerSpec", "PRESETS", "functional", "compile", "inspect
            "__version__"]
 
 
-_LAZY = {"compile": ("compiler", "compile"), "inspect": ("inspect", "inspect"), "Report": ("inspect", "Report"),
+_LAZY = {"compile": ("compiler", "compile"), "inspect": ("report", "inspect"), "Report": ("report", "Report"),
          "plan_kv": ("kv_plan", "plan_kv"), "KVPlan": ("kv_plan", "KVPlan")}
 
 
@@ -24,5 +24,5 @@ def __getattr__(name):  # heavier pieces (torch.export, transformers glue) load 
 
     module, attr = _LAZY[name]
     value = getattr(importlib.import_module(f".{module}", __name__), attr)
-    globals()[name] = value  # importing the submodule `inspect` bound the name to the module: rebind the function
+    globals()[name] = value
     return value

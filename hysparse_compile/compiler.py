@@ -170,7 +170,7 @@ def compile(model: nn.Module, schedule, *, example_inputs=None, backend: str = "
 
 def write_debug(compiled: HySparseModel, debug_dir) -> Path:
     """Write `NN_<pass>.py` (the graph after each pass), `report.txt`, `layers.dot`, `layers.svg`, `report.html`."""
-    from .inspect import inspect
+    from .report import inspect
 
     out = Path(debug_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,14 @@
 """inspect(compiled): roles, edges, per-pass graphs, KV plan, table, DOT / SVG / HTML, debug_dir, logging."""
 import logging
 
+import importlib
+
 import torch
 
 import hysparse_compile as hs
-from hysparse_compile import inspect as inspect_module
 from models import compiled_pair, nano_gpt
+
+inspect_module = importlib.import_module("hysparse_compile.report")
 
 
 def _report():

@@ -10,7 +10,6 @@ Backward: FA2-style (delta = rowsum(dO * O); dk/dv over query tiles, summed over
 key tiles). Selection is not differentiated.
 """
 
-import math
 import os
 
 import torch

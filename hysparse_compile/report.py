@@ -12,8 +12,6 @@ import html
 import io
 import shutil
 import subprocess
-import sys
-import types
 from dataclasses import dataclass, field
 
 EDGE_COLORS = {"kv": "#1f77b4", "indices": "#d62728"}
@@ -159,14 +157,3 @@ def inspect(compiled) -> Report:
                   kv_plan=state.kv_plan, layers=layers,
                   new_parameters={k: tuple(p.shape) for k, p in state.new_parameters.items()},
                   schedule=state.schedule, backend=state.backend, padding=state.padding)
-
-
-class _CallableModule(types.ModuleType):
-    """`import hysparse_compile.inspect` rebinds the package attribute `inspect` to this module (the submodule shares
-    the function's name), so the module itself forwards calls: `hysparse_compile.inspect(compiled)` always works."""
-
-    def __call__(self, compiled) -> Report:
-        return inspect(compiled)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,348 @@
+"""Triton backward of the sparse-layer op: same tiling as the forward (tokens x G heads per program).
+
+The dq program recomputes its rows' probabilities block by block (from the forward's per-branch log-sum-exp, sinks
+folded in) over the same per-tile union (`block_union.tile_block_union`, one Triton launch), keeps dq in registers
+and writes it once. dK/dV: one program per key block walks the query tiles whose union holds it (the inverse of the
+tile unions) and writes it once (default), or the dq pass adds them with fp32 atomics (`kv_mode="atomic"`).
+Gates and sinks get their gradients from the saved ungated branch outputs:
+`dgate = dout * o_branch` and `dsink_h = -sum_rows exp(sink_h - L_branch) * (do_branch . o_branch)`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_union import tile_block_union
+from .sparse_attention import (LOG2E, _gate_mode, _gate_strides, _last_dim_unit, launch_config,
+                               sparse_attention_fwd)
+
+
+@triton.jit
+def _block_grads(q, do, k, v, ok, l2, delta, qk_scale2):
+    """dS, P of one K/V block for the tile's rows (0 outside `ok`). Returns (ds, p) in float32."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale2
+    p = tl.where(ok, tl.exp2(s - l2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return ds, p
+
+
+@triton.jit
+def _sparse_bwd_kernel(
+    Q, KS, VS, KO, VO, DOS, DOW, LS, LW, DS, DW, UNION, BITS, COUNT, IDX,
+    DQ, DKS, DVS, DKO, DVO,
+    sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst, skob, skoh, skot, svob, svoh, svot,
+    sub, suh, sut, sib, sih, sit,
+    T, HKV, NSEL, qk_scale2, scale, window,
+    G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, ATOMIC_KV: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // HKV
+    g = bg % HKV
+    t0 = tile * M_TOK
+    rows = tl.arange(0, BLOCK_M)
+    row_tok = rows // G
+    heads = g * G + rows % G
+    tpos = t0 + row_tok
+    row_ok = (rows < M_TOK * G) & (tpos < T)
+    dd = tl.arange(0, D)
+    cols = tl.arange(0, BLOCK_N)
+
+    q_off = b.to(tl.int64) * sqb + heads.to(tl.int64) * sqh + tpos.to(tl.int64) * sqt
+    q = tl.load(Q + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    r_off = (b * (HKV * G) + heads).to(tl.int64) * T + tpos  # row of contiguous [B, Hq, T, *]
+    do_s = tl.load(DOS + r_off[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
+    l2_s = tl.load(LS + r_off, mask=row_ok, other=0.0)
+    delta_s = tl.load(DS + r_off, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+
+    kv_row = (b * HKV + g).to(tl.int64) * T  # first row of this group in contiguous [B, Hkv, T, D] grads
+    u_base = b.to(tl.int64) * sub + g.to(tl.int64) * suh + tile.to(tl.int64) * sut
+    n_union = tl.load(COUNT + (b * HKV + g) * tl.cdiv(T, M_TOK) + tile)
+    ks_base = KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh
+    vs_base = VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh
+    for u in range(0, n_union):
+        j = tl.load(UNION + u_base + u)
+        bits = tl.load(BITS + u_base + u)
+        kpos = j * BLOCK_N + cols
+        kmask = (kpos < T)[:, None]
+        k = tl.load(ks_base + kpos.to(tl.int64)[:, None] * skst + dd[None, :], mask=kmask, other=0.0)
+        v = tl.load(vs_base + kpos.to(tl.int64)[:, None] * svst + dd[None, :], mask=kmask, other=0.0)
+        member = ((bits >> row_tok.to(tl.int64)) & 1) != 0
+        ok = (member & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
+        ds, p = _block_grads(q, do_s, k, v, ok, l2_s, delta_s, qk_scale2)
+        dq += tl.dot(ds.to(k.dtype), k)
+        if ATOMIC_KV:
+            g_off = (kv_row + kpos)[:, None] * D + dd[None, :]
+            tl.atomic_add(DKS + g_off, tl.dot(tl.trans(ds.to(q.dtype)), q) * scale, mask=kmask)
+            tl.atomic_add(DVS + g_off, tl.dot(tl.trans(p.to(do_s.dtype)), do_s), mask=kmask)
+
+    if HAS_SWA:
+        if MERGE:
+            do_w = do_s
+            l2_w = l2_s
+            delta_w = delta_s
+            i_off = b.to(tl.int64) * sib + g.to(tl.int64) * sih + tpos.to(tl.int64) * sit
+            sel = tl.load(IDX + i_off[:, None] + tl.arange(0, NSEL_P2)[None, :],
+                          mask=row_ok[:, None] & (tl.arange(0, NSEL_P2)[None, :] < NSEL), other=-1)
+        else:
+            do_w = tl.load(DOW + r_off[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
+            l2_w = tl.load(LW + r_off, mask=row_ok, other=0.0)
+            delta_w = tl.load(DW + r_off, mask=row_ok, other=0.0)
+        ko_base = KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh
+        vo_base = VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh
+        lo = tl.maximum(t0 - window + 1, 0) // BLOCK_N
+        hi = tl.minimum(t0 + M_TOK - 1, T - 1) // BLOCK_N
+        for j in range(lo, hi + 1):
+            kpos = j * BLOCK_N + cols
+            kmask = (kpos < T)[:, None]
+            k = tl.load(ko_base + kpos.to(tl.int64)[:, None] * skot + dd[None, :], mask=kmask, other=0.0)
+            v = tl.load(vo_base + kpos.to(tl.int64)[:, None] * svot + dd[None, :], mask=kmask, other=0.0)
+            ok = row_ok[:, None] & (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - window)
+            if MERGE:
+                ok = ok & (tl.sum((sel == j).to(tl.int32), axis=1) == 0)[:, None]
+            ds, p = _block_grads(q, do_w, k, v, ok, l2_w, delta_w, qk_scale2)
+            dq += tl.dot(ds.to(k.dtype), k)
+            if ATOMIC_KV:
+                g_off = (kv_row + kpos)[:, None] * D + dd[None, :]
+                tl.atomic_add(DKO + g_off, tl.dot(tl.trans(ds.to(q.dtype)), q) * scale, mask=kmask)
+                tl.atomic_add(DVO + g_off, tl.dot(tl.trans(p.to(do_w.dtype)), do_w), mask=kmask)
+
+    tl.store(DQ + r_off[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _tile_rows(tile, b, g, HKV, T, Q, sqb, sqh, sqt, DO, L2, DELTA,
+               G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """Rows of query tile `tile`: (q, do, l2, delta, token positions, row validity, row token in tile)."""
+    rows = tl.arange(0, BLOCK_M)
+    row_tok = rows // G
+    heads = g * G + rows % G
+    tpos = tile * M_TOK + row_tok
+    row_ok = (rows < M_TOK * G) & (tpos < T)
+    dd = tl.arange(0, D)
+    q_off = b.to(tl.int64) * sqb + heads.to(tl.int64) * sqh + tpos.to(tl.int64) * sqt
+    q = tl.load(Q + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
+    r_off = (b * (HKV * G) + heads).to(tl.int64) * T + tpos
+    do = tl.load(DO + r_off[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
+    l2 = tl.load(L2 + r_off, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + r_off, mask=row_ok, other=0.0)
+    return q, do, l2, delta, tpos, row_ok, row_tok
+
+
+@triton.jit
+def _sparse_bwd_dkdv_kernel(
+    Q, KS, VS, KO, VO, DOS, DOW, LS, LW, DS, DW, TILE_OF, BITS_OF, START, IDX,
+    DKS, DVS, DKO, DVO,
+    sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
+    T, HKV, NSEL, qk_scale2, scale, window,
+    G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr,
+):
+    """dK, dV of key block j of one KV group, written once: shared K/V from the query tiles whose union holds j
+    (the inverse of the tile unions, CSR in TILE_OF/BITS_OF/START), own K/V from the tiles whose window covers j."""
+    j = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // HKV
+    g = bg % HKV
+    dd = tl.arange(0, D)
+    kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    kmask = (kpos < T)[:, None]
+    g_off = ((bg.to(tl.int64) * T + kpos)[:, None] * D + dd[None, :])  # rows of contiguous [B, Hkv, T, D]
+    k = tl.load(KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh + kpos.to(tl.int64)[:, None] * skst + dd[None, :],
+                mask=kmask, other=0.0)
+    v = tl.load(VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh + kpos.to(tl.int64)[:, None] * svst + dd[None, :],
+                mask=kmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    n_blocks = tl.cdiv(T, BLOCK_N)
+    e0 = tl.load(START + bg * n_blocks + j)
+    e1 = tl.load(START + bg * n_blocks + j + 1)
+    for e in range(e0, e1):
+        tile = tl.load(TILE_OF + e)
+        bits = tl.load(BITS_OF + e)
+        q, do, l2, delta, tpos, row_ok, row_tok = _tile_rows(tile, b, g, HKV, T, Q, sqb, sqh, sqt, DOS, LS, DS,
+                                                             G, M_TOK, BLOCK_M, D)
+        member = ((bits >> row_tok.to(tl.int64)) & 1) != 0
+        ok = (member & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
+        ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+    tl.store(DKS + g_off, (dk * scale).to(DKS.dtype.element_ty), mask=kmask)
+    tl.store(DVS + g_off, dv.to(DVS.dtype.element_ty), mask=kmask)
+    if HAS_SWA:
+        k = tl.load(KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh + kpos.to(tl.int64)[:, None] * skot
+                    + dd[None, :], mask=kmask, other=0.0)
+        v = tl.load(VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh + kpos.to(tl.int64)[:, None] * svot
+                    + dd[None, :], mask=kmask, other=0.0)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        tile_lo = (j * BLOCK_N) // M_TOK
+        tile_hi = tl.minimum(j * BLOCK_N + BLOCK_N - 1 + window - 1, T - 1) // M_TOK
+        for tile in range(tile_lo, tile_hi + 1):
+            if MERGE:
+                q, do, l2, delta, tpos, row_ok, row_tok = _tile_rows(tile, b, g, HKV, T, Q, sqb, sqh, sqt, DOS, LS,
+                                                                     DS, G, M_TOK, BLOCK_M, D)
+                i_off = b.to(tl.int64) * sib + g.to(tl.int64) * sih + tpos.to(tl.int64) * sit
+                sel = tl.load(IDX + i_off[:, None] + tl.arange(0, NSEL_P2)[None, :],
+                              mask=row_ok[:, None] & (tl.arange(0, NSEL_P2)[None, :] < NSEL), other=-1)
+                row_ok = row_ok & (tl.sum((sel == j).to(tl.int32), axis=1) == 0)
+            else:
+                q, do, l2, delta, tpos, row_ok, row_tok = _tile_rows(tile, b, g, HKV, T, Q, sqb, sqh, sqt, DOW, LW,
+                                                                     DW, G, M_TOK, BLOCK_M, D)
+            ok = row_ok[:, None] & (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - window)
+            ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        tl.store(DKO + g_off, (dk * scale).to(DKO.dtype.element_ty), mask=kmask)
+        tl.store(DVO + g_off, dv.to(DVO.dtype.element_ty), mask=kmask)
+
+
+def inverse_union(union, bits, count, n_blocks):
+    """CSR of the query tiles that read each key block: (tile_of [E] int32, bits_of [E] int64, start
+    [B*Hkv*n_blocks + 1] int32), entries of block (b, g, j) at start[(b*Hkv+g)*n_blocks + j] .. next start."""
+    B, Hkv, n_tiles, U = union.shape
+    valid = torch.arange(U, device=union.device) < count[..., None]  # [B, Hkv, nT, U]
+    bg = torch.arange(B * Hkv, device=union.device).view(B, Hkv, 1, 1).expand_as(union)
+    tile = torch.arange(n_tiles, device=union.device).view(1, 1, n_tiles, 1).expand_as(union)
+    key = (bg * n_blocks + union.long())[valid]
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=B * Hkv * n_blocks)
+    start = torch.zeros(B * Hkv * n_blocks + 1, dtype=torch.int32, device=union.device)
+    start[1:] = counts.cumsum(0).to(torch.int32)
+    return tile[valid][order].to(torch.int32).contiguous(), bits[valid][order].contiguous(), start
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    DOUT, BR, GS, GW, DOS, DOW, DELTA_S, DELTA_W, DGS, DGW,
+    sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd,
+    n_rows, T, HQ,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, GS_MODE: tl.constexpr, GW_MODE: tl.constexpr,
+):
+    """Per row of [B, Hq, T]: do_branch = dout * gate, delta = do_branch . o_branch, dgate = dout * o_branch
+    (summed over d for per-head gates). One pass over dout and the saved branch outputs."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < n_rows
+    rr = r.to(tl.int64)
+    dd = tl.arange(0, D)
+    t = rr % T
+    bh = rr // T
+    h = bh % HQ
+    b = bh // HQ
+    off = rr[:, None] * D + dd[None, :]
+    dout = tl.load(DOUT + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    o_s = tl.load(BR + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    o_w = tl.load(BR + n_rows.to(tl.int64) * D + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    do_s = dout
+    if GS_MODE > 0:
+        g_off = b * sgsb + h * sgsh + t * sgst
+        if GS_MODE == 2:
+            g_off = g_off[:, None] + dd[None, :] * sgsd
+            tl.store(DGS + off, (dout * o_s).to(DGS.dtype.element_ty), mask=ok[:, None])
+        else:
+            g_off = g_off[:, None] + dd[None, :] * 0
+            tl.store(DGS + rr, tl.sum(dout * o_s, axis=1).to(DGS.dtype.element_ty), mask=ok)
+        do_s = dout * tl.load(GS + g_off, mask=ok[:, None], other=0.0).to(tl.float32)
+    do_w = dout
+    if GW_MODE > 0:
+        g_off = b * sgwb + h * sgwh + t * sgwt
+        if GW_MODE == 2:
+            g_off = g_off[:, None] + dd[None, :] * sgwd
+            tl.store(DGW + off, (dout * o_w).to(DGW.dtype.element_ty), mask=ok[:, None])
+        else:
+            g_off = g_off[:, None] + dd[None, :] * 0
+            tl.store(DGW + rr, tl.sum(dout * o_w, axis=1).to(DGW.dtype.element_ty), mask=ok)
+        do_w = dout * tl.load(GW + g_off, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DOS + off, do_s.to(DOS.dtype.element_ty), mask=ok[:, None])
+    tl.store(DOW + off, do_w.to(DOW.dtype.element_ty), mask=ok[:, None])
+    tl.store(DELTA_S + rr, tl.sum(do_s * o_s, axis=1), mask=ok)
+    tl.store(DELTA_W + rr, tl.sum(do_w * o_w, axis=1), mask=ok)
+
+
+def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
+                         out, lse, branch_out, block_size, window, scale, merge, m_tok=None, kv_mode="kv_major",
+                         num_warps=None, num_stages=None):
+    """Gradients of `sparse_attention_fwd`.
+
+    dout [B, Hq, T, d]; the rest as the forward, with its out, lse [B, Hq, T, 2] and branch_out [2, B, Hq, T, d]
+    (recomputed when empty). Returns (dq, dk_own, dv_own, dk_shared, dv_shared, dgate_sparse, dgate_swa, dsinks);
+    gate/sink gradients are None when absent. When k_own is k_shared the two gradients are still separate (the
+    caller sums them); with merge every key gradient is in dk_shared/dv_shared and dk_own/dv_own are zeros.
+    kv_mode: "kv_major" (default: one program per key block writes its dK/dV once, from the inverse of the tile
+    unions; deterministic) or "atomic" (the dq pass also adds dK/dV with fp32 atomics).
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k_shared.shape[1]
+    G = Hq // Hkv
+    nsel = indices.shape[-1]
+    if branch_out is None or branch_out.numel() == 0:
+        _, lse, branch_out = sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse,
+                                                  gate_swa, sinks, block_size, window, scale, merge, True)
+    dout, branch_out = dout.contiguous(), branch_out.contiguous()
+    gate_sparse, gate_swa = _last_dim_unit(gate_sparse), _last_dim_unit(gate_swa)
+    n_rows = B * Hq * T
+    do_s = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)  # dout * gate_sparse
+    do_w = torch.empty_like(do_s)
+    delta_s = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # do_s . o_sparse
+    delta_w = torch.empty_like(delta_s)
+    dgate_sparse = None if gate_sparse is None else torch.empty(gate_sparse.shape, device=q.device,
+                                                                 dtype=gate_sparse.dtype)
+    dgate_swa = None if gate_swa is None else torch.empty(gate_swa.shape, device=q.device, dtype=gate_swa.dtype)
+    block_r = 32
+    _bwd_preprocess_kernel[(triton.cdiv(n_rows, block_r),)](
+        dout, branch_out, gate_sparse if gate_sparse is not None else dout, gate_swa if gate_swa is not None else dout,
+        do_s, do_w, delta_s, delta_w, dgate_sparse if gate_sparse is not None else dout,
+        dgate_swa if gate_swa is not None else dout,
+        *_gate_strides(gate_sparse), *_gate_strides(gate_swa), n_rows, T, Hq,
+        D=D, BLOCK_R=block_r, GS_MODE=_gate_mode(gate_sparse), GW_MODE=_gate_mode(gate_swa), num_warps=4)
+    lse_s, lse_w = lse[..., 0], lse[..., 1]
+    dsinks = None
+    if sinks is not None:
+        sink = sinks.float()[None, :, None]
+        lse_s, lse_w = torch.logaddexp(lse_s, sink), torch.logaddexp(lse_w, sink)
+        dsinks = -((torch.exp(sink - lse_s) * delta_s).sum((0, 2)) + (torch.exp(sink - lse_w) * delta_w).sum((0, 2)))
+        dsinks = dsinks.to(sinks.dtype)
+    l2_s = torch.nan_to_num(lse_s, neginf=0.0).mul(LOG2E).contiguous()  # no key: every p is masked anyway
+    l2_w = torch.nan_to_num(lse_w, neginf=0.0).mul(LOG2E).contiguous()
+
+    k_own_in, v_own_in = k_own, v_own
+    if merge:  # the window is read from k_shared/v_shared (see the forward)
+        k_own, v_own = k_shared, v_shared
+    q, k_own, v_own, k_shared, v_shared = (_last_dim_unit(x) for x in (q, k_own, v_own, k_shared, v_shared))
+    indices = indices.contiguous()
+    m_tok, block_m, num_warps, num_stages = launch_config(G, D, block_size, m_tok, num_warps, num_stages or 2)
+    union, bits, count = tile_block_union(indices, m_tok)
+    atomic = kv_mode == "atomic"
+    dq = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    new = torch.zeros if atomic else torch.empty  # atomics accumulate in fp32; kv_major writes each block once
+    acc_dt = torch.float32 if atomic else k_shared.dtype
+    dk_s, dv_s, dk_o, dv_o = (new(B, Hkv, T, D, device=q.device, dtype=acc_dt) for _ in range(4))
+    strides = (*q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3], *k_own.stride()[:3],
+               *v_own.stride()[:3])
+    meta = dict(G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
+                MERGE=bool(merge), HAS_SWA=window > 0, num_warps=num_warps, num_stages=num_stages)
+    _sparse_bwd_kernel[(triton.cdiv(T, m_tok), B * Hkv)](
+        q, k_shared, v_shared, k_own, v_own, do_s, do_w, l2_s, l2_w, delta_s, delta_w, union, bits, count, indices,
+        dq, dk_s, dv_s, dk_o, dv_o, *strides, *union.stride()[:3], *indices.stride()[:3],
+        T, Hkv, nsel, scale * LOG2E, scale, window, ATOMIC_KV=atomic, **meta)
+    if not atomic:
+        n_blocks = triton.cdiv(T, block_size)
+        tile_of, bits_of, start = inverse_union(union, bits, count, n_blocks)
+        _sparse_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
+            q, k_shared, v_shared, k_own, v_own, do_s, do_w, l2_s, l2_w, delta_s, delta_w, tile_of, bits_of, start,
+            indices, dk_s, dv_s, dk_o, dv_o, *strides, *indices.stride()[:3],
+            T, Hkv, nsel, scale * LOG2E, scale, window, **meta)
+        if window <= 0:
+            dk_o.zero_(), dv_o.zero_()
+    if merge:  # every key gradient belongs to k_shared/v_shared; k_own/v_own are not read (zeros, as the reference)
+        dk_s, dv_s = dk_s.add_(dk_o), dv_s.add_(dv_o)
+        dk_o, dv_o = torch.zeros_like(k_own_in), torch.zeros_like(v_own_in)
+    dt = k_shared.dtype
+    dk_o, dv_o, dk_s, dv_s = (x.to(dt) for x in (dk_o, dv_o, dk_s, dv_s))  # no-op for kv_major
+    return (dq, dk_o, dv_o, dk_s, dv_s, dgate_sparse, dgate_swa, dsinks)
+
+
+__all__ = ["sparse_attention_bwd"]

@@ -13,12 +13,32 @@ Absent optional gradients come back from the backward op as empty tensors and ar
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._C import DispatchKey
 
 from . import backends
+
+_AUTOGRAD_KEYS = (DispatchKey.AutogradFunctionality, DispatchKey.ADInplaceOrView)
+
+
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """A custom op's implementation runs below the autograd dispatch key (grad recording is off even under
+    `enable_grad`). Backward ops re-enable it around the backend call, so a backend may compute its backward by
+    autograd on a recomputed forward (the Flex backend does)."""
+    saved = [torch._C._dispatch_tls_is_dispatch_key_excluded(key) for key in _AUTOGRAD_KEYS]
+    for key in _AUTOGRAD_KEYS:
+        torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for key, was in zip(_AUTOGRAD_KEYS, saved):
+            torch._C._dispatch_tls_set_dispatch_key_excluded(key, was)
 
 
 def _meta(op: str, q: Tensor, k: Tensor, **extra) -> dict:
@@ -57,8 +77,9 @@ def _(q, k, v, block_size, topk, scale, return_scores, backend):
 def full_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = _impl(backend, "full_attention", q, k)
-    dq, dk, dv = impl.full_attention_bwd(dout.contiguous(), q, k, v, out, lse, scale)
-    return dq, dk, dv
+    with _autograd_inside_op():
+        dq, dk, dv = impl.full_attention_bwd(dout.contiguous(), q, k, v, out, lse, scale)
+    return dq.detach(), dk.detach(), dv.detach()
 
 
 @full_attention_backward.register_fake
@@ -117,9 +138,11 @@ def sparse_attention_backward(dout: Tensor, q: Tensor, k_own: Tensor, v_own: Ten
                               branch_out: Tensor, block_size: int, window: int, scale: float, merge: bool,
                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = _impl(backend, "sparse_attention", q, k_own, block_size=block_size, nsel=indices.shape[-1])
-    grads = impl.sparse_attention_bwd(dout.contiguous(), q, k_own, v_own, k_shared, v_shared, indices, gate_sparse,
-                                      gate_swa, sinks, out, lse, branch_out, block_size, window, scale, merge)
-    return tuple(_empty(q) if g is None else g for g in grads)
+    with _autograd_inside_op():
+        grads = impl.sparse_attention_bwd(dout.contiguous(), q, k_own, v_own, k_shared, v_shared, indices,
+                                          gate_sparse, gate_swa, sinks, out, lse, branch_out, block_size, window,
+                                          scale, merge)
+    return tuple(_empty(q) if g is None else g.detach() for g in grads)
 
 
 @sparse_attention_backward.register_fake

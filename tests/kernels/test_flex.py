@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from hysparse_compile import functional as F
 from hysparse_compile.kernels import flex, reference
 
 ATOL = 2e-5
@@ -193,3 +194,36 @@ def test_supports_rejects_what_flex_cannot_run():
     assert "mps" in flex.supports("full_attention", device="mps")
     assert flex.supports("full_attention", device="cpu", dtype=torch.float64, head_dim=8) is None
     assert flex.supports("sparse_attention", device=cuda, dtype=torch.bfloat16, head_dim=128, block_size=64) is None
+
+
+def test_flex_trains_through_the_ops_on_cpu():
+    """Inputs that require grad reach the flex forward inside the custom op (grad mode off there)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 40, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 2, 40, 16, generator=g, requires_grad=True) for _ in range(2))
+    out, idx = F.full_attention(q, k, v, block_size=16, topk=16, backend="flex")
+    y = F.sparse_attention(q, k, v, k, v, idx, block_size=16, window=4, sinks=torch.zeros(4), backend="flex")
+    (out.sum() + y.square().sum()).backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    out, idx = F.full_attention(q, k, v, block_size=16, topk=16, backend="reference")
+    y = F.sparse_attention(q, k, v, k, v, idx, block_size=16, window=4, sinks=torch.zeros(4), backend="reference")
+    (out.sum() + y.square().sum()).backward()
+    for a, t in zip(grads, (q, k, v)):
+        assert torch.allclose(a, t.grad, atol=1e-5)
+
+
+def test_coarse_mask_blocks_give_the_same_sparse_branch():
+    """The CUDA backward recomputes with 128-key mask blocks (a superset); the per-token mask_mod keeps it exact."""
+    from hysparse_compile.kernels.flex.full_attention import flex_attend
+    from hysparse_compile.kernels.flex.sparse_attention import sparse_block_mask
+    from oracle import random_indices
+
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, T, d, bs = 1, 4, 2, 300, 16, 64
+    q, k, v = torch.randn(B, Hq, T, d, generator=g), torch.randn(B, Hkv, T, d, generator=g), torch.randn(B, Hkv, T, d, generator=g)
+    idx = random_indices(B, Hkv, T, bs, 2, generator=g)
+    fine, _ = flex_attend(q, k, v, sparse_block_mask(idx, T, Hq, bs), 0.25)
+    coarse, _ = flex_attend(q, k, v, sparse_block_mask(idx, T, Hq, bs, kv_block=128), 0.25)
+    assert torch.allclose(fine, coarse, atol=1e-6)

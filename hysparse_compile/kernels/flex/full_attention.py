@@ -75,6 +75,8 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, optio
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if q.device.type == "cpu" and needs_grad:
         return _hop_attend(q, k, v, block_mask, scale)
+    if not needs_grad:  # inside the op's forward the inputs may still carry requires_grad: eager flex refuses them
+        q, k, v = q.detach(), k.detach(), v.detach()
     gqa = q.shape[1] != k.shape[1]
     aux = {"return_aux": _fa.AuxRequest(lse=True)} if hasattr(_fa, "AuxRequest") else {"return_lse": True}
     if q.device.type == "cpu":

@@ -53,11 +53,14 @@ def _mask_from_union(union: Tensor, mask_mod, T: int, kv_block: int):
                                         seq_lengths=(T, T))
 
 
-def sparse_block_mask(indices: Tensor, T: int, Hq: int, block_size: int, merge_window: int = 0):
+def sparse_block_mask(indices: Tensor, T: int, Hq: int, block_size: int, merge_window: int = 0,
+                      kv_block: int | None = None):
     """BlockMask of the sparse branch (or, with merge_window > 0, of the merged selected-or-window mask).
 
     indices int32 [B, Hkv, T, nsel]; the mask is exact per token: key i is visible to query t (head h) iff i <= t and
     block i // block_size is among t's selected blocks for KV group h // G (or t - i < merge_window).
+    `kv_block` (a multiple of block_size, default block_size) coarsens the block-level union only: a superset, so the
+    result is the same, but flex's own default tiles fit it (its compiled backward rejects 64-key mask blocks).
     """
     B, Hkv = indices.shape[:2]
     G, nb = Hq // Hkv, -(-T // block_size)
@@ -65,6 +68,10 @@ def sparse_block_mask(indices: Tensor, T: int, Hq: int, block_size: int, merge_w
     union = _tile_union(table, T, nb)  # [B, Hkv, nqb, nb]
     if merge_window:
         union = union | _window_union(T, nb, block_size, merge_window, indices.device)
+    kv_block = kv_block or block_size
+    if kv_block != block_size:
+        f = kv_block // block_size
+        union = torch.nn.functional.pad(union, (0, -(-nb // f) * f - nb)).unflatten(-1, (-1, f)).any(-1)
 
     def selected_or_window(b, h, q_idx, kv_idx):
         row = torch.clamp(q_idx, max=T - 1)
@@ -77,7 +84,7 @@ def sparse_block_mask(indices: Tensor, T: int, Hq: int, block_size: int, merge_w
         return (kv_idx <= q_idx) & table[b, h // G, row, torch.clamp(kv_idx // block_size, max=nb)]
 
     mask_mod = selected_or_window if merge_window else selected_blocks
-    return _mask_from_union(union.repeat_interleave(G, dim=1), mask_mod, T, block_size)
+    return _mask_from_union(union.repeat_interleave(G, dim=1), mask_mod, T, kv_block)
 
 
 @lru_cache(maxsize=32)
@@ -99,13 +106,17 @@ def _with_sink(o: Tensor, lse: Tensor, sinks: Tensor | None) -> Tensor:
 
 
 def _forward(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, block_size, window,
-             scale, merge):
-    """Differentiable sparse layer. Returns out float32 [B, Hq, T, d], lse float32 [B, Hq, T, 2]."""
+             scale, merge, for_backward=False):
+    """Differentiable sparse layer. Returns out float32 [B, Hq, T, d], lse float32 [B, Hq, T, 2].
+
+    for_backward: on CUDA the recomputed forward uses 128-key mask blocks and flex's own tiles, because its
+    compiled backward finds no kernel for 64-key mask blocks with pinned tiles (seen on an H100, torch 2.11)."""
     B, Hq, T, d = q.shape
-    opts = kernel_options(q.device, Q_BLOCK, block_size)
+    kv_block = max(block_size, 128) if for_backward and q.device.type == "cuda" else block_size
+    opts = None if kv_block != block_size else kernel_options(q.device, Q_BLOCK, block_size)
     no_key = torch.full((B, Hq, T), float("-inf"), device=q.device)
     with torch.no_grad():
-        sparse_mask = sparse_block_mask(indices, T, Hq, block_size, window if merge else 0)
+        sparse_mask = sparse_block_mask(indices, T, Hq, block_size, window if merge else 0, kv_block)
     o_sp, lse_sp = flex_attend(q, k_shared, v_shared, sparse_mask, scale, opts)
     out = _with_sink(o_sp, lse_sp, sinks)
     if merge:
@@ -114,7 +125,7 @@ def _forward(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa
         out = out * gate_sparse.float()
     lse_swa = no_key
     if window:
-        o_swa, lse_swa = flex_attend(q, k_own, v_own, window_block_mask(T, window, block_size, q.device), scale,
+        o_swa, lse_swa = flex_attend(q, k_own, v_own, window_block_mask(T, window, kv_block, q.device), scale,
                                      opts)
         o_swa = _with_sink(o_swa, lse_swa, sinks)
         out = out + (o_swa * gate_swa.float() if gate_swa is not None else o_swa)
@@ -139,7 +150,8 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
         leaves = [None if x is None else x.detach().requires_grad_()
                   for x in (q, k_own, v_own, k_shared, v_shared, gate_sparse, gate_swa, sinks)]
         q_, ko, vo, ks, vs, gsp, gsw, sk = leaves
-        o, _ = _forward(q_, ko, vo, ks, vs, indices, gsp, gsw, sk, block_size, window, scale, merge)
+        o, _ = _forward(q_, ko, vo, ks, vs, indices, gsp, gsw, sk, block_size, window, scale, merge,
+                        for_backward=True)
         live = [x for x in leaves if x is not None]
         grads = iter(torch.autograd.grad(o, live, dout.float(), allow_unused=True))
     result = []

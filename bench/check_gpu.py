@@ -1,0 +1,158 @@
+"""Correctness of the Triton and Flex backends against the reference in float32, at real sizes, on the GPU.
+
+    PYTHONPATH=. python3 bench/check_gpu.py [--seqlens 4096,8192,32768] [--bwd-seqlens 4096,8192] [--smoke]
+
+For bf16 inputs, both paper shapes (Hq/Hkv/d = 32/8/128 and 64/4/128), block 64, topk 1024, window 128:
+full layer (out, lse, indices), sparse layer with per-channel gates and sinks on the full layer's own selection,
+the training-free merge, gradients of both ops, and both decode ops. Each check prints max |err|, mean |err| and
+the relative L2 error against the reference run on the same inputs upcast to float32 (TF32 off), and the fraction
+of (token, group) rows whose selection equals the fp32 one (bf16 near-ties make it slightly < 1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hysparse_compile import functional as F  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+def errors(x, ref) -> dict:
+    d = (x.float() - ref.float()).abs()
+    return {"max_abs": d.max().item(), "mean_abs": d.mean().item(),
+            "rel_l2": ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()}
+
+
+def record(name, shape, T, backend, errs, extra=None, tol=2e-2):
+    row = {"check": name, "shape": shape, "T": T, "backend": backend, **errs, **(extra or {})}
+    row["ok"] = errs["rel_l2"] < tol and all(torch.isfinite(torch.tensor(v)) for v in errs.values())
+    ROWS.append(row)
+    more = " ".join(f"{k}={v:.6f}" if isinstance(v, float) else f"{k}={v}" for k, v in (extra or {}).items())
+    print(f"{'ok  ' if row['ok'] else 'FAIL'} {name:<22} {shape:<9} T={T:<6} {backend:<7} max={errs['max_abs']:.3e} "
+          f"mean={errs['mean_abs']:.3e} rel_l2={errs['rel_l2']:.3e} {more}", flush=True)
+
+
+def inputs(B, Hq, Hkv, T, d, dtype, device, gen):
+    r = lambda *s: torch.randn(*s, generator=gen, device=device).to(dtype)  # noqa: E731
+    return dict(q=r(B, Hq, T, d), k=r(B, Hkv, T, d), v=r(B, Hkv, T, d), k_own=r(B, Hkv, T, d), v_own=r(B, Hkv, T, d),
+                gs=torch.sigmoid(r(B, Hq, T, d)), gw=torch.sigmoid(r(B, Hq, T, d)),
+                sinks=torch.randn(Hq, generator=gen, device=device), dout=r(B, Hq, T, d))
+
+
+def check_forward(x, shape, T, backends, bs, topk, w):
+    f32 = {k: v.float() for k, v in x.items()}
+    out_ref, idx_ref = F.full_attention(f32["q"], f32["k"], f32["v"], block_size=bs, topk=topk, backend="reference")
+    sp = lambda X, idx, b, merge=False: F.sparse_attention(  # noqa: E731
+        X["q"], X["k"] if merge else X["k_own"], X["v"] if merge else X["v_own"], X["k"], X["v"], idx,
+        block_size=bs, window=w, gate_sparse=None if merge else X["gs"], gate_swa=None if merge else X["gw"],
+        sinks=X["sinks"], merge=merge, backend=b)
+    sparse_ref = sp(f32, idx_ref, "reference")
+    merge_ref = sp(f32, idx_ref, "reference", merge=True)
+    for b in backends:
+        out, idx = F.full_attention(x["q"], x["k"], x["v"], block_size=bs, topk=topk, backend=b)
+        same = (idx == idx_ref).all(-1).float().mean().item()
+        record("full.out", shape, T, b, errors(out, out_ref), {"indices_rows_equal": same})
+        record("sparse.out", shape, T, b, errors(sp(x, idx_ref, b), sparse_ref))
+        record("sparse.merge.out", shape, T, b, errors(sp(x, idx_ref, b, merge=True), merge_ref))
+        del out, idx
+    return idx_ref
+
+
+def check_backward(x, shape, T, backends, bs, topk, w):
+    def run(X, b):
+        leaves = {k: X[k].detach().requires_grad_() for k in ("q", "k", "v", "k_own", "v_own", "gs", "gw", "sinks")}
+        out, idx = F.full_attention(leaves["q"], leaves["k"], leaves["v"], block_size=bs, topk=topk, backend=b)
+        y = F.sparse_attention(leaves["q"], leaves["k_own"], leaves["v_own"], leaves["k"], leaves["v"], idx_fixed,
+                               block_size=bs, window=w, gate_sparse=leaves["gs"], gate_swa=leaves["gw"],
+                               sinks=leaves["sinks"], backend=b)
+        torch.autograd.backward([out, y], [X["dout"], X["dout"]])
+        return {k: v.grad for k, v in leaves.items()}
+
+    f32 = {k: v.float() for k, v in x.items()}
+    _, idx_fixed = F.full_attention(f32["q"], f32["k"], f32["v"], block_size=bs, topk=topk, backend="reference")
+    ref = run(f32, "reference")
+    for b in backends:
+        got = run(x, b)
+        for name in ("q", "k", "v", "k_own", "v_own", "gs", "gw", "sinks"):
+            record(f"grad.{name}", shape, T, b, errors(got[name], ref[name]))
+
+
+def check_decode(x, shape, S, backends, bs, topk, w):
+    B = x["q"].shape[0]
+    cache_len = torch.tensor([S - 5, S][:B], dtype=torch.int32, device=x["q"].device)
+    q1 = x["q"][:, :, -1:].contiguous()
+    W = w
+    pos = (cache_len.long() - 1).view(B, 1) - torch.arange(W, device=q1.device).view(1, W)  # last W positions
+    slot = pos.remainder(W)
+    k_win = torch.empty_like(x["k_own"][:, :, :W])
+    v_win = torch.empty_like(k_win)
+    for b in range(B):
+        k_win[b][:, slot[b]] = x["k_own"][b][:, pos[b].clamp_min(0)]
+        v_win[b][:, slot[b]] = x["v_own"][b][:, pos[b].clamp_min(0)]
+    f = lambda t: t.float()  # noqa: E731
+    o_ref, i_ref = F.full_attention_decode(f(q1), f(x["k"]), f(x["v"]), cache_len, block_size=bs, topk=topk,
+                                           backend="reference")
+    gs, gw = x["gs"][:, :, -1:], x["gw"][:, :, -1:]
+    s_ref = F.sparse_attention_decode(f(q1), f(k_win), f(v_win), f(x["k"]), f(x["v"]), i_ref, cache_len,
+                                      block_size=bs, window=w, gate_sparse=f(gs), gate_swa=f(gw), sinks=x["sinks"],
+                                      backend="reference")
+    for b in backends:
+        o, i = F.full_attention_decode(q1, x["k"], x["v"], cache_len, block_size=bs, topk=topk, backend=b)
+        record("decode.full", shape, S, b, errors(o, o_ref), {"indices_rows_equal": (i == i_ref).all(-1).float().mean().item()})
+        s = F.sparse_attention_decode(q1, k_win, v_win, x["k"], x["v"], i_ref, cache_len, block_size=bs, window=w,
+                                      gate_sparse=gs, gate_swa=gw, sinks=x["sinks"], backend=b)
+        record("decode.sparse", shape, S, b, errors(s, s_ref))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seqlens", default="4096,8192,32768")
+    p.add_argument("--bwd-seqlens", default="4096,8192")
+    p.add_argument("--shapes", default="32/8/128,64/4/128")
+    p.add_argument("--backends", default="triton,flex")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, fp16, triton interpreted")
+    args = p.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device, dtype, bs, topk, w, B = "cuda", torch.bfloat16, 64, 1024, 128, 1
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        device, dtype, bs, topk, w, B = "cpu", torch.float16, 16, 32, 8, 2
+        args.seqlens, args.bwd_seqlens, args.shapes = "70", "70", "8/2/16"
+    gen = torch.Generator(device=device).manual_seed(0)
+    t0 = time.time()
+    backends = args.backends.split(",")
+    for shape in args.shapes.split(","):
+        Hq, Hkv, d = map(int, shape.split("/"))
+        for T in map(int, args.seqlens.split(",")):
+            x = inputs(B if T < 32768 else 1, Hq, Hkv, T, d, dtype, device, gen)
+            check_forward(x, shape, T, backends, bs, topk, w)
+            if str(T) in args.bwd_seqlens.split(","):
+                check_backward(x, shape, T, backends, bs, topk, w)
+            x2 = inputs(2, Hq, Hkv, T, d, dtype, device, gen) if T == max(map(int, args.seqlens.split(","))) else None
+            if x2 is not None:
+                check_decode(x2, shape, T, backends, bs, topk, w)
+            del x, x2
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    bad = [r for r in ROWS if not r["ok"]]
+    print(f"\n{len(ROWS) - len(bad)} passed, {len(bad)} failed ({time.time() - t0:.0f} s); worst rel_l2 "
+          f"{max(r['rel_l2'] for r in ROWS):.3e}, worst max_abs {max(r['max_abs'] for r in ROWS):.3e}")
+    out = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "check_gpu.json"), "w") as fh:
+        json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+                   "rows": ROWS}, fh, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .block_union import choose_tokens_per_tile, tile_block_union, tokens_per_tile
+from .online_softmax import normalize_with_sink, online_softmax_step
 
 LOG2E = 1.4426950408889634
 
@@ -86,13 +87,7 @@ def _sparse_fwd_kernel(
             mem1 = (_row_member(bits1, row_tok) & row_ok)[:, None]
             ok = tl.where(hi_half[None, :], mem1, mem0) & (kpos[None, :] <= tpos[:, None])
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_s, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_s - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_s = l_s * alpha + tl.sum(p, axis=1)
-            acc_s = acc_s * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_s = m_new
+            m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
     else:
         for u in range(0, n_union):
             j = tl.load(UNION + u_base + u)
@@ -105,13 +100,7 @@ def _sparse_fwd_kernel(
             s = tl.dot(q, tl.trans(k)) * qk_scale2  # [BLOCK_M, BLOCK_N], log2 domain
             ok = (_row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_s, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_s - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_s = l_s * alpha + tl.sum(p, axis=1)
-            acc_s = acc_s * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_s = m_new
+            m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
 
     # ---- SWA branch (own K/V, positions t-window+1..t); merged into the same softmax when MERGE
     m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -135,38 +124,18 @@ def _sparse_fwd_kernel(
             if MERGE:
                 ok = ok & (~_row_selected(sel, j))[:, None]
                 s = tl.where(ok, s, float("-inf"))
-                m_new = tl.maximum(m_s, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_s - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l_s = l_s * alpha + tl.sum(p, axis=1)
-                acc_s = acc_s * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_s = m_new
+                m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
             else:
                 s = tl.where(ok, s, float("-inf"))
-                m_new = tl.maximum(m_w, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_w - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l_w = l_w * alpha + tl.sum(p, axis=1)
-                acc_w = acc_w * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_w = m_new
+                m_w, l_w, acc_w = online_softmax_step(s, v, m_w, l_w, acc_w)
 
     # ---- epilogue: sinks join each denominator, gates, one write of out
     if HAS_SINKS:
         sink2 = tl.load(SINKS + heads).to(tl.float32) * 1.4426950408889634
     else:
         sink2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    top_s = tl.maximum(m_s, sink2)
-    top_s = tl.where(top_s == float("-inf"), 0.0, top_s)
-    den_s = l_s * tl.exp2(m_s - top_s) + tl.exp2(sink2 - top_s)
-    den_s = tl.where(den_s == 0.0, 1.0, den_s)
-    o_s = acc_s * (tl.exp2(m_s - top_s) / den_s)[:, None]
-    top_w = tl.maximum(m_w, sink2)
-    top_w = tl.where(top_w == float("-inf"), 0.0, top_w)
-    den_w = l_w * tl.exp2(m_w - top_w) + tl.exp2(sink2 - top_w)
-    den_w = tl.where(den_w == 0.0, 1.0, den_w)
-    o_w = acc_w * (tl.exp2(m_w - top_w) / den_w)[:, None]
+    o_s = normalize_with_sink(m_s, l_s, acc_s, sink2)
+    o_w = normalize_with_sink(m_w, l_w, acc_w, sink2)
 
     o_off = ((b * (HKV * G) + heads).to(tl.int64) * T + tpos)  # row of a contiguous [B, Hq, T, *] tensor
     lse_s = tl.where(l_s > 0, (m_s + tl.log2(l_s)) * 0.6931471805599453, float("-inf"))

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .online_softmax import online_softmax_step
 from .sparse_attention import LOG2E, _last_dim_unit
 
 
@@ -47,13 +48,7 @@ def _sparse_decode_kernel(
             k = tl.load(ks_base + kpos.to(tl.int64)[:, None] * skst + dd[None, :], mask=kok[:, None], other=0.0)
             v = tl.load(vs_base + kpos.to(tl.int64)[:, None] * svst + dd[None, :], mask=kok[:, None], other=0.0)
             s = tl.where(kok[None, :], tl.dot(q, tl.trans(k)) * qk_scale2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
     else:  # SWA window t-window+1..t (ring buffer), or with merge the unselected window keys of the shared cache
         if MERGE:
             sel = tl.load(i_base + tl.arange(0, NSEL_P2), mask=tl.arange(0, NSEL_P2) < NSEL, other=-1)
@@ -72,13 +67,7 @@ def _sparse_decode_kernel(
                 k = tl.load(kw_base + slot[:, None] * skwt + dd[None, :], mask=kok[:, None], other=0.0)
                 v = tl.load(vw_base + slot[:, None] * svwt + dd[None, :], mask=kok[:, None], other=0.0)
             s = tl.where(kok[None, :], tl.dot(q, tl.trans(k)) * qk_scale2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
     part = (bg * (N_SPLIT + 1) + split).to(tl.int64) * GP + rows  # [GP] row of the partial buffers
     tl.store(M + part, m_i)
     tl.store(L + part, l_i)

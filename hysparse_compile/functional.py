@@ -39,18 +39,22 @@ def _same(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; they must be on one device")
 
 
-def _qkv(q: Tensor, pairs: list[tuple[str, Tensor]]) -> tuple[int, int, int, int, int]:
-    """Check q and (name, K/V tensor) pairs; returns B, Hq, Hkv, T, d."""
+def _qkv(q: Tensor, pairs: list[tuple[str, Tensor]], *, cache: bool = False) -> tuple[int, int, int, int, int]:
+    """Check q and its (name, K/V tensor) pairs; returns B, Hq, Hkv, Tk, d (Tk = the keys' length).
+
+    Prefill (`cache=False`): keys have q's length T. Decode (`cache=True`): keys are a cache of any length S.
+    """
     _tensor("q", q)
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     B, Hq, T, d = q.shape
     name0, k0 = pairs[0]
+    length = "S" if cache else f"T={T}"
     for name, x in pairs:
         _tensor(name, x)
         _same(name, x, "q", q)
-        if x.shape[0] != B or x.shape[3] != d:
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [B={B}, Hkv, T, d={d}] to match q "
+        if x.shape[0] != B or x.shape[3] != d or (not cache and x.shape[2] != T):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [B={B}, Hkv, {length}, d={d}] to match q "
                              f"{tuple(q.shape)}")
         if x.shape != k0.shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)} but {name0} has {tuple(k0.shape)}; they must match")
@@ -58,7 +62,7 @@ def _qkv(q: Tensor, pairs: list[tuple[str, Tensor]]) -> tuple[int, int, int, int
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"q has {Hq} heads and {name0} has {Hkv}: the query heads must be a multiple of the KV "
                          f"heads (GQA), e.g. Hkv in {[h for h in range(1, Hq + 1) if Hq % h == 0]}")
-    return B, Hq, Hkv, T, d
+    return B, Hq, Hkv, k0.shape[2], d
 
 
 def _int(name: str, value, *, minimum: int = 1) -> int:
@@ -221,7 +225,7 @@ def full_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len
     -> out [B, Hq, 1, d], indices int32 [B, Hkv, 1, topk // block_size]
     """
     _decode_q(q)
-    B, Hq, Hkv, S, d = _qkv_cache(q, [("k_cache", k_cache), ("v_cache", v_cache)])
+    B, Hq, Hkv, S, d = _qkv(q, [("k_cache", k_cache), ("v_cache", v_cache)], cache=True)
     _block_topk(block_size, topk)
     cache_len = _cache_len(cache_len, B, S, q)
     scale = _scale(scale, d)
@@ -241,7 +245,7 @@ def sparse_attention_decode(q: Tensor, k_win: Tensor, v_win: Tensor, k_shared: T
     -> out [B, Hq, 1, d]
     """
     _decode_q(q)
-    B, Hq, Hkv, S, d = _qkv_cache(q, [("k_shared", k_shared), ("v_shared", v_shared)])
+    B, Hq, Hkv, S, d = _qkv(q, [("k_shared", k_shared), ("v_shared", v_shared)], cache=True)
     for name, x in (("k_win", k_win), ("v_win", v_win)):
         _tensor(name, x)
         _same(name, x, "q", q)
@@ -265,21 +269,3 @@ def sparse_attention_decode(q: Tensor, k_win: Tensor, v_win: Tensor, k_shared: T
     return torch.ops.hysparse.sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len,
                                                       gate_sparse, gate_swa, sinks, block_size, window or 0, scale,
                                                       bool(merge), backend)
-
-
-def _qkv_cache(q: Tensor, pairs):
-    """Like `_qkv` but the caches may be longer than q (S >= 1 slots)."""
-    B, Hq, _, d = q.shape
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    name0, k0 = pairs[0]
-    for name, x in pairs:
-        _tensor(name, x)
-        _same(name, x, "q", q)
-        if x.shape != k0.shape or x.shape[0] != B or x.shape[3] != d:
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [B={B}, Hkv, S, d={d}] like {name0} "
-                             f"{tuple(k0.shape)}")
-    Hkv = k0.shape[1]
-    if Hq % Hkv:
-        raise ValueError(f"q has {Hq} heads and {name0} has {Hkv}: the query heads must be a multiple of the KV heads")
-    return B, Hq, Hkv, k0.shape[2], d

@@ -17,6 +17,7 @@ def qkv(B=1, Hq=4, Hkv=2, T=20, d=16):
     (lambda q, k, v: (q, k.double(), v.double()), "dtype"),
     (lambda q, k, v: (q, k[..., :8], v[..., :8]), "k has shape"),
     (lambda q, k, v: (q, k, v[:, :, :10]), "v has shape"),
+    (lambda q, k, v: (q, k[:, :, :10], v[:, :, :10]), r"k has shape \(1, 2, 10, 16\); expected \[B=1, Hkv, T=20"),
     (lambda q, k, v: (q[0], k, v), "q must have 4 dims"),
     (lambda q, k, v: (q.int(), k.int(), v.int()), "q must be float"),
 ])

@@ -14,7 +14,6 @@ import torch
 
 BACKENDS = ("reference", "flex", "triton")
 CHOICES = BACKENDS + ("auto",)
-OPS = ("full_attention", "sparse_attention", "full_attention_decode", "sparse_attention_decode")
 
 
 def _triton_usable(device: torch.device) -> str | None:

@@ -38,7 +38,6 @@ SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL = {aten.matmul.default, aten.bmm.default}
 PASS_THROUGH = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
                 aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default}
-MASK_OPS = {aten.add.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self}
 PROJECTIONS = {aten.linear.default: (0, 1), aten.addmm.default: (1, 2), aten.mm.default: (0, 1),
                aten.matmul.default: (0, 1)}  # op -> (activation arg, weight arg)
 

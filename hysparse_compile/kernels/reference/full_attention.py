@@ -6,8 +6,6 @@ The backward recomputes each chunk and applies the softmax gradient analytically
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -134,6 +132,3 @@ def full_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len
     group = torch.exp(block_max(logits, block_size) - lse).amax(dim=2)  # [B, Hkv, 1, nb]
     return out.to(q.dtype), select_blocks(group, pos, block_size, topk // block_size)
 
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

@@ -37,24 +37,35 @@ def window_key_mask(t0: int, t1: int, k0: int, window: int, device) -> Tensor:
     return (keys <= rows) & (keys > rows - window)
 
 
+def masked_probs(logits: Tensor, mask: Tensor, sink: Tensor | None):
+    """Softmax over the visible keys with an optional sink logit in the denominator.
+
+    logits [B, Hkv, G, C, K], mask broadcastable to it, sink [Hkv, G] or None -> p [B, Hkv, G, C, K] (0 off the
+    mask), p_sink [B, Hkv, G, C, 1] (the sink's share of the denominator) or None, lse of the keys alone
+    [B, Hkv, G, C] (-inf where no key is visible).
+    """
+    s = logits.masked_fill(~mask, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    sink_b = None if sink is None else sink.view(1, *sink.shape, 1, 1).to(s.dtype)
+    if sink_b is not None:
+        m = torch.maximum(m, sink_b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    keys_sum = e.sum(-1, keepdim=True)
+    sink_e = None if sink_b is None else torch.exp(sink_b - m)
+    denom = keys_sum if sink_e is None else keys_sum + sink_e
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return e / denom, None if sink_e is None else sink_e / denom, (torch.log(keys_sum) + m).squeeze(-1)
+
+
 def softmax_with_sink(logits: Tensor, mask: Tensor, v: Tensor, sink: Tensor | None):
     """Masked softmax attention with an optional sink logit in the denominator.
 
     logits [B, Hkv, G, C, K], mask broadcastable to it, v [B, Hkv, K, d], sink [Hkv, G] or None
     -> out [B, Hkv, G, C, d], lse of the keys alone [B, Hkv, G, C] (-inf where no key)
     """
-    s = logits.masked_fill(~mask, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    if sink is not None:
-        m = torch.maximum(m, sink.view(1, *sink.shape, 1, 1).to(s.dtype))
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    e = torch.exp(s - m)
-    keys_sum = e.sum(-1, keepdim=True)
-    denom = keys_sum + torch.exp(sink.view(1, *sink.shape, 1, 1).to(s.dtype) - m) if sink is not None else keys_sum
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    out = torch.einsum("bhgck,bhkd->bhgcd", e, v) / denom
-    lse = (torch.log(keys_sum) + m).squeeze(-1)
-    return out, lse
+    p, _, lse = masked_probs(logits, mask, sink)
+    return torch.einsum("bhgck,bhkd->bhgcd", p, v), lse
 
 
 def softmax_with_sink_bwd(logits: Tensor, mask: Tensor, v: Tensor, sink: Tensor | None, dout: Tensor):
@@ -64,22 +75,12 @@ def softmax_with_sink_bwd(logits: Tensor, mask: Tensor, v: Tensor, sink: Tensor 
     dsink [Hkv, G] or None. With p the key probabilities and p_sink the sink's share of the denominator:
     dlogits = p * (dout.v - delta), dsink = -sum(p_sink * delta), delta = rowsum(dout * out).
     """
-    s = logits.masked_fill(~mask, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    sink_b = None if sink is None else sink.view(1, *sink.shape, 1, 1).to(s.dtype)
-    if sink_b is not None:
-        m = torch.maximum(m, sink_b)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(s - m)
-    denom = e.sum(-1, keepdim=True) + (torch.exp(sink_b - m) if sink_b is not None else 0)
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    p = e / denom
+    p, p_sink, _ = masked_probs(logits, mask, sink)
     out = torch.einsum("bhgck,bhkd->bhgcd", p, v)
     delta = (dout * out).sum(-1, keepdim=True)  # [B, Hkv, G, C, 1]
-    dp = torch.einsum("bhgcd,bhkd->bhgck", dout, v)
-    dlogits = p * (dp - delta)
+    dlogits = p * (torch.einsum("bhgcd,bhkd->bhgck", dout, v) - delta)
     dv = torch.einsum("bhgck,bhgcd->bhkd", p, dout)
-    dsink = None if sink_b is None else (-(torch.exp(sink_b - m) / denom) * delta).sum(dim=(0, 3, 4))
+    dsink = None if p_sink is None else (-p_sink * delta).sum(dim=(0, 3, 4))
     return out, dlogits, dv, dsink
 
 

@@ -10,11 +10,13 @@ from .schedule import PRESETS, LayerSpec, Schedule
 __version__ = "0.1.0"
 
 __all__ = ["Schedule", "LayerSpec", "PRESETS", "functional", "compile", "inspect", "Report", "plan_kv", "KVPlan",
-           "__version__"]
+           "HySparseCache", "generate", "from_pretrained", "__version__"]
 
 
 _LAZY = {"compile": ("compiler", "compile"), "inspect": ("report", "inspect"), "Report": ("report", "Report"),
-         "plan_kv": ("kv_plan", "plan_kv"), "KVPlan": ("kv_plan", "KVPlan")}
+         "plan_kv": ("kv_plan", "plan_kv"), "KVPlan": ("kv_plan", "KVPlan"),
+         "HySparseCache": ("runtime.cache", "HySparseCache"), "generate": ("runtime.generate", "generate"),
+         "from_pretrained": ("checkpoint", "from_pretrained")}
 
 
 def __getattr__(name):  # heavier pieces (torch.export, transformers glue) load on first use

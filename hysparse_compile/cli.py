@@ -5,6 +5,7 @@
     hysparse-compile schedule validate my_schedule.yaml
     hysparse-compile plan hysparse-80b-a3b --kv-heads 4 --head-dim 128 --seq-len 128k --budget 80GiB
     hysparse-compile inspect --model llama-tiny --pattern "FSSS FSSF" --html out.html
+    hysparse-compile generate --model llama-tiny --pattern FSSS --prompt-len 200 --new 50
     hysparse-compile demo
 
 User errors (a bad file, an unknown preset, a schedule that fails validation) exit with code 2 and a one-line
@@ -149,9 +150,28 @@ def plan(source: str = typer.Argument(..., help="preset name or schedule file"),
     console.print(table)
 
 
+def _tiled_schedule(pattern: Optional[str], ratio: int, num_layers: int, options: dict) -> Schedule:
+    """A schedule for a built-in model: --pattern (repeated when it is shorter and divides the layer count, e.g.
+    FSSS on 8 layers is FSSSFSSS) or hybrid(num_layers, ratio)."""
+    try:
+        if pattern is None:
+            return Schedule.hybrid(num_layers, ratio, **options)
+        letters = pattern.replace(" ", "")
+        if letters and len(letters) < num_layers and num_layers % len(letters) == 0:
+            letters *= num_layers // len(letters)
+        schedule = Schedule.from_pattern(letters, **options)
+    except USER_ERRORS as exc:
+        _fail(str(exc))
+    if len(schedule) != num_layers:
+        _fail(f"--pattern has {len(pattern.replace(' ', ''))} layers but the model has {num_layers} attention layers "
+              f"(give {num_layers} letters, or a pattern whose length divides {num_layers})")
+    return schedule
+
+
 @app.command("inspect")
 def inspect_cmd(model: str = typer.Option("llama-tiny", "--model", help="llama-tiny, gpt2-tiny or nanogpt"),
-                pattern: Optional[str] = typer.Option(None, "--pattern", help="F/S per layer; default hybrid 1:3"),
+                pattern: Optional[str] = typer.Option(None, "--pattern", help="F/S per layer (repeated to the layer "
+                                                             "count if shorter); default hybrid 1:3"),
                 ratio: int = typer.Option(3, "--ratio", help="full:sparse ratio when no --pattern is given"),
                 block_size: int = typer.Option(16, "--block-size"),
                 topk: int = typer.Option(64, "--topk"),
@@ -166,15 +186,8 @@ def inspect_cmd(model: str = typer.Option("llama-tiny", "--model", help="llama-t
     if model not in demo.MODELS:
         _fail(f"unknown model {model!r}; valid models: {', '.join(demo.MODELS)}")
     net = demo.build_model(model)
-    num_layers = demo.num_attention_layers(net)
-    options = dict(block_size=block_size, topk=topk, window=window, mode=mode)
-    try:
-        schedule = (Schedule.from_pattern(pattern, **options) if pattern is not None
-                    else Schedule.hybrid(num_layers, ratio, **options))
-    except USER_ERRORS as exc:
-        _fail(str(exc))
-    if len(schedule) != num_layers:
-        _fail(f"--pattern has {len(schedule)} layers but {model} has {num_layers} attention layers")
+    schedule = _tiled_schedule(pattern, ratio, demo.num_attention_layers(net),
+                               dict(block_size=block_size, topk=topk, window=window, mode=mode))
     try:
         report = demo.compile_and_inspect(net, schedule)
     except USER_ERRORS as exc:  # the compiler's own errors name what was wrong (unsupported model, shapes)
@@ -186,6 +199,142 @@ def inspect_cmd(model: str = typer.Option("llama-tiny", "--model", help="llama-t
     if html is not None:
         html.write_text(report.to_html())
         typer.echo(f"wrote {html}")
+
+
+@app.command("generate")
+def generate_cmd(model: str = typer.Option("llama-tiny", "--model", help="llama-tiny, gpt2-tiny or nanogpt"),
+                 pattern: Optional[str] = typer.Option(None, "--pattern",
+                                                       help="F/S per layer (repeated to the layer count if shorter); "
+                                                            "default hybrid 1:3"),
+                 ratio: int = typer.Option(3, "--ratio", help="full:sparse ratio when no --pattern is given"),
+                 prompt_len: int = typer.Option(200, "--prompt-len", help="tokens in the (random) prompt"),
+                 new: int = typer.Option(50, "--new", help="tokens to generate"),
+                 block_size: int = typer.Option(16, "--block-size"),
+                 topk: int = typer.Option(64, "--topk"),
+                 window: int = typer.Option(32, "--window"),
+                 mode: str = typer.Option("paper", "--mode", help="paper or training_free"),
+                 ) -> None:
+    """Generate with a built-in model: tokens/s and KV-cache bytes of the compiled model against the original,
+    and cached decoding checked against re-running the whole sequence (exit code 1 if it differs)."""
+    from hysparse_compile import demo
+
+    if model not in demo.MODELS:
+        _fail(f"unknown model {model!r}; valid models: {', '.join(demo.MODELS)}")
+    for name, value in (("--prompt-len", prompt_len), ("--new", new)):
+        if value < 1:
+            _fail(f"{name} must be a positive number of tokens, got {value}")
+    net = demo.build_model(model)
+    limit = demo.max_positions(net)
+    if prompt_len + new > limit:
+        _fail(f"--prompt-len {prompt_len} + --new {new} = {prompt_len + new} tokens, but {model} has {limit} "
+              f"positions")
+    schedule = _tiled_schedule(pattern, ratio, demo.num_attention_layers(net),
+                               dict(block_size=block_size, topk=topk, window=window, mode=mode))
+    import hysparse_compile as hs
+
+    console = _console()
+    console.print(f"{model}: schedule {schedule.pattern}, block_size {block_size}, topk {topk}, window {window}, "
+                  f"mode {mode}")
+    try:
+        compiled = hs.compile(net, schedule)
+    except USER_ERRORS as exc:
+        _fail(str(exc))
+    if not demo.generation_report(net, compiled, prompt_len, new, console):
+        raise typer.Exit(1)
+
+
+EXPORT_FORMATS = ("onnx", "onnx-custom", "aoti")
+
+
+def _export_ops(result) -> str:
+    """'1,234 nodes, 41 op types; hysparse::FullAttention x2, ...' (or 'standard ONNX only')."""
+    ops = result.ops
+    custom = [f"{name} x{n}" for name, n in ops.items() if "::" in name and name.startswith("hysparse")]
+    head = f"{sum(ops.values()):,} nodes, {len(ops)} op types"
+    if result.format == "onnx":
+        return f"{head}; standard ONNX only (TopK x{ops.get('TopK', 0)})"
+    return f"{head}; " + (", ".join(custom) if custom else "HySparse ops decomposed to ATen")
+
+
+@app.command("export")
+def export_cmd(out: Path = typer.Argument(..., help="file to write: .onnx (onnx, onnx-custom) or .pt2 (aoti)"),
+               model: str = typer.Option("llama-tiny", "--model", help="llama-tiny, gpt2-tiny or nanogpt"),
+               pattern: Optional[str] = typer.Option(None, "--pattern",
+                                                     help="F/S per layer (repeated to the layer count if shorter); "
+                                                          "default hybrid 1:3"),
+               ratio: int = typer.Option(3, "--ratio", help="full:sparse ratio when no --pattern is given"),
+               fmt: str = typer.Option("onnx", "--format", help="onnx (standard ops), onnx-custom (hysparse "
+                                                                 "domain nodes) or aoti (AOTInductor package)"),
+               decode: bool = typer.Option(False, "--decode", help="also export the decode-step graph (onnx)"),
+               seq_len: int = typer.Option(64, "--seq-len", help="tokens of the example the graph is captured "
+                                                                  "with (the file serves any length)"),
+               opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (>= 18; default: torch's)"),
+               block_size: int = typer.Option(16, "--block-size"),
+               topk: int = typer.Option(64, "--topk"),
+               window: int = typer.Option(32, "--window"),
+               mode: str = typer.Option("paper", "--mode", help="paper or training_free"),
+               ) -> None:
+    """Compile a built-in model and export it (ONNX with standard or custom-domain ops, or an AOTInductor
+    package), check the file against the compiled model, and print a summary."""
+    import time
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from hysparse_compile import demo
+
+    if fmt not in EXPORT_FORMATS:
+        _fail(f"unknown --format {fmt!r}; valid formats: {', '.join(EXPORT_FORMATS)}")
+    if model not in demo.MODELS:
+        _fail(f"unknown model {model!r}; valid models: {', '.join(demo.MODELS)}")
+    if decode and fmt == "aoti":
+        _fail("--decode exports the decode-step graph of the ONNX formats; --format aoti writes the prefill package "
+              "only")
+    if seq_len < 2:
+        _fail(f"--seq-len must be at least 2 tokens, got {seq_len}")
+    console = _console()
+    done: list[tuple[str, float]] = []
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task(f"build {model}")
+        clock = [time.perf_counter()]
+
+        def stage(text: str) -> None:
+            now = time.perf_counter()
+            description = progress.tasks[0].description
+            done.append((description, now - clock[0]))
+            progress.console.print(f"[green]✓[/green] {description} ({now - clock[0]:.1f} s)")
+            clock[0] = now
+            progress.update(task, description=text)
+
+        net = demo.build_model(model)
+        schedule = _tiled_schedule(pattern, ratio, demo.num_attention_layers(net),
+                                   dict(block_size=block_size, topk=topk, window=window, mode=mode))
+        import torch
+
+        import hysparse_compile as hs
+        from hysparse_compile import export
+
+        vocab = getattr(getattr(net, "config", None), "vocab_size", demo.VOCAB)
+        ids = torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(0))
+        try:
+            stage(f"compile ({schedule.pattern})")
+            compiled = hs.compile(net, schedule)
+            if fmt == "aoti":
+                result = export.to_aoti(compiled, ids, out, stage=stage)
+            else:
+                result = export.to_onnx(compiled, ids, out, ops="custom" if fmt == "onnx-custom" else "standard",
+                                        decode=decode, opset=opset, stage=stage)
+        except (*USER_ERRORS, NotImplementedError) as exc:
+            _fail(str(exc))
+        stage("done")
+    table = Table(title=f"exported {model} ({schedule.pattern}) as {fmt}")
+    for column in ("file", "size", "ops", "check"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for i, f in enumerate(result.files):
+        size = f.stat().st_size
+        table.add_row(str(f), f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB",
+                      _export_ops(result) if i == 0 else "", result.check if i == 0 else "")
+    console.print(table)
 
 
 @app.command("demo")

@@ -8,6 +8,8 @@ the original call signature.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect as pyinspect
 import logging
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import passes
+from . import fsdp, passes
 from .passes import capture
 
 log = logging.getLogger(__name__)
@@ -26,9 +28,9 @@ class HySparseModel(nn.Module):
     `labels`, `use_cache=False`); it returns what the original returns (an HF ModelOutput or a plain tensor).
 
     Its submodules are those of the captured graph, which hold the original model's parameter tensors (shared, not
-    copied) plus the new `*.hysparse.*` gate and sink parameters. `.train()` / `.eval()` set the flags (the graph
-    was captured in eval mode: original dropout is not applied). Attributes: `schedule`, `kv_plan`, `config` (when
-    the original has one).
+    copied) plus the new `*.hysparse.*` gate and sink parameters. `.train()` / `.eval()` set the flags and switch the
+    model's dropout (attention-probability dropout excepted: docs/compiler.md, "Dropout"). Attributes: `schedule`,
+    `kv_plan`, `config` (when the original has one).
     """
 
     def __init__(self, state: passes.CompileState):
@@ -43,6 +45,10 @@ class HySparseModel(nn.Module):
             self.register_parameter(name, p)
         self.schedule, self.kv_plan = state.schedule, state.kv_plan
         self.config = getattr(state.model, "config", None)
+        if _is_hf_generator(state.model):
+            from .runtime.hf import generation_config_of
+
+            self.generation_config = generation_config_of(state.model)
         self._token = state.token_name
         self._captured = tuple(state.call_inputs)
         self._dtypes = {k: v.dtype for k, v in state.call_inputs.items() if isinstance(v, torch.Tensor)}
@@ -51,10 +57,57 @@ class HySparseModel(nn.Module):
         object.__setattr__(self, "_loss_function", loss_fn)
         self._vocab = getattr(self.config, "vocab_size", None)
         self.train(state.model.training)
+        self.register_forward_pre_hook(fsdp.split_sharded_regions)  # per-submodule fully_shard: see fsdp.py
 
     def _apply(self, fn, recurse=True):
-        self._graph_module._apply(fn, recurse=False)  # root-level tensors of the graph follow .to() / .half()
-        return super()._apply(fn, recurse)
+        """`.to(dtype/device)`, `.half()`, `.bfloat16()`, `.float()`, `.cuda()`: the tensors move, and the graph's
+        dtype and device constants follow them (passes/portable.py; docs/compiler.md "Dtype and device moves").
+        A first move to a new dtype re-exports the original model once to check its casts; if the model's code
+        takes another path at that dtype this raises before anything moved."""
+        from .passes import portable
+
+        gm = self._graph_module
+        target = portable.target_of(gm, fn)
+        if target is not None:
+            portable.check_dtype(gm, target[0])
+        gm._apply(fn, recurse=False)  # root-level tensors of the graph follow .to() / .half()
+        result = super()._apply(fn, recurse)
+        if target is not None and portable.retarget(gm, *target):
+            object.__setattr__(self, "_runtime", None)  # graphs derived from the old constants are stale
+        return result
+
+    def __deepcopy__(self, memo):
+        """An independent copy: parameters, buffers and the graph are copied (GraphModule's own deepcopy; node
+        metadata holds fake tensors, which are shared, not copied); the compile record follows the copied graph."""
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        gm = copy.deepcopy(self._graph_module, memo)  # fills memo: old node -> new node, old tensor -> new tensor
+        for key, value in self.__dict__.items():
+            if key == "_hysparse_state":
+                value = _copied_state(value, memo)
+            elif key == "_runtime":
+                value = None
+            elif key == "_graph_module":
+                value = gm
+            else:
+                value = copy.deepcopy(value, memo)
+            object.__setattr__(new, key, value)
+        return new
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"{type(self).__name__} (a compiled HySparse model) cannot be pickled or shallow-copied: its "
+                        f"class and graph are made per compile. Save it with compiled.save_pretrained(directory) "
+                        f"and load it with hysparse_compile.from_pretrained(directory); copy.deepcopy(compiled) "
+                        f"copies it in memory; compiled.state_dict() pickles")
+
+    def save_pretrained(self, save_directory) -> Path:
+        """Write the original config (HF models), `schedule.json`, `hysparse.json` (compile options) and
+        `model.safetensors` (every weight of `state_dict()`, gates and sinks included) to `save_directory`;
+        `hysparse_compile.from_pretrained(save_directory)` rebuilds the model. See `hysparse_compile.checkpoint`."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, save_directory)
 
     def forward(self, *args, **kwargs):
         """Each compiled model's class carries the original forward's signature (see `_compiled_class`)."""
@@ -70,32 +123,54 @@ class HySparseModel(nn.Module):
                 raise TypeError(f"got multiple values for argument {key!r}")
             inputs[key] = value
         labels, use_cache = inputs.pop("labels", None), inputs.pop("use_cache", None)
-        if use_cache:
-            raise NotImplementedError("use_cache=True: the compiled module runs full-sequence forwards; KV-cache "
-                                      "decoding is not supported yet (pass use_cache=False)")
+        cache, logits_to_keep = inputs.pop("past_key_values", None), inputs.pop("logits_to_keep", None)
+        if inputs.get("cache") is not None or "cache" not in self._captured:  # transformers >= 5.2x names it `cache`
+            cache = inputs.pop("cache", None) if cache is None else cache
+        inputs.pop("cache_position", None)  # the cache knows its positions (runtime/run.py)
+        if inputs.get("return_dict") in (None, True):
+            inputs.pop("return_dict", None)
         extra = sorted(k for k, v in inputs.items() if v is not None and k not in self._captured)
         if extra:
             raise TypeError(f"input(s) {extra} are not supported by the compiled module; it accepts "
-                            f"{[k for k in self._captured if k != 'use_cache'] + ['labels', 'use_cache']}")
+                            f"{[k for k in self._captured if k != 'use_cache']} + ['labels', 'use_cache', "
+                            f"'past_key_values' (or 'cache'), 'logits_to_keep', 'cache_position']")
         ids = inputs.get(self._token)
         if ids is None:
             raise TypeError(f"missing the token ids {self._token!r}")
+        cached = bool(use_cache) or cache is not None
         B, T = ids.shape
         call = {self._token: ids}
         if "attention_mask" in self._captured:
             mask = inputs.get("attention_mask")
-            if mask is None:
+            if mask is None and not cached:
                 mask = torch.ones_like(ids)
-            elif not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            if mask is not None and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                                         or (ids.is_cuda and torch.cuda.is_current_stream_capturing())):
                 _check_no_holes(mask)
-            call["attention_mask"] = mask.to(self._dtypes["attention_mask"])
+            call["attention_mask"] = None if mask is None else mask.to(self._dtypes["attention_mask"])
         if "position_ids" in self._captured:
             pos = inputs.get("position_ids")
-            call["position_ids"] = (pos.to(self._dtypes["position_ids"]) if pos is not None
-                                    else torch.arange(T, device=ids.device).expand(B, T))
+            if pos is not None:
+                pos = pos.to(self._dtypes["position_ids"])
+            elif not cached:
+                pos = torch.arange(T, device=ids.device).expand(B, T)
+            call["position_ids"] = pos
         if "use_cache" in self._captured:
             call["use_cache"] = False
-        out = self._graph_module(**call)
+        if cached:
+            from .runtime import layers as runtime_layers, run as runtime_run
+
+            if cache is None and self.config is None:
+                raise TypeError("use_cache=True on a plain (non-HF) model: pass the cache to fill, "
+                                "past_key_values=hs.HySparseCache(compiled), or use hs.generate(compiled, ids, ...)")
+            call, cache, step = runtime_run.prepare(self, call, cache, self._token)
+            with runtime_layers.step(step):
+                out = self._graph_module(**call)
+            runtime_run.finish(step, T)
+            out = runtime_run.with_cache(out, cache)
+        else:
+            out = self._graph_module(**call)
+        out = runtime_run_keep(out, logits_to_keep)
         if labels is not None:
             out = self._with_loss(out, labels)
         return out
@@ -112,6 +187,45 @@ class HySparseModel(nn.Module):
         return f"schedule={self.schedule.pattern!r}, backend={self._hysparse_state.backend!r}"
 
 
+def runtime_run_keep(out, logits_to_keep):
+    if logits_to_keep is None:
+        return out
+    from .runtime.run import keep_logits
+
+    return keep_logits(out, logits_to_keep)
+
+
+def _copied_state(state, memo):
+    """The compile record of a deep copy: nodes, parameters and modules mapped to their copies (Graph's deepcopy
+    puts old node -> new node in `memo`; tensors and modules are keyed by id); erased nodes and plain values are
+    shared; tensors not yet copied (example inputs) are copied."""
+    def remap(value, depth=0):
+        if isinstance(value, torch.fx.Node):
+            return memo.get(value, value)
+        if isinstance(value, (torch.Tensor, nn.Module)):
+            if id(value) in memo:
+                return memo[id(value)]
+            return copy.deepcopy(value, memo) if isinstance(value, torch.Tensor) else value
+        if depth > 4:
+            return value
+        if type(value) in (list, tuple):
+            return type(value)(remap(v, depth + 1) for v in value)
+        if type(value) is dict:
+            return {k: remap(v, depth + 1) for k, v in value.items()}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            mapped = {k: remap(v, depth + 1) for k, v in fields.items()}
+            if all(mapped[k] is fields[k] for k in fields):
+                return value
+            out = copy.copy(value)
+            for k, v in mapped.items():
+                object.__setattr__(out, k, v)
+            return out
+        return value
+
+    return remap(state)
+
+
 def _compiled_class(model: nn.Module) -> type:
     """A subclass of HySparseModel whose `forward` reports the original's signature, so callers that bind by name
     (torch.export's `dynamic_shapes={"input_ids": ...}`, keyword calls) see the inputs they know."""
@@ -123,8 +237,21 @@ def _compiled_class(model: nn.Module) -> type:
 
     forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
     forward.__doc__ = f"The compiled {type(model).__name__}.forward: same inputs (see HySparseModel)."
-    return type(f"HySparse{type(model).__name__}", (HySparseModel,), {"forward": forward,
-                                                                      "__module__": HySparseModel.__module__})
+    bases = (HySparseModel,)
+    if _is_hf_generator(model):
+        from .runtime.hf import HFGenerationSupport
+
+        bases += (HFGenerationSupport,)
+    return type(f"HySparse{type(model).__name__}", bases, {"forward": forward, "__module__": HySparseModel.__module__})
+
+
+def _is_hf_generator(model: nn.Module) -> bool:
+    """An HF model that `generate`s (a transformers GenerationMixin with a config)."""
+    try:
+        from transformers import GenerationMixin
+    except Exception:
+        return False
+    return isinstance(model, GenerationMixin) and getattr(model, "config", None) is not None
 
 
 def _check_no_holes(mask: torch.Tensor) -> None:
@@ -151,6 +278,13 @@ def compile(model: nn.Module, schedule, *, example_inputs=None, backend: str = "
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inner = next(((name, m) for name, m in model.named_modules() if isinstance(m, HySparseModel)), None)
+    if inner is not None:
+        where = "" if not inner[0] else f" (at {inner[0]!r} inside the {type(model).__name__} given)"
+        raise TypeError(f"model is already a compiled HySparse model{where}: {type(inner[1]).__name__} with "
+                        f"schedule {inner[1].schedule.pattern!r}; compile takes the original model (the one passed "
+                        f"to hs.compile), not its result. To change the schedule, compile the original again; to "
+                        f"reload a saved one, use hs.from_pretrained")
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a hysparse_compile.Schedule (e.g. Schedule.from_pattern('FSSS')), got "
                         f"{type(schedule).__name__}")

@@ -114,9 +114,21 @@ def test_inspect_unknown_model_lists_valid_ones():
 
 
 def test_inspect_pattern_of_wrong_length_exits_2():
-    result = _run("inspect", "--model", "nanogpt", "--pattern", "FSSF")
+    result = _run("inspect", "--model", "nanogpt", "--pattern", "FSS")
     assert result.exit_code == 2
-    assert "--pattern has 4 layers but nanogpt has 8 attention layers" in result.output
+    assert "--pattern has 3 layers but the model has 8 attention layers" in result.output
+
+
+def test_generate_prints_tokens_per_second_and_cache_bytes_against_the_original():
+    result = _run("generate", "--model", "nanogpt", "--pattern", "FSSS", "--prompt-len", "40", "--new", "6")
+    assert result.exit_code == 0, result.output
+    assert "FSSSFSSS" in result.output and "tokens/s" in result.output and "KV cache" in result.output
+    assert "none (recomputes)" in result.output and "PASS" in result.output
+
+
+def test_generate_refuses_more_tokens_than_positions():
+    result = _run("generate", "--model", "gpt2-tiny", "--prompt-len", "500", "--new", "50")
+    assert result.exit_code == 2 and "positions" in result.output
 
 
 def test_inspect_prints_roles_and_writes_dot_and_html(tmp_path):

@@ -122,12 +122,16 @@ def test_plain_model_returns_a_plain_tensor():
     assert isinstance(out, torch.Tensor) and out.shape == (2, 18, 128)
 
 
-def test_use_cache_false_is_accepted_and_true_is_refused():
+def test_use_cache_false_returns_no_cache_and_true_returns_a_hysparse_cache():
+    from hysparse_compile.runtime import HySparseCache
+
     _, compiled = compiled_pair("gpt2-eager")
     ids = _ids(2, 12)
-    assert logits(compiled(ids, use_cache=False)).shape == (2, 12, 128)
-    with pytest.raises(NotImplementedError, match="use_cache=True"):
-        compiled(ids, use_cache=True)
+    out = compiled(ids, use_cache=False)
+    assert logits(out).shape == (2, 12, 128)
+    out = compiled(ids, use_cache=True)
+    cache = out.get("cache", out.get("past_key_values"))
+    assert isinstance(cache, HySparseCache) and cache.get_seq_length() == 12
 
 
 def test_train_and_eval_switch_modes():

@@ -33,7 +33,7 @@ def test_report_keeps_the_graph_after_every_pass():
     assert list(graphs) == ["capture", "find_attention", "assign_roles", "rewrite", "plan_memory"]
     assert "scaled_dot_product_attention" in graphs["capture"]
     assert "scaled_dot_product_attention" not in graphs["rewrite"]
-    assert "full_attention" in graphs["rewrite"] and "sparse_attention" in graphs["rewrite"]
+    assert "full_layer" in graphs["rewrite"] and "sparse_layer" in graphs["rewrite"]
     assert "roll_rows" in graphs["rewrite"]  # left padding is rolled away around each op
 
 
@@ -72,7 +72,7 @@ def test_debug_dir_gets_every_pass_graph_and_the_report(tmp_path):
     names = sorted(p.name for p in (tmp_path / "dbg").iterdir())
     assert names == ["00_capture.py", "01_find_attention.py", "02_assign_roles.py", "03_rewrite.py",
                      "04_plan_memory.py", "layers.dot", "layers.svg", "report.html", "report.txt"]
-    assert "sparse_attention" in (tmp_path / "dbg" / "03_rewrite.py").read_text()
+    assert "sparse_layer" in (tmp_path / "dbg" / "03_rewrite.py").read_text()
 
 
 def test_each_pass_logs_what_it_matched_and_changed(caplog):

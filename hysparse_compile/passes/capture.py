@@ -3,6 +3,9 @@
 The graph takes the token ids plus, when the model's forward accepts them, `attention_mask`, `position_ids` and
 `use_cache=False`, so one graph serves every call the compiled module accepts (defaults are filled in by the module,
 see `compiler.HySparseModel`). The model is captured in eval mode (its training flags are restored afterwards).
+The graph is then made portable across dtypes and devices (`portable.prepare`: metadata asserts dropped, device
+constants marked, a parameter-free copy of the model kept for dtype checks), and the model's dropout is made to
+follow the compiled module's `.train()` / `.eval()` (`switchable_dropout`).
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import logging
 import torch
 import torch.nn as nn
 from torch.export import Dim
+
+from . import portable
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +155,128 @@ def run(state):
             m.training = flag
     gm = ep.module()
     _check_dynamic(gm, token)
-    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
-        log.warning("capture: the model has dropout; the graph is captured in eval mode, so the compiled module "
-                    "runs without dropout in .train() too")
+    portable.prepare(gm, model, call, model_device(model))  # dtype / device moves after compile (portable.py)
+    switchable_dropout(gm, model)
     state.gm, state.token_name, state.call_inputs = gm, token, call
     state.example_shape = tuple(inputs[token].shape)
     state.generated_example = generated
     log.info("capture: exported %s with inputs %s, example shape %s, %d graph nodes", type(model).__name__,
              list(call), state.example_shape, len(gm.graph.nodes))
     return state
+
+
+# ------------------------------------------------------------------------------------------------------- dropout
+DROPOUT = torch.ops.aten.dropout.default
+CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default,
+         torch.ops.aten.type_as.default, torch.ops.aten.clone.default, torch.ops.aten.contiguous.default}
+SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten._safe_softmax.default}
+
+
+def _on_probabilities(node: torch.fx.Node) -> bool:
+    """True for dropout applied to attention probabilities (a softmax, through casts)."""
+    x = node.args[0]
+    while isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target in CASTS:
+        x = x.args[0]
+    return isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target in SOFTMAX
+
+
+def _innermost_module(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] for v in stack.values() if isinstance(v, tuple) and isinstance(v[0], str)]
+    return paths[-1] if paths else ""
+
+
+def _usable(gm: torch.fx.GraphModule, name: str, p: float) -> bool:
+    """`name` can hold an `nn.Dropout(p)`: nothing is there yet, or an equal dropout module is."""
+    parent, _, leaf = name.rpartition(".")
+    try:
+        owner = gm.get_submodule(parent) if parent else gm
+    except AttributeError:
+        return True  # add_submodule creates the missing parents
+    existing = getattr(owner, leaf, None)
+    if existing is None:
+        return not hasattr(owner, leaf)
+    return isinstance(existing, nn.Dropout) and existing.p == p
+
+
+def _dropout_name(gm: torch.fx.GraphModule, model: nn.Module, path: str, p: float) -> str:
+    """Where the dropout module goes: `path` itself when the model's own `nn.Dropout(p)` lives there, else
+    `<path>.dropout`, `<path>.dropout_1`, ... beside the module that called `F.dropout`."""
+    try:
+        own = model.get_submodule(path) if path else None
+    except AttributeError:
+        own = None
+    if isinstance(own, nn.Dropout) and own.p == p and _usable(gm, path, p):
+        return path
+    base = f"{path}.dropout" if path else "dropout"
+    name, i = base, 1
+    while not _usable(gm, name, p):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def switchable_dropout(gm: torch.fx.GraphModule, model: nn.Module) -> list[str]:
+    """Make the model's dropout follow the compiled module's `.train()` / `.eval()`.
+
+    Captured in eval mode, each dropout the model applies is a `aten.dropout(x, p, train=False)` node that keeps the
+    model's `p`. Each one becomes a call of an `nn.Dropout(p)` submodule of the graph module — at the path of the
+    model's own dropout module when there is one (`transformer.h.0.mlp.dropout`), else beside the module that called
+    `F.dropout` — created in eval mode; `HySparseModel.train()` reaches them like any submodule. Dropout on attention
+    probabilities stays as it is (the attention is replaced; the HySparse ops have no attention dropout) and is
+    named in a warning, as is dropout the eval-mode code did not record (`F.dropout(x, p if self.training else 0)`,
+    HF's `attention_dropout`). Returns the paths of the dropout modules that are now applied."""
+    applied: dict[str, float] = {}
+    sites = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not DROPOUT or len(node.args) != 3:
+            continue
+        p, train = node.args[1], node.args[2]
+        if train is not False or not isinstance(p, (int, float)) or p <= 0 or _on_probabilities(node):
+            continue  # train=True: the code applies it in eval mode too (kept as it is)
+        name = _dropout_name(gm, model, _innermost_module(node), p)
+        if not isinstance(_submodule(gm, name), nn.Dropout):
+            gm.add_submodule(name, nn.Dropout(float(p)).eval())
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, (node.args[0],))
+        call.meta.update({k: node.meta[k] for k in ("nn_module_stack", "val", "stack_trace") if k in node.meta})
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        applied[name] = float(p)
+        sites += 1
+    if applied:
+        gm.graph.lint()
+        gm.recompile()
+        log.info("capture: %d dropout site(s) follow .train() / .eval(): %s", sites,
+                 ", ".join(f"{k} (p={v:g})" for k, v in applied.items()))
+    missed = _dropout_not_applied(model, set(applied))
+    if missed:
+        log.warning("capture: the compiled module does not apply this dropout in .train(): %s. Dropout on attention "
+                    "probabilities has no counterpart in the HySparse attention ops, and dropout that the model's "
+                    "eval-mode code skips (`F.dropout(x, p if self.training else 0.0)`) is not in the captured "
+                    "graph.%s", "; ".join(missed),
+                    f" The model's other dropout ({sites} site(s)) is applied in .train() and off in .eval(), as in "
+                    f"the original." if sites else "")
+    return list(applied)
+
+
+def _submodule(gm: torch.fx.GraphModule, name: str):
+    try:
+        return gm.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _dropout_not_applied(model: nn.Module, applied: set[str]) -> list[str]:
+    """The model's dropout with p > 0 that the compiled module will not apply: dropout modules never called as a
+    module outside attention, and config attention dropout."""
+    missed = [f"{name} (p={m.p:g})" for name, m in model.named_modules()
+              if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and name not in applied]
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"):
+        value = getattr(config, key, None)
+        if isinstance(value, (int, float)) and value > 0:
+            missed.append(f"config.{key}={value:g}")
+    return missed
 
 
 def _check_dynamic(gm: torch.fx.GraphModule, token: str) -> None:

@@ -1,5 +1,6 @@
-"""Pass 4 — rewrite: each full layer's attention becomes `hysparse_compile.functional.full_attention`, each sparse
-layer's `functional.sparse_attention`, with real graph edges from the full layer's K/V and indices to the sparse
+"""Pass 4 — rewrite: each full layer's attention becomes `runtime.layers.full_layer` (the op
+`functional.full_attention`, or its cached form inside a KV-cache call), each sparse layer's
+`runtime.layers.sparse_layer` (`functional.sparse_attention`), with real graph edges from the full layer's K/V and indices to the sparse
 layers that read them (SPEC §2.2; kv_sharing, swa and mode as the schedule says).
 
 Sparse layers get new parameters, registered under the layer's module path in the captured module (so they appear
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule, Node
 
-from .. import functional
+from ..runtime import layers as runtime_layers
 from . import graph_ops
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def _shift_node(gm: GraphModule, state) -> Node | None:
 
 def _rewrite_full(em: _Emitter, site, spec, backend) -> dict:
     q, k, v = em.roll(site.q), em.roll(site.k), em.roll(site.v)
-    res = em.call(functional.full_attention, q, k, v, block_size=spec.block_size, topk=spec.topk,
+    res = em.call(runtime_layers.full_layer, q, k, v, layer=site.index, block_size=spec.block_size, topk=spec.topk,
                   scale=site.scale, backend=backend)
     out = em.call(operator.getitem, res, 0)  # [B, Hq, T, d]
     indices = em.call(operator.getitem, res, 1)  # int32 [B, Hkv, T, nsel]
@@ -106,8 +107,8 @@ def _rewrite_sparse(em: _Emitter, gm, site, spec, full: dict, params: str | None
             gates = [em.call(operator.getitem, g, i) for i in range(branches)] + [None] * (2 - branches)
         if hasattr(mod, "sinks"):
             sinks = em.graph.get_attr(f"{params}.sinks")
-    out = em.call(functional.sparse_attention, q, k_own_, v_own_, k_shared, v_shared, full["indices"],
-                  block_size=spec.block_size, window=spec.window, gate_sparse=gates[0], gate_swa=gates[1],
+    out = em.call(runtime_layers.sparse_layer, q, k_own_, v_own_, k_shared, v_shared, full["indices"],
+                  layer=site.index, block_size=spec.block_size, window=spec.window, gate_sparse=gates[0], gate_swa=gates[1],
                   sinks=sinks, scale=site.scale, merge=spec.merge, backend=backend)
     return em.unroll(out), edges
 
@@ -128,6 +129,27 @@ def _drop_dead_code(gm: GraphModule) -> None:
                 gm.graph.erase_node(node)
                 changed = True
         changed |= gm.graph.eliminate_dead_code()
+
+
+ARANGE = {torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step}
+
+
+def _offset_positions(gm: GraphModule, state) -> int:
+    """Models that number positions themselves (`arange(T)`, no position input) get the arange routed through
+    `runtime.layers.positions`, which shifts it by the tokens a cached call has already seen. Returns the count."""
+    if "position_ids" in state.call_inputs:
+        return 0
+    token = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == state.token_name)
+    seq = [u for u in token.users if u.target == torch.ops.aten.sym_size.int and u.args[1] == 1]
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.target not in ARANGE or not any(a in seq for a in node.args):
+            continue
+        with gm.graph.inserting_after(node):
+            shifted = gm.graph.call_function(runtime_layers.positions, (node,))
+        node.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
+        count += 1
+    return count
 
 
 def run(state):
@@ -160,10 +182,12 @@ def run(state):
         site.out.replace_all_uses_with(new_out)
         gm.graph.erase_node(site.out)  # sdpa is tagged random (dropout), so plain DCE would keep it
     _drop_dead_code(gm)
+    shifted = _offset_positions(gm, state)
     gm.graph.lint()
     gm.recompile()
     state.edges = edges
-    log.info("rewrite: %d full and %d sparse layers, %d new parameters (%d values), padding roll %s",
-             sum(s.role == "full" for s in specs), sum(s.role == "sparse" for s in specs), len(state.new_parameters),
-             sum(p.numel() for p in state.new_parameters.values()), "on" if shift is not None else "off")
+    log.info("rewrite: %d full and %d sparse layers, %d new parameters (%d values), padding roll %s, %d position "
+             "arange(s) made cache-aware", sum(s.role == "full" for s in specs), sum(s.role == "sparse" for s in specs),
+             len(state.new_parameters), sum(p.numel() for p in state.new_parameters.values()),
+             "on" if shift is not None else "off", shifted)
     return state

@@ -1,0 +1,233 @@
+"""Checkpoints of compiled HySparse models: `compiled.save_pretrained(dir)` and `hs.from_pretrained(dir)`.
+
+    compiled.save_pretrained("ckpt/")
+    compiled = hs.from_pretrained("ckpt/")                          # HF: the model class is rebuilt from config.json
+    compiled = hs.from_pretrained("ckpt/", model=MyGPT())           # other models: an instance of the original module
+    compiled = hs.from_pretrained("ckpt/", device="cuda", dtype=torch.bfloat16)
+
+The directory holds:
+- `config.json` — HF models only: the original model's config (its own `save_pretrained`), with `architectures`
+  naming the original class when the config did not already;
+- `schedule.json` — the schedule (`Schedule.dump`);
+- `hysparse.json` — format version, compile options (`backend`, `gate_init` when it was a float, `sink_init`), the
+  original class, the HF attention implementation, the example shape the model was captured with, the dtype of the
+  weights, and the aliases of tied weights;
+- `model.safetensors` — every tensor of `compiled.state_dict()` (original weights, gates and sinks). Tensors that
+  share storage (tied embeddings) are written once; `hysparse.json["aliases"]` maps each other name to the one
+  written (safetensors refuses shared storage).
+
+Loading builds the original model (HF: the class named in `hysparse.json` / `config.json` from the config, with the
+saved attention implementation; otherwise the `model=` instance), loads its weights, moves it to `device` and
+`dtype` (default: CPU and the saved weights' dtype), compiles it there with the saved schedule and options, and
+loads every weight of the checkpoint strictly. The result computes what the saved model computed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+FORMAT = 1
+CONFIG, SCHEDULE, META, WEIGHTS = "config.json", "schedule.json", "hysparse.json", "model.safetensors"
+_PREFIX = "HySparse"  # compiler._compiled_class names the class HySparse<original class>
+
+
+def _compiled_or_raise(compiled):
+    from .compiler import HySparseModel
+
+    if not isinstance(compiled, HySparseModel):
+        raise TypeError(f"save_pretrained takes a module returned by hysparse_compile.compile, got "
+                        f"{type(compiled).__name__}")
+    return compiled
+
+
+def _is_hf_config(config) -> bool:
+    return config is not None and callable(getattr(config, "save_pretrained", None)) and \
+        callable(getattr(config, "to_json_string", None))
+
+
+def _architecture(compiled) -> str | None:
+    name = type(compiled).__name__
+    return name[len(_PREFIX):] if name.startswith(_PREFIX) and len(name) > len(_PREFIX) else None
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _dtype_of(value) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype or its name (e.g. 'bfloat16'), got {value!r}")
+    return dtype
+
+
+def _unshared(state_dict: dict) -> tuple[dict, dict]:
+    """(tensors to write, aliases): tensors that are the same view of one storage are written once; tensors that
+    overlap otherwise get their own copy. Everything ends on the CPU, contiguous."""
+    tensors, aliases, first = {}, {}, {}
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"save_pretrained: state_dict entry {name!r} is a {type(t).__name__}, not a tensor; "
+                            f"only tensors can be written to safetensors")
+        t = t.detach()
+        if t.device.type == "meta":
+            raise ValueError(f"save_pretrained: {name!r} is on the meta device (it has no values to save)")
+        if t.numel() == 0:
+            tensors[name] = t.clone()
+            continue
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key in first:
+            aliases[name] = first[key]
+            continue
+        first[key] = name
+        tensors[name] = t
+    owners = defaultdict(list)
+    for name, t in tensors.items():
+        if t.numel():
+            owners[(t.device, t.untyped_storage().data_ptr())].append(name)
+    for names in owners.values():
+        if len(names) > 1:
+            for name in names:
+                tensors[name] = tensors[name].clone()
+    return {name: t.to("cpu").contiguous() for name, t in tensors.items()}, aliases
+
+
+def save_pretrained(compiled, directory) -> Path:
+    """Write `compiled` (an `hs.compile` result) to `directory` (created if needed); returns the directory."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+    from .passes import portable
+
+    compiled = _compiled_or_raise(compiled)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = compiled._hysparse_state
+    tensors, aliases = _unshared(compiled.state_dict())
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    compiled.schedule.dump(out / SCHEDULE)
+    arch = _architecture(compiled)
+    hf = _is_hf_config(compiled.config)
+    if hf:
+        config = copy.deepcopy(compiled.config)
+        if arch and not getattr(config, "architectures", None):
+            config.architectures = [arch]
+        config.save_pretrained(str(out))
+    gate_init = state.options.get("gate_init", 0.0)
+    meta = {
+        "format": FORMAT,
+        "hysparse_compile": __version__,
+        "torch": torch.__version__,
+        "architecture": arch,
+        "hf": hf,
+        "attn_implementation": getattr(compiled.config, "_attn_implementation", None) if hf else None,
+        "backend": state.backend,
+        "options": {"gate_init": float(gate_init) if isinstance(gate_init, (int, float)) else None,
+                    "sink_init": float(state.options.get("sink_init", 0.0))},
+        "example_shape": None if state.generated_example or state.example_shape is None else list(state.example_shape),
+        "dtype": _dtype_name(portable.compute_dtype(compiled)),
+        "aliases": aliases,
+    }
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _read_meta(directory: Path) -> dict:
+    path = directory / META
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a HySparse checkpoint: {META} is missing (write one with "
+                                f"compiled.save_pretrained({str(directory)!r}))")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}; this hysparse_compile reads format "
+                         f"{FORMAT}")
+    return meta
+
+
+def _hf_model(directory: Path, meta: dict) -> nn.Module:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(directory))
+    attn = meta.get("attn_implementation")
+    name = meta.get("architecture") or next(iter(getattr(config, "architectures", None) or []), None)
+    cls = getattr(transformers, name, None) if name else None
+    kwargs = {"attn_implementation": attn} if attn else {}
+    if name is None:
+        return transformers.AutoModelForCausalLM.from_config(config, **kwargs).eval()
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "_from_config")):
+        raise ValueError(f"{directory} was saved from {name}, which is not a transformers class: pass model= an "
+                         f"instance of it (hs.from_pretrained({str(directory)!r}, model={name}(config)))")
+    return cls._from_config(config, **kwargs).eval()
+
+
+def _load_original(model: nn.Module, weights: dict, directory: Path) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    if missing:
+        raise ValueError(f"{directory / WEIGHTS} does not fit the model given ({type(model).__name__}): it lacks "
+                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; pass model= an instance of the module "
+                         f"that was compiled")
+    bad = [k for k, v in own.items() if tuple(v.shape) != tuple(weights[k].shape)]
+    if bad:
+        raise ValueError(f"{directory / WEIGHTS} does not fit the model given ({type(model).__name__}): shapes differ "
+                         f"for {[(k, tuple(weights[k].shape), tuple(own[k].shape)) for k in bad[:3]]}")
+    model.load_state_dict({k: weights[k] for k in own}, strict=True)
+
+
+def from_pretrained(directory, *, model: nn.Module | None = None, device=None, dtype=None, example_inputs=None):
+    """Rebuild a compiled HySparse model written by `compiled.save_pretrained(directory)`.
+
+    model: an instance of the original module (required when the checkpoint has no HF config; for HF models the
+        class is rebuilt from `config.json` when None). Its weights are overwritten with the checkpoint's.
+    device, dtype: where and in what dtype to build it (default: CPU and the dtype the weights were saved in); the
+        model is compiled there, so no move follows.
+    example_inputs: passed to `compile` (default: the example shape recorded at save, random token ids).
+    """
+    from safetensors.torch import load_file
+
+    from .compiler import compile
+    from .passes import capture
+    from .schedule import Schedule
+
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    schedule = Schedule.load(directory / SCHEDULE)
+    weights = load_file(str(directory / WEIGHTS), device="cpu")
+    for alias, target in meta.get("aliases", {}).items():
+        weights[alias] = weights[target]
+    if model is None:
+        if not meta.get("hf"):
+            raise ValueError(f"{directory} was saved from a {meta.get('architecture') or 'plain PyTorch'} model "
+                             f"without a transformers config: pass model= an instance of that module "
+                             f"(hs.from_pretrained({str(directory)!r}, model=MyModel(...)))")
+        model = _hf_model(directory, meta)
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an instance of the original torch.nn.Module, got {type(model).__name__}")
+    dtype = _dtype_of(dtype) if dtype is not None else _dtype_of(meta.get("dtype"))
+    _load_original(model, weights, directory)
+    if device is not None or dtype is not None:
+        model.to(device=torch.device(device) if device is not None else None, dtype=dtype)
+    if example_inputs is None and meta.get("example_shape"):
+        vocab = capture.vocab_size(model)
+        if vocab is not None:
+            g = torch.Generator().manual_seed(0)
+            example_inputs = torch.randint(0, vocab, tuple(meta["example_shape"]), generator=g).to(
+                capture.model_device(model))
+    options = {k: v for k, v in meta.get("options", {}).items() if v is not None}
+    compiled = compile(model, schedule, example_inputs=example_inputs, backend=meta.get("backend", "auto"), **options)
+    try:
+        compiled.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{directory / WEIGHTS} does not fit the model compiled from it ({e}); was it saved from "
+                         f"another model or schedule?") from e
+    return compiled
+
+
+__all__ = ["save_pretrained", "from_pretrained", "FORMAT"]

@@ -140,13 +140,17 @@ class HySparseModel(nn.Module):
         cached = bool(use_cache) or cache is not None
         B, T = ids.shape
         call = {self._token: ids}
+        unpadded = True  # no padding in this call: the graph's padding rolls are skipped (runtime.layers.unpadded)
         if "attention_mask" in self._captured:
             mask = inputs.get("attention_mask")
-            if mask is None and not cached:
+            tracing = (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                       or (ids.is_cuda and torch.cuda.is_current_stream_capturing()))
+            if mask is not None:
+                unpadded = False if tracing else bool(mask.bool().all())  # a traced graph must serve padding
+                if not tracing and not unpadded:
+                    _check_no_holes(mask)
+            elif not cached:
                 mask = torch.ones_like(ids)
-            if mask is not None and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                                         or (ids.is_cuda and torch.cuda.is_current_stream_capturing())):
-                _check_no_holes(mask)
             call["attention_mask"] = None if mask is None else mask.to(self._dtypes["attention_mask"])
         if "position_ids" in self._captured:
             pos = inputs.get("position_ids")
@@ -164,12 +168,15 @@ class HySparseModel(nn.Module):
                 raise TypeError("use_cache=True on a plain (non-HF) model: pass the cache to fill, "
                                 "past_key_values=hs.HySparseCache(compiled), or use hs.generate(compiled, ids, ...)")
             call, cache, step = runtime_run.prepare(self, call, cache, self._token)
-            with runtime_layers.step(step):
+            with runtime_layers.step(step), runtime_layers.unpadded(unpadded):
                 out = self._graph_module(**call)
             runtime_run.finish(step, T)
             out = runtime_run.with_cache(out, cache)
         else:
-            out = self._graph_module(**call)
+            from .runtime import layers as runtime_layers
+
+            with runtime_layers.unpadded(unpadded):
+                out = self._graph_module(**call)
         out = runtime_run_keep(out, logits_to_keep)
         if labels is not None:
             out = self._with_loss(out, labels)

@@ -26,23 +26,16 @@ def _row_index(x: Tensor, shift: Tensor, dim: int, sign: int) -> Tensor:
     return idx.view(shape).expand_as(x)
 
 
-def _no_padding_possible() -> bool:
-    """Inside a cached decode / extend call the new tokens are never padding (runtime/run.py checks it): the roll
-    is the identity there, and skipping it saves two gathers per tensor and layer on every decode step."""
-    step = runtime_layers.active()
-    return step is not None and step.mode != "prefill"
-
-
 def roll_rows(x: Tensor, shift: Tensor, dim: int = 2) -> Tensor:
     """x [B, ..., T (at dim), ...] -> row b rolled left by shift[b]: out[b, ..., t] = x[b, ..., (t + shift[b]) % T]."""
-    if _no_padding_possible():
+    if runtime_layers.padding_free():  # the roll is the identity: skip its gathers
         return x
     return torch.gather(x, dim, _row_index(x, shift, dim, 1))
 
 
 def unroll_rows(x: Tensor, shift: Tensor, dim: int = 2) -> Tensor:
     """The inverse of `roll_rows`: out[b, ..., t] = x[b, ..., (t - shift[b]) % T]."""
-    if _no_padding_possible():
+    if runtime_layers.padding_free():  # the roll is the identity: skip its gathers
         return x
     return torch.gather(x, dim, _row_index(x, shift, dim, -1))
 

@@ -38,6 +38,7 @@ class Step:
 
 
 _ACTIVE: list[Step | None] = [None]
+_UNPADDED: list[bool] = [False]  # the call in progress is known to have no padding (see `unpadded`)
 
 
 @contextlib.contextmanager
@@ -52,6 +53,24 @@ def step(s: Step):
 
 def active() -> Step | None:
     return _ACTIVE[0]
+
+
+@contextlib.contextmanager
+def unpadded(known: bool = True):
+    """Inside the block the compiled model's call is known to carry no padding (no attention_mask was given, or it
+    is all ones): the graph's padding rolls (passes/graph_ops.py) are skipped, two gathers per tensor and layer."""
+    previous, _UNPADDED[0] = _UNPADDED[0], bool(known)
+    try:
+        yield
+    finally:
+        _UNPADDED[0] = previous
+
+
+def padding_free() -> bool:
+    """No row of the call in progress can be padded: it is known unpadded, or it is a cached decode / extend call
+    (new tokens after the first cached call are never padding; runtime/run.py checks it)."""
+    step = _ACTIVE[0]
+    return _UNPADDED[0] or (step is not None and step.mode != "prefill")
 
 
 # ---------------------------------------------------------------------------------------------- cache writes

@@ -32,3 +32,21 @@ def test_branch_gates_are_half_with_zero_weights_and_split_per_branch():
     sparse, swa = graph_ops.branch_gates(x, w, heads=3, branches=2)
     assert sparse.shape == (2, 3, 5, 1) and torch.equal(sparse, torch.full_like(sparse, 0.5))
     assert torch.allclose(swa[..., 0], torch.sigmoid(100 * x[..., 0])[:, None, :].expand(2, 3, 5))
+
+
+def test_padding_rolls_run_only_when_a_row_is_padded(monkeypatch):
+    from hysparse_compile.passes import graph_ops
+    from models import compiled_pair, logits
+
+    _, compiled = compiled_pair("llama-sdpa")
+    calls = []
+    real = graph_ops._row_index
+    monkeypatch.setattr(graph_ops, "_row_index", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    plain = logits(compiled(ids))
+    ones = logits(compiled(ids, attention_mask=torch.ones_like(ids)))
+    assert not calls and torch.equal(plain, ones)  # no padding: no roll
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    padded = logits(compiled(ids, attention_mask=mask))
+    assert calls and torch.allclose(padded[1], plain[1], rtol=1e-5, atol=1e-5)  # rolled; the unpadded row unchanged

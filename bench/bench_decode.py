@@ -121,7 +121,22 @@ class Timer:
         return (time.perf_counter() - t0) * 1e3 / reps
 
 
-def decode_row(name, model, B, ctx, device, timer, copy_gbs, tiny) -> dict:
+def decode_row(name, model, B, ctx, device, timer, copy_gbs, tiny, inductor: bool = False) -> dict:
+    """One decode step of `model` at (B, ctx), eager and in a CUDA graph. inductor: the compiled model's graph
+    module goes through torch.compile first (its elementwise work fuses; the HySparse ops stay custom ops)."""
+    graph_module = model._graph_module
+    if inductor:
+        object.__setattr__(model, "_graph_module", torch.compile(graph_module, dynamic=False))
+        name += "+inductor"
+    try:
+        return _decode_row(name, model, B, ctx, device, timer, copy_gbs, tiny)
+    finally:
+        object.__setattr__(model, "_graph_module", graph_module)
+        if inductor:
+            torch._dynamo.reset()
+
+
+def _decode_row(name, model, B, ctx, device, timer, copy_gbs, tiny) -> dict:
     reps = 3 if tiny else 20
     margin = 4 * reps + 16
     cache = fill_cache(model, B, ctx, margin)
@@ -134,8 +149,10 @@ def decode_row(name, model, B, ctx, device, timer, copy_gbs, tiny) -> dict:
         return model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
 
     with torch.no_grad():
+        t0 = time.perf_counter()
         for _ in range(2):
             step()
+        warm_s = time.perf_counter() - t0
         cache.lengths.fill_(ctx)
         eager = timer(step, reps)
         graph_ms = None
@@ -160,7 +177,8 @@ def decode_row(name, model, B, ctx, device, timer, copy_gbs, tiny) -> dict:
     row = dict(model=name, batch=B, context=ctx, eager_ms=eager, graph_ms=graph_ms, tokens_per_s=B / (best * 1e-3),
                bytes_must_read=must, achieved_gbs=must / (best * 1e-3) / 1e9,
                frac_copy_bw=(must / (best * 1e-3) / 1e9) / copy_gbs if copy_gbs else None,
-               cache_bytes=cache.nbytes, plan_bytes=cache.plan().total_bytes, cache_equals_plan=plan_ok)
+               cache_bytes=cache.nbytes, plan_bytes=cache.plan().total_bytes, cache_equals_plan=plan_ok,
+               warmup_s=warm_s)
     del cache
     gc.collect()
     if device.type == "cuda":
@@ -270,6 +288,8 @@ def main() -> int:
     ap.add_argument("--hf", default=None, help="contextxbatch shapes for the HF baseline (default all)")
     ap.add_argument("--budget-s", type=float, default=500.0, help="no new HF baseline / memory search after this")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--inductor", default=None, help="contextxbatch shapes to also run with the compiled model's "
+                                                     "graph under torch.compile (default: the largest)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -311,6 +331,17 @@ def main() -> int:
                 result["decode"].append(row)
                 print(json.dumps(row), flush=True)
                 save()
+    inductor = ([tuple(int(v) for v in s.split("x")) for s in args.inductor.split(",")] if args.inductor
+                else [(max(contexts), max(batches))])
+    for ctx, B in inductor:
+        for name, m in (("hysparse", hybrid), ("dense_floor", dense)):
+            try:
+                row = decode_row(name, m, B, ctx, device, timer, meta["copy_gbs"], tiny, inductor=True)
+            except Exception as e:  # recorded, not fatal
+                row = dict(model=name + "+inductor", batch=B, context=ctx, error=f"{type(e).__name__}: {e}"[:300])
+            result["decode"].append(row)
+            print(json.dumps(row), flush=True)
+            save()
     hf_shapes = ([tuple(int(v) for v in s.split("x")) for s in args.hf.split(",")] if args.hf
                  else [(c, b) for c in contexts for b in batches])
     for ctx, B in hf_shapes:

@@ -78,7 +78,10 @@ class HySparseCache(_CacheBase):
     def __init__(self, compiled, batch_size: int | None = None, max_cache_len: int | None = None, *, dtype=None,
                  device=None, grow: int = DEFAULT_GROW):
         if _CacheBase is not object:
-            super().__init__(layers=[])
+            try:
+                super().__init__(layers=[])
+            except TypeError:  # transformers < 4.56: Cache() takes no layers
+                super().__init__()
         state = getattr(compiled, "_hysparse_state", None)
         if state is None:
             raise TypeError(f"HySparseCache needs a compiled HySparse model (hs.compile(...)), got "

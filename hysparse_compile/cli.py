@@ -335,7 +335,7 @@ def export_cmd(out: Path = typer.Argument(..., help="file to write: .onnx (onnx,
         table.add_row(str(f), f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB",
                       _export_ops(result) if i == 0 else "", result.check if i == 0 else "")
     console.print(table)
-    console.print(f"wrote {result.path} ({result.size:,} bytes)", soft_wrap=True)
+    console.print(f"wrote {', '.join(map(str, result.files))} ({result.size:,} bytes)", soft_wrap=True)
 
 
 @app.command("demo")

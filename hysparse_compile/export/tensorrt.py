@@ -1,0 +1,230 @@
+"""`to_tensorrt`: the compiled model for TensorRT, two ways, both with one plugin per HySparse op.
+
+TensorRT cannot be installed on the machines this project runs on (its wheels download from a host they cannot
+reach), so what is tested here stops at TensorRT's door: the plugin schemas, their shape and dtype functions against
+the ops' fake implementations, and the ONNX graph TensorRT's parser would read. docs/export.md says what was run.
+
+**The plugins** (TensorRT >= 10.7 Quick Deployable Plugins, `register_plugins()`): `hysparse::FullAttention` and
+`hysparse::SparseAttention`, with exactly the inputs, outputs and attributes of the custom-domain ONNX nodes
+(docs/onnx_ops.md). Their torch twins `torch.ops.hysparse.FullAttention` / `SparseAttention` (fixed arity, only
+Tensor/int/float arguments, as TensorRT plugins need) are registered here; their implementations call the HySparse
+ops, so inside an engine the plugin runs the `auto` backend (the Triton kernels on a GPU) through Python (JIT QDP).
+
+- `via="torch_tensorrt"`: capture with the twins in place of the HySparse ops, `generate_plugin_converter` for both,
+  `torch_tensorrt.dynamo.compile`, saved with `torch_tensorrt.save`. The hand-written descriptor functions declare
+  the int32 `indices` output (Torch-TensorRT's generated plugins copy the first input's dtype to every output).
+- `via="onnx"`: the `ops="custom"` ONNX file, each HySparse node carrying `plugin_namespace="hysparse"` and
+  `plugin_version="1"`: TensorRT's ONNX parser maps a node it does not know to the plugin named by its op type
+  (namespace from the domain since TensorRT 10.10, from `plugin_namespace` before), other attributes become plugin
+  fields. Build with `trtexec --onnx=model.onnx` in a process that ran `register_plugins()`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import onnx_custom, program
+from .program import ExportResult, Stage
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAMESPACE, PLUGIN_VERSION = onnx_custom.DOMAIN, "1"
+NOT_INSTALLABLE = ("TensorRT is not installed (and cannot be on the machines this project is tested on: its wheels "
+                   "download from a host they cannot reach); install tensorrt>=10.7 and torch-tensorrt on a machine "
+                   "with an NVIDIA GPU, or use via='onnx' to write the plugin-ready ONNX file")
+VIAS = ("torch_tensorrt", "onnx")
+
+
+# ---------------------------------------------------------------------------------------------- shapes and dtypes
+def full_attention_shapes(q_shape, k_shape, block_size: int, topk: int) -> list[tuple[tuple, str]]:
+    """Output (shape, dtype) of `FullAttention`: out like q; indices int32 [B, Hkv, T, topk // block_size].
+    Dims may be ints or TensorRT shape expressions (only indexing is used, and one int)."""
+    return [(tuple(q_shape), "like q"), ((q_shape[0], k_shape[1], q_shape[2], topk // block_size), "int32")]
+
+
+def sparse_attention_shapes(q_shape) -> list[tuple[tuple, str]]:
+    """Output (shape, dtype) of `SparseAttention`: out like q."""
+    return [(tuple(q_shape), "like q")]
+
+
+# ---------------------------------------------------------------------------------------------- torch twins
+@torch.library.custom_op("hysparse::FullAttention", mutates_args=())
+def full_attention_plugin_op(q: Tensor, k: Tensor, v: Tensor, block_size: int, topk: int,
+                             scale: float) -> tuple[Tensor, Tensor]:
+    """The `FullAttention` plugin's computation: `hysparse::full_attention` (auto backend) -> out, indices."""
+    out, indices, _, _ = torch.ops.hysparse.full_attention(q, k, v, block_size, topk, scale, False, "auto")
+    return out, indices
+
+
+@full_attention_plugin_op.register_fake
+def _(q, k, v, block_size, topk, scale):
+    (out_shape, _), (idx_shape, _) = full_attention_shapes(q.shape, k.shape, block_size, topk)
+    return q.new_empty(out_shape), q.new_empty(idx_shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("hysparse::SparseAttention", mutates_args=())
+def sparse_attention_plugin_op(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_shared: Tensor,
+                               indices: Tensor, gate_sparse: Tensor, gate_swa: Tensor, sinks: Tensor, block_size: int,
+                               window: int, scale: float, merge: int, has_gate_sparse: int, has_gate_swa: int,
+                               has_sinks: int) -> Tensor:
+    """The `SparseAttention` plugin's computation (absent gates / sinks per the `has_*` flags)."""
+    B, Hq, T, d = q.shape
+    expand = lambda g: g.expand(B, Hq, T, 1 if g.shape[-1] == 1 else d)  # noqa: E731
+    gs = expand(gate_sparse) if has_gate_sparse and not merge else None
+    gw = expand(gate_swa) if has_gate_swa and not merge and window else None
+    out, _, _ = torch.ops.hysparse.sparse_attention(q, k_own, v_own, k_shared, v_shared, indices, gs, gw,
+                                                    sinks if has_sinks else None, block_size, window, scale,
+                                                    bool(merge), False, "auto")
+    return out
+
+
+@sparse_attention_plugin_op.register_fake
+def _(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, block_size, window, scale, merge,
+      has_gate_sparse, has_gate_swa, has_sinks):
+    ((shape, _),) = sparse_attention_shapes(q.shape)
+    return q.new_empty(shape)
+
+
+def _full(q, k, v, block_size, topk, scale, return_scores, backend="auto"):
+    out, indices = torch.ops.hysparse.FullAttention(q, k, v, block_size, topk, float(scale))
+    B, Hq, T, _ = q.shape
+    return out, indices, q.new_zeros((B, Hq, T), dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+
+
+def _sparse(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, block_size, window, scale,
+            merge, save_branches, backend="auto"):
+    inputs, flags = onnx_custom.sparse_inputs(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa,
+                                              sinks)
+    out = torch.ops.hysparse.SparseAttention(*inputs, block_size, window, float(scale), int(merge),
+                                             flags["has_gate_sparse"], flags["has_gate_swa"], flags["has_sinks"])
+    B, Hq, T, _ = q.shape
+    return out, q.new_zeros((B, Hq, T, 2), dtype=torch.float32), q.new_empty(0)
+
+
+def replacements() -> dict:
+    """The capture-time op table for Torch-TensorRT: the HySparse ops -> their fixed-arity twins."""
+    return {torch.ops.hysparse.full_attention.default: _full, torch.ops.hysparse.sparse_attention.default: _sparse}
+
+
+# ---------------------------------------------------------------------------------------------- TensorRT plugins
+def register_plugins() -> None:
+    """Register both QDP plugins with TensorRT (needs `tensorrt >= 10.7`); idempotent."""
+    try:
+        import tensorrt as trt
+        import tensorrt.plugin as trtp
+    except ImportError as e:
+        raise ImportError(NOT_INSTALLABLE) from e
+    from tensorrt.plugin._lib import QDP_REGISTRY
+
+    if f"{PLUGIN_NAMESPACE}::FullAttention" in QDP_REGISTRY:
+        return
+
+    def cuda(t):
+        return torch.as_tensor(t, device="cuda")
+
+    @trtp.register(f"{PLUGIN_NAMESPACE}::FullAttention")
+    def _full_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, block_size: int, topk: int,
+                   scale: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        _, (idx_shape, _) = full_attention_shapes(q.shape_expr, k.shape_expr, block_size, topk)
+        return q.like(), trtp.from_shape_expr(idx_shape, dtype=trt.int32)
+
+    @trtp.impl(f"{PLUGIN_NAMESPACE}::FullAttention")
+    def _full_impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, block_size: int, topk: int, scale: float,
+                   outputs: tuple[trtp.Tensor, trtp.Tensor], stream: int) -> None:
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            out, indices = full_attention_plugin_op(cuda(q), cuda(k), cuda(v), block_size, topk, scale)
+            cuda(outputs[0]).copy_(out)
+            cuda(outputs[1]).copy_(indices)
+
+    @trtp.register(f"{PLUGIN_NAMESPACE}::SparseAttention")
+    def _sparse_desc(q: trtp.TensorDesc, k_own: trtp.TensorDesc, v_own: trtp.TensorDesc, k_shared: trtp.TensorDesc,
+                     v_shared: trtp.TensorDesc, indices: trtp.TensorDesc, gate_sparse: trtp.TensorDesc,
+                     gate_swa: trtp.TensorDesc, sinks: trtp.TensorDesc, block_size: int, window: int, scale: float,
+                     merge: int, has_gate_sparse: int, has_gate_swa: int, has_sinks: int) -> trtp.TensorDesc:
+        return q.like()
+
+    @trtp.impl(f"{PLUGIN_NAMESPACE}::SparseAttention")
+    def _sparse_impl(q: trtp.Tensor, k_own: trtp.Tensor, v_own: trtp.Tensor, k_shared: trtp.Tensor,
+                     v_shared: trtp.Tensor, indices: trtp.Tensor, gate_sparse: trtp.Tensor, gate_swa: trtp.Tensor,
+                     sinks: trtp.Tensor, block_size: int, window: int, scale: float, merge: int,
+                     has_gate_sparse: int, has_gate_swa: int, has_sinks: int, outputs: tuple[trtp.Tensor],
+                     stream: int) -> None:
+        tensors = [cuda(t) for t in (q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks)]
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            out = sparse_attention_plugin_op(*tensors, block_size, window, scale, merge, has_gate_sparse,
+                                             has_gate_swa, has_sinks)
+            cuda(outputs[0]).copy_(out)
+
+
+def plugin_onnx(model) -> None:
+    """Shape a custom-domain ONNX model for TensorRT's parser, in place: every `hysparse` node gets the string
+    attributes `plugin_namespace` and `plugin_version`."""
+    import onnx
+
+    for node in model.graph.node:
+        if node.domain == PLUGIN_NAMESPACE:
+            names = {a.name for a in node.attribute}
+            for key, value in (("plugin_namespace", PLUGIN_NAMESPACE), ("plugin_version", PLUGIN_VERSION)):
+                if key not in names:
+                    node.attribute.append(onnx.helper.make_attribute(key, value))
+
+
+# ---------------------------------------------------------------------------------------------- front door
+def to_tensorrt(compiled, example_inputs, path, *, via: str = "torch_tensorrt", max_batch: int | None = None,
+                max_seq_len: int | None = None, check: bool = True, stage: Stage | None = None) -> ExportResult:
+    """Export a compiled HySparse model for TensorRT.
+
+    via="torch_tensorrt": a Torch-TensorRT program (`torch_tensorrt.save`, `.ep`) built with both plugins; needs
+    tensorrt >= 10.7 and torch-tensorrt (raises ImportError saying so otherwise) and a CUDA model. The optimization
+    profile spans batch 1..max_batch (default max(B, 8)) and seq 1..max_seq_len (default max(T, 4096)).
+    via="onnx": the custom-domain ONNX file shaped for TensorRT's ONNX parser (works without TensorRT; `check`
+    runs it with the Python reference ops as `to_onnx(ops="custom")` does).
+    """
+    if via not in VIAS:
+        raise ValueError(f"via must be 'torch_tensorrt' (Torch-TensorRT with plugins) or 'onnx' (the plugin-ready "
+                         f"ONNX file for TensorRT's parser), got {via!r}")
+    path = program.check_path(path)
+    if via == "onnx":
+        return _to_plugin_onnx(compiled, example_inputs, path, check, stage)
+    try:
+        import torch_tensorrt
+    except ImportError as e:
+        raise ImportError(NOT_INSTALLABLE) from e
+    register_plugins()
+    from torch_tensorrt.dynamo.conversion.plugins import generate_plugin_converter
+
+    for name in ("FullAttention", "SparseAttention"):
+        generate_plugin_converter(f"{PLUGIN_NAMESPACE}::{name}", supports_dynamic_shapes=True)
+    prog = program.capture(compiled, example_inputs, replacements(), stage)
+    B, T = next(iter(prog.example.values())).shape
+    max_batch, max_seq_len = max_batch or max(B, 8), max_seq_len or max(T, 4096)
+    inputs = [torch_tensorrt.Input(min_shape=(1, 1), opt_shape=(B, T), max_shape=(max_batch, max_seq_len),
+                                   dtype=x.dtype, name=name) for name, x in prog.example.items()]
+    if stage:
+        stage("build the TensorRT engine (torch_tensorrt.dynamo.compile)")
+    with program.atomic_output(path) as tmp:
+        trt_module = torch_tensorrt.dynamo.compile(prog.exported, arg_inputs=inputs, min_block_size=1)
+        torch_tensorrt.save(trt_module, str(tmp), output_format="exported_program",
+                            arg_inputs=list(prog.example.values()))
+        check_text = "not checked"
+        if check:
+            with torch.no_grad():
+                got = trt_module(*prog.example.values())
+            check_text = f"TensorRT vs PyTorch: max rel err {program.relative_error(got, prog.logits):.1e}"
+    return ExportResult(path, "tensorrt", (path,), program.graph_op_counts(prog.exported), check_text)
+
+
+def _to_plugin_onnx(compiled, example_inputs, path: Path, check: bool, stage: Stage | None) -> ExportResult:
+    import onnx
+
+    from .onnx import op_counts, to_onnx
+
+    with program.atomic_output(path) as tmp:
+        result = to_onnx(compiled, example_inputs, tmp, ops="custom", check=check, stage=stage)
+        model = onnx.load(str(tmp), load_external_data=False)  # external weights stay where they are
+        plugin_onnx(model)
+        onnx.save(model, str(tmp))
+    return ExportResult(path, "tensorrt-onnx", program.written_files(path), op_counts(model), result.check)

@@ -1,0 +1,58 @@
+"""The small compiled models the export tests share (built once per session: compiling is the slow part)."""
+import functools
+
+import torch
+
+BLOCK, TOPK, WINDOW = 16, 32, 16  # 2 blocks selected per token: at T = 1000 (63 blocks) selection is real
+
+
+@functools.lru_cache(maxsize=None)
+def sharp_llama(pattern: str = "FS"):
+    """A tiny HF Llama (GQA 4/2, head dim 16) compiled with `pattern`. Its query/key projections are scaled up so
+    that attention is peaked and block scores are far apart: with random weights at the usual scale attention is
+    near-uniform, block scores tie to the last bit, and which block wins would be decided by rounding (ONNX Runtime
+    and PyTorch order their sums differently)."""
+    import transformers as tf
+
+    import hysparse_compile as hs
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=len(pattern),
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                            tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)  # no EOS: no early stop
+    config._attn_implementation = "sdpa"
+    model = tf.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    schedule = hs.Schedule.from_pattern(pattern, block_size=BLOCK, topk=TOPK, window=WINDOW)
+    return hs.compile(model, schedule)
+
+
+@functools.lru_cache(maxsize=None)
+def nano(pattern: str = "FS"):
+    """A compiled nanoGPT (no attention_mask input, plain tensor output)."""
+    import models
+
+    import hysparse_compile as hs
+
+    schedule = hs.Schedule.from_pattern(pattern, block_size=BLOCK, topk=TOPK, window=WINDOW)
+    return hs.compile(models.nano_gpt(layers=len(pattern), heads=4, kv_heads=2), schedule)
+
+
+def example_ids(batch=2, seq=40, seed=0):
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def padded_batch(seq, pad, seed=1):
+    """Token ids [2, seq] and an attention mask whose second row is left-padded by `pad`."""
+    ids = example_ids(2, seq, seed)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    return ids, mask
+
+
+def hf_positions(mask):
+    """Position ids as transformers' generate makes them for left-padded rows: cumsum(mask) - 1, pads at 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)

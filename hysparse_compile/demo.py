@@ -224,7 +224,8 @@ def generation_report(original: nn.Module, compiled: nn.Module, prompt_len: int,
     for name, model, hysparse in (("original", original, False), ("HySparse", compiled, True)):
         out, seconds, nbytes, steps = _timed_generate(model, ids, new, hysparse)
         rows.append((name, out, seconds, nbytes, steps))
-    table = Table(title=f"greedy generation: prompt {prompt_len} tokens, {new} new, batch 1, CPU fp32")
+    console.print(f"greedy generation: prompt {prompt_len} tokens, {new} new, batch 1, {ids.device.type}")
+    table = Table()
     for col in ("model", "tokens/s", "KV cache", "vs original"):
         table.add_column(col, justify="left" if col == "model" else "right")
     base = rows[0][3]

@@ -19,6 +19,8 @@ import torch.nn as nn
 
 from . import fsdp, passes
 from .passes import capture
+from .runtime import layers as runtime_layers
+from .runtime import run as runtime_run
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +164,6 @@ class HySparseModel(nn.Module):
         if "use_cache" in self._captured:
             call["use_cache"] = False
         if cached:
-            from .runtime import layers as runtime_layers, run as runtime_run
-
             if cache is None and self.config is None:
                 raise TypeError("use_cache=True on a plain (non-HF) model: pass the cache to fill, "
                                 "past_key_values=hs.HySparseCache(compiled), or use hs.generate(compiled, ids, ...)")
@@ -173,11 +173,9 @@ class HySparseModel(nn.Module):
             runtime_run.finish(step, T)
             out = runtime_run.with_cache(out, cache)
         else:
-            from .runtime import layers as runtime_layers
-
             with runtime_layers.unpadded(unpadded):
                 out = self._graph_module(**call)
-        out = runtime_run_keep(out, logits_to_keep)
+        out = runtime_run.keep_logits(out, logits_to_keep)
         if labels is not None:
             out = self._with_loss(out, labels)
         return out
@@ -192,45 +190,6 @@ class HySparseModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule.pattern!r}, backend={self._hysparse_state.backend!r}"
-
-
-def runtime_run_keep(out, logits_to_keep):
-    if logits_to_keep is None:
-        return out
-    from .runtime.run import keep_logits
-
-    return keep_logits(out, logits_to_keep)
-
-
-def _copied_state(state, memo):
-    """The compile record of a deep copy: nodes, parameters and modules mapped to their copies (Graph's deepcopy
-    puts old node -> new node in `memo`; tensors and modules are keyed by id); erased nodes and plain values are
-    shared; tensors not yet copied (example inputs) are copied."""
-    def remap(value, depth=0):
-        if isinstance(value, torch.fx.Node):
-            return memo.get(value, value)
-        if isinstance(value, (torch.Tensor, nn.Module)):
-            if id(value) in memo:
-                return memo[id(value)]
-            return copy.deepcopy(value, memo) if isinstance(value, torch.Tensor) else value
-        if depth > 4:
-            return value
-        if type(value) in (list, tuple):
-            return type(value)(remap(v, depth + 1) for v in value)
-        if type(value) is dict:
-            return {k: remap(v, depth + 1) for k, v in value.items()}
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-            mapped = {k: remap(v, depth + 1) for k, v in fields.items()}
-            if all(mapped[k] is fields[k] for k in fields):
-                return value
-            out = copy.copy(value)
-            for k, v in mapped.items():
-                object.__setattr__(out, k, v)
-            return out
-        return value
-
-    return remap(state)
 
 
 def _compiled_class(model: nn.Module) -> type:

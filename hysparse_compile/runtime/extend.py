@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..kernels.reference.full_attention import _grouped, block_max, compute_dtype, query_chunks
 from ..kernels.reference.select_blocks import select_blocks
-from ..kernels.reference.sparse_attention import softmax_with_sink
+from ..kernels.reference.sparse_attention import block_key_mask, softmax_with_sink
 
 
 def _sdpa_layout(x: Tensor) -> Tensor:
@@ -50,16 +50,6 @@ def full_attention_extend(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Te
     return _sdpa_layout(torch.cat(outs, dim=2).to(q.dtype)), torch.cat(picks, dim=2)
 
 
-def _selected(indices: Tensor, S: int, block_size: int) -> Tensor:
-    """indices int32 [B, Hkv, C, nsel] -> bool [B, Hkv, C, S]: keys in the selected blocks."""
-    B, Hkv, C, _ = indices.shape
-    nb = -(-S // block_size)
-    idx = indices.long()
-    idx = torch.where((idx >= 0) & (idx < nb), idx, torch.full_like(idx, nb))
-    blocks = torch.zeros(B, Hkv, C, nb + 1, dtype=torch.bool, device=indices.device).scatter_(-1, idx, True)
-    return blocks[..., torch.arange(S, device=indices.device) // block_size]
-
-
 def sparse_attention_extend(q: Tensor, k_shared: Tensor, v_shared: Tensor, indices: Tensor, k_win: Tensor,
                             v_win: Tensor, win_pos: Tensor, start: Tensor, *, block_size: int, window: int | None,
                             gate_sparse, gate_swa, sinks, scale: float, merge: bool) -> Tensor:
@@ -82,7 +72,7 @@ def sparse_attention_extend(q: Tensor, k_shared: Tensor, v_shared: Tensor, indic
     for r0, r1 in query_chunks(B, Hq, R, S + k_win.shape[2]):
         pos = _positions(start, r0, r1).view(B, -1, 1)  # [B, C, 1]
         qg = _grouped(q[:, :, r0:r1].to(ct), Hkv)  # [B, Hkv, G, C, d]
-        sel = _selected(indices[:, :, r0:r1], S, block_size) & (linear <= pos).unsqueeze(1)  # [B, Hkv, C, S]
+        sel = block_key_mask(indices[:, :, r0:r1], S, block_size) & (linear <= pos).unsqueeze(1)  # [B, Hkv, C, S]
         logits_sh = torch.einsum("bhgcd,bhkd->bhgck", qg, ksh) * scale
         if merge:
             win = (linear <= pos) & (linear > pos - (window or 0))  # [B, C, S]

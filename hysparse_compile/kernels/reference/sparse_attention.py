@@ -13,19 +13,25 @@ from torch import Tensor
 from .full_attention import _grouped, compute_dtype, query_chunks
 
 
+def block_key_mask(indices: Tensor, S: int, block_size: int) -> Tensor:
+    """Keys 0..S-1 inside each row's selected blocks (no causality): indices int32 [B, Hkv, C, nsel] (-1 = none)
+    -> bool [B, Hkv, C, S]."""
+    B, Hkv, C, _ = indices.shape
+    nb = -(-S // block_size)
+    idx = indices.long()
+    idx = torch.where((idx >= 0) & (idx < nb), idx, torch.full_like(idx, nb))  # out of range -> dummy column
+    blocks = torch.zeros(B, Hkv, C, nb + 1, dtype=torch.bool, device=indices.device).scatter_(-1, idx, True)
+    return blocks[..., torch.arange(S, device=indices.device) // block_size]
+
+
 def selected_key_mask(indices: Tensor, t0: int, t1: int, block_size: int) -> Tensor:
     """Which keys 0..t1-1 each query row t0..t1-1 may read in the sparse branch (selected and causal).
 
     indices: int32 [B, Hkv, C, nsel] (-1 = none) -> bool [B, Hkv, 1, C, t1]
     """
-    B, Hkv, C, _ = indices.shape
-    nb = -(-t1 // block_size)
-    idx = indices.long()
-    idx = torch.where((idx >= 0) & (idx < nb), idx, torch.full_like(idx, nb))  # out of range -> dummy column
-    blocks = torch.zeros(B, Hkv, C, nb + 1, dtype=torch.bool, device=indices.device)
-    blocks.scatter_(-1, idx, True)
+    C = indices.shape[2]
     keys = torch.arange(t1, device=indices.device)
-    mask = blocks[..., keys // block_size]  # [B, Hkv, C, t1]
+    mask = block_key_mask(indices, t1, block_size)  # [B, Hkv, C, t1]
     causal = keys.view(1, t1) <= torch.arange(t0, t1, device=indices.device).view(C, 1)
     return (mask & causal).unsqueeze(2)
 
@@ -229,11 +235,7 @@ def sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_
     sink = sinks.to(ct).view(Hkv, G) if sinks is not None else None
     t = cache_len.to(q.device).long() - 1  # [B]
     keys = torch.arange(S, device=q.device)
-    nb = -(-S // block_size)
-    idx = indices.long()[:, :, 0]  # [B, Hkv, nsel]
-    idx = torch.where((idx >= 0) & (idx < nb), idx, torch.full_like(idx, nb))
-    blocks = torch.zeros(B, Hkv, nb + 1, dtype=torch.bool, device=q.device).scatter_(-1, idx, True)
-    sel = blocks[..., keys // block_size] & (keys.view(1, 1, S) <= t.view(B, 1, 1))  # [B, Hkv, S]
+    sel = block_key_mask(indices, S, block_size)[:, :, 0] & (keys.view(1, 1, S) <= t.view(B, 1, 1))  # [B, Hkv, S]
     sel = sel.view(B, Hkv, 1, 1, S)
     logits_sh = torch.einsum("bhgcd,bhkd->bhgck", qg, k_shared.to(ct)) * scale
     if merge:

@@ -192,6 +192,37 @@ class HySparseModel(nn.Module):
         return f"schedule={self.schedule.pattern!r}, backend={self._hysparse_state.backend!r}"
 
 
+def _copied_state(state, memo):
+    """The compile record of a deep copy: nodes, parameters and modules mapped to their copies (Graph's deepcopy
+    puts old node -> new node in `memo`; tensors and modules are keyed by id); erased nodes and plain values are
+    shared; tensors not yet copied (example inputs) are copied."""
+    def remap(value, depth=0):
+        if isinstance(value, torch.fx.Node):
+            return memo.get(value, value)
+        if isinstance(value, (torch.Tensor, nn.Module)):
+            if id(value) in memo:
+                return memo[id(value)]
+            return copy.deepcopy(value, memo) if isinstance(value, torch.Tensor) else value
+        if depth > 4:
+            return value
+        if type(value) in (list, tuple):
+            return type(value)(remap(v, depth + 1) for v in value)
+        if type(value) is dict:
+            return {k: remap(v, depth + 1) for k, v in value.items()}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            mapped = {k: remap(v, depth + 1) for k, v in fields.items()}
+            if all(mapped[k] is fields[k] for k in fields):
+                return value
+            out = copy.copy(value)
+            for k, v in mapped.items():
+                object.__setattr__(out, k, v)
+            return out
+        return value
+
+    return remap(state)
+
+
 def _compiled_class(model: nn.Module) -> type:
     """A subclass of HySparseModel whose `forward` reports the original's signature, so callers that bind by name
     (torch.export's `dynamic_shapes={"input_ids": ...}`, keyword calls) see the inputs they know."""

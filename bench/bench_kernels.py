@@ -2,12 +2,15 @@
 
     PYTHONPATH=. python3 bench/bench_kernels.py [--quick] [--ops full,sparse,decode,stack] [--shapes 32/8/128]
         [--seqlens 8192,32768] [--long] [--backends triton,flex] [--no-bwd] [--no-check] [--budget-s 480] [--smoke]
+        [--orders auto,token,block]
 
 Records device, versions, date and copy bandwidth; then, bf16, B = 1, causal, block 64, topk 1024, window 128:
 - prefill rows, forward and forward+backward: SDPA cuDNN, SDPA flash, Flex causal (all GQA); our full layer
   (attention + block scores + selection) and sparse layer (both branches, per-channel gates, sinks) for three
   selections (random per token, tile-correlated, the one our full layer produces), per backend; fla's NSA
-  selected-attention kernel (G >= 16 only) on the same selections;
+  selected-attention kernel (G >= 16 only) on the same selections; the Triton sparse layer once per loop order in
+  --orders (`sparse[triton]/<sel>` = the default "auto" dispatch, `sparse[triton:token]/<sel>` and
+  `sparse[triton:block]/<sel>` forced token-major / K/V-block-major; docs/kernels_sparse.md);
 - decode rows (B = 1 and 8, 32k and 128k caches): time, bytes that must be read, bandwidth vs copy bandwidth;
 - a 1:3 stack (Schedule.hybrid(36, 3)) prefill vs 36 x cuDNN at 32k.
 Each op is checked against the fp32 reference backend (chunked) before it is timed. Rows are ratios vs cuDNN of
@@ -54,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--long", action="store_true", help="add T = 65536")
     p.add_argument("--backends", default=None, help="our backends to time (default triton,flex)")
     p.add_argument("--selections", default="random,tile,real")
+    p.add_argument("--orders", default="auto", help="Triton sparse-layer loop orders to time: auto,token,block")
     p.add_argument("--decode-batches", default=None, help="default 1,8 (--smoke: 1,2)")
     p.add_argument("--decode-caches", default=None, help="default 32768,131072 (--quick: 32768)")
     p.add_argument("--no-bwd", action="store_true", help="forward rows only")
@@ -84,6 +88,8 @@ def parse_args(argv=None):
     a.seqlens = [int(x) for x in a.seqlens.split(",")] + ([65536] if a.long else [])
     a.backends = a.backends.split(",")
     a.selections = a.selections.split(",")
+    a.orders = a.orders.split(",")
+    assert set(a.orders) <= {"auto", "token", "block"}, a.orders
     a.decode_batches = [int(x) for x in a.decode_batches.split(",")]
     a.decode_caches = [int(x) for x in a.decode_caches.split(",")]
     a.rep_ms = 10 if a.smoke else 50 if a.quick else 100
@@ -218,12 +224,31 @@ def sparse_args(s, idx, args, merge=False):
             args.block, args.window, 1 / math.sqrt(s["q"].shape[-1]), merge)
 
 
-def check_sparse(impl, s, idx, args, ref_cache, key):
+def order_kw(b, order):
+    """sparse_attention_fwd keyword for the loop order: only the Triton backend has one; "auto" is its default."""
+    return {} if b != "triton" or order == "auto" else {"order": order}
+
+
+def auto_order(idx, Hq):
+    """What the Triton forward's "auto" dispatch picks for this selection (its rule, run once outside timing)."""
+    tsa = importlib.import_module("hysparse_compile.kernels.triton.sparse_attention")
+    from hysparse_compile.kernels.triton.block_union import tile_block_union, tokens_per_tile
+
+    G = Hq // idx.shape[1]
+    order = tsa.DEFAULT_ORDER
+    if order == "auto":
+        count = tile_block_union(idx, tokens_per_tile(G))[2]
+        order = tsa.choose_order(count, idx.shape[-1], idx.shape[2], G)
+        return f"auto -> {order} (mean tile union {count.float().mean().item():.1f}, nsel {idx.shape[-1]})"
+    return f"default order {order}"
+
+
+def check_sparse(impl, s, idx, args, ref_cache, key, okw=None):
     a = sparse_args(s, idx, args)
     if key not in ref_cache:
         fa = (*f32(*a[:5]), idx, *f32(*a[6:9]), *a[9:])
         ref_cache[key] = reference.sparse_attention_fwd(*fa, False)[0]
-    out = impl.sparse_attention_fwd(*a, False)[0]
+    out = impl.sparse_attention_fwd(*a, False, **(okw or {}))[0]
     return {"out_rel_err": rel_err(out, ref_cache[key])}
 
 
@@ -318,14 +343,21 @@ def prefill_rows(args, Hq, Hkv, d, T, pass_no):
                               section="prefill", shape=shape, T=T, op=f"full[{b}]", mode=mode)
             if "sparse" in args.ops:
                 for sname, (idx, how) in sel.items():
-                    op = f"sparse[{b}]/{sname}"
-                    if isinstance(impl, Exception):
-                        add_row(args, section="prefill", shape=shape, T=T, op=op, mode=mode, ms=None,
-                                error=_err(impl))
-                        continue
-                    timed_row(args, base.get(key), lambda: sparse_call(impl, rotor, sel_sets[sname], args, bwd),
-                              (lambda: check_sparse(impl, sets[0], idx, args, ref_cache, sname)) if not bwd else None,
-                              section="prefill", shape=shape, T=T, op=op, mode=mode, selection=how)
+                    for order in (args.orders if b == "triton" else ["auto"]):
+                        op = f"sparse[{b}]/{sname}" if order == "auto" else f"sparse[{b}:{order}]/{sname}"
+                        if isinstance(impl, Exception):
+                            add_row(args, section="prefill", shape=shape, T=T, op=op, mode=mode, ms=None,
+                                    error=_err(impl))
+                            break
+                        okw = order_kw(b, order)
+                        note = (lambda idx=idx: auto_order(idx, Hq)) if b == "triton" and order == "auto" else None
+                        timed_row(args, base.get(key),
+                                  lambda okw=okw, sname=sname: sparse_call(impl, rotor, sel_sets[sname], args, bwd,
+                                                                           okw),
+                                  (lambda okw=okw, idx=idx, sname=sname: check_sparse(impl, sets[0], idx, args,
+                                                                                      ref_cache, sname, okw))
+                                  if not bwd else None, note_fn=note,
+                                  section="prefill", shape=shape, T=T, op=op, mode=mode, selection=how, order=order)
         if pass_no == 0 and "sparse" in args.ops and Hq // Hkv >= 16:
             why = bl.nsa_available()
             if why:
@@ -368,12 +400,14 @@ def full_call(impl, rotor, args, bwd):
     return fwd_bwd, None
 
 
-def sparse_call(impl, rotor, idx_sets, args, bwd):
+def sparse_call(impl, rotor, idx_sets, args, bwd, okw=None):
+    okw = okw or {}
+
     def fwd_bwd():
         i = rotor.i % len(rotor.sets)
         s = rotor.next()
         a = sparse_args(s, idx_sets[i], args)
-        out, lse, br = impl.sparse_attention_fwd(*a, bwd)
+        out, lse, br = impl.sparse_attention_fwd(*a, bwd, **okw)
         if bwd:
             impl.sparse_attention_bwd(s["dout"], *a[:9], out, lse, br, *a[9:])
 

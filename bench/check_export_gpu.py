@@ -15,6 +15,11 @@ Checks (printed, and in `check_export_gpu.json` under --out):
 - fp32 package vs eager fp32: ok below 1e-4 (max |diff| / max |ref|);
 - timing at (1, --seq), bf16: package (in the fresh process), eager compiled, torch.compile(compiled); median of
   10 after 3 warm-ups, CUDA-synchronized wall clock.
+Every part runs in its own process with faulthandler on (`--parts`, default all: bf16-triton, bf16-aten, fp32,
+decode-fp32, decode-bf16), so a crash is reported with its stack and the other parts still run.
+- decode packages (`to_aoti(..., decode=True)`), fp32 and bf16: a greedy loop of --new tokens after a left-padded
+  prompt batch (2, 1000) in the fresh process against `compiled.generate` (fp32: tokens equal; bf16: the share of
+  equal tokens, reported), and ms per decode step (package) against `compiled.generate`'s.
 Each part runs on its own: a part that fails prints its traceback and the rest still runs (one device call gives
 every answer). Expected well under 3 minutes on an H100 (most of it Inductor building the packages and
 torch.compile).
@@ -61,6 +66,25 @@ RUNNER = textwrap.dedent("""
 """)
 
 
+DECODER = textwrap.dedent("""
+    import json, sys, time, torch
+    assert "hysparse_compile" not in sys.modules
+    prefill = torch._inductor.aoti_load_package(sys.argv[1])
+    decode = torch._inductor.aoti_load_package(sys.argv[2])
+    ids, mask, positions, new = torch.load(sys.argv[3])
+    with torch.no_grad():
+        outs = prefill(ids.cuda(), mask.cuda(), positions.cuda())
+        tokens, times = [], []
+        for i in range(new):
+            tokens.append(outs[0][:, -1].argmax(-1, keepdim=True))
+            torch.cuda.synchronize(); t0 = time.perf_counter()
+            outs = decode(tokens[-1], *outs[1:])
+            torch.cuda.synchronize(); times.append((time.perf_counter() - t0) * 1e3)
+    torch.save(torch.cat(tokens, 1).cpu(), sys.argv[4])
+    print(json.dumps({"step_ms": sorted(times[3:])[len(times[3:]) // 2]}))
+""")
+
+
 def build(layers: int, dtype: torch.dtype):
     import transformers as tf
 
@@ -104,22 +128,29 @@ def rel_max(x, ref) -> float:
     return float((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
 
+def failure(run) -> str:
+    """What a failed fresh process left: its exit code (negative = the signal) and the ends of both streams."""
+    return (f"the fresh process ended with {run.returncode}\n--- stdout:\n{run.stdout[-2000:]}\n--- stderr:\n"
+            f"{run.stderr[-4000:]}")
+
+
 def fresh_process(package: str, cases: list, work: str) -> tuple[list, dict]:
     torch.save([c.cpu() for c in cases], os.path.join(work, "cases.pt"))
     out_path = os.path.join(work, "outs.pt")
-    run = subprocess.run([sys.executable, "-c", RUNNER, package, os.path.join(work, "cases.pt"), out_path],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", RUNNER, package, os.path.join(work, "cases.pt"),
+                          out_path], capture_output=True, text=True, timeout=600)
     if run.returncode:
-        raise RuntimeError(f"the fresh process failed:\n{run.stderr[-4000:]}")
+        raise RuntimeError(failure(run))
     return torch.load(out_path), json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def check_package(args, dtype, tol, cases, work, rows):
+def check_package(args, dtype, tol, cases, work, rows, kernels="triton"):
     """Build the package, run it in a fresh process, compare with the eager compiled model (rows appended)."""
     compiled = build(args.layers, dtype)
     t0 = time.perf_counter()
-    package = os.path.join(work, f"llama_{str(dtype)[6:]}.pt2")
-    result = to_aoti(compiled, cases[0].cuda(), package)
+    package = os.path.join(work, f"llama_{str(dtype)[6:]}_{kernels}.pt2")
+    result = to_aoti(compiled, cases[0].cuda(), package, kernels=kernels, check=False,
+                     stage=lambda text: print(f"  [{time.perf_counter() - t0:5.1f} s] {text}", flush=True))
     build_s = time.perf_counter() - t0
     hysparse_ops = {k: v for k, v in result.ops.items() if "hysparse" in k}
     print(f"{dtype}: built {package} in {build_s:.1f} s, {result.size / 2**20:.1f} MiB, HySparse ops in the graph: "
@@ -129,28 +160,97 @@ def check_package(args, dtype, tol, cases, work, rows):
         refs = [logits(compiled(ids.cuda())).float().cpu() for ids in cases]
     for ids, got, ref in zip(cases, outs, refs):
         err = rel_l2(got, ref) if dtype == torch.bfloat16 else rel_max(got, ref)
-        row = {"dtype": str(dtype), "shape": list(ids.shape), "err": err,
+        row = {"dtype": str(dtype), "kernels": kernels, "shape": list(ids.shape), "err": err,
                "metric": "rel_l2" if dtype == torch.bfloat16 else "max_rel",
                "ok": err < tol and bool(torch.isfinite(got).all()), "package_ms": timing["package_ms"]}
         rows.append(row)
-        print(f"{'ok  ' if row['ok'] else 'FAIL'} {dtype} package vs eager at {tuple(ids.shape)}: {row['metric']} "
+        print(f"{'ok  ' if row['ok'] else 'FAIL'} {dtype} {kernels} package vs eager at {tuple(ids.shape)}: {row['metric']} "
               f"{err:.2e} (tol {tol:g})", flush=True)
     return compiled, build_s
 
 
-def time_it(compiled, ids, rows, build_s):
+def time_it(compiled, ids, rows, build_s, kernels):
     """bf16 at (1, --seq): the package (timed in its fresh process), eager compiled, torch.compile(compiled)."""
     package_ms = rows[-1]["package_ms"]
     eager_ms = median_ms(lambda x: compiled(x), ids)
+    if kernels != "triton":  # torch.compile is timed once, beside the Triton package
+        rows.append({"timing": {"package_ms": package_ms, "eager_ms": eager_ms, "package_build_s": build_s},
+                     "kernels": kernels, "shape": list(ids.shape)})
+        print(f"time at {tuple(ids.shape)}, bf16, {kernels} package {package_ms:.2f} ms, eager {eager_ms:.2f} ms "
+              f"(package build {build_s:.0f} s)", flush=True)
+        return
     t0 = time.perf_counter()
-    fast = torch.compile(compiled)
-    median_ms(lambda x: fast(x), ids, reps=1)  # compile
-    compile_s = time.perf_counter() - t0
-    compiled_ms = median_ms(lambda x: fast(x), ids)
+    try:
+        fast = torch.compile(compiled)
+        median_ms(lambda x: fast(x), ids, reps=1)  # compile
+        compile_s = time.perf_counter() - t0
+        compiled_ms = median_ms(lambda x: fast(x), ids)
+    except Exception as e:  # reported, not fatal: the package is what this checks
+        print(f"torch.compile(compiled) failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        compile_s, compiled_ms = time.perf_counter() - t0, float("nan")
     rows.append({"timing": {"package_ms": package_ms, "eager_ms": eager_ms, "torch_compile_ms": compiled_ms,
-                            "torch_compile_s": compile_s, "package_build_s": build_s}, "shape": list(ids.shape)})
+                            "torch_compile_s": compile_s, "package_build_s": build_s}, "kernels": kernels,
+                 "shape": list(ids.shape)})
     print(f"time at {tuple(ids.shape)}, bf16: package {package_ms:.2f} ms, eager {eager_ms:.2f} ms, torch.compile "
           f"{compiled_ms:.2f} ms (compile {compile_s:.0f} s, package build {build_s:.0f} s)", flush=True)
+
+
+def check_decode(args, dtype, work, rows):
+    """The prefill + decode-step packages in a fresh process: greedy tokens vs compiled.generate, ms per step."""
+    compiled = build(args.layers, dtype)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (2, 1000), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0  # left padding in row 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    t0 = time.perf_counter()
+    package = os.path.join(work, f"decode_{str(dtype)[6:]}.pt2")
+    result = to_aoti(compiled, ids[:, :64].cuda(), package, decode=True, check=False,
+                     stage=lambda text: print(f"  [{time.perf_counter() - t0:5.1f} s] {text}", flush=True))
+    build_s = time.perf_counter() - t0
+    print(f"{dtype}: built the decode packages in {build_s:.1f} s", flush=True)
+    torch.save((ids, mask, positions, args.new), os.path.join(work, "decode_case.pt"))
+    out = os.path.join(work, "decode_tokens.pt")
+    run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", DECODER, str(result.files[0]),
+                          str(result.files[1]), os.path.join(work, "decode_case.pt"), out], capture_output=True,
+                         text=True, timeout=600)
+    if run.returncode:
+        raise RuntimeError(failure(run))
+    step_ms = json.loads(run.stdout.strip().splitlines()[-1])["step_ms"]
+    got = torch.load(out)
+    with torch.no_grad():
+        compiled.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=4, do_sample=False)  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        want = compiled.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=args.new,
+                                 do_sample=False)[:, ids.shape[1]:].cpu()
+        torch.cuda.synchronize()
+        generate_ms = (time.perf_counter() - t0) * 1e3 / args.new  # prefill included: an upper bound per step
+    same = float((got == want).float().mean())
+    ok = same == 1.0 if dtype == torch.float32 else same >= 0.5
+    rows.append({"decode": str(dtype), "new": args.new, "same_tokens": same, "ok": ok, "package_step_ms": step_ms,
+                 "generate_ms_per_token_incl_prefill": generate_ms, "build_s": build_s, "check": result.check})
+    print(f"{'ok  ' if ok else 'FAIL'} {dtype} decode packages: {same:.0%} of {args.new} greedy tokens x 2 rows equal "
+          f"compiled.generate's; package step {step_ms:.2f} ms, compiled.generate {generate_ms:.2f} ms/token "
+          f"(prefill included)", flush=True)
+    return ok
+
+
+PARTS = ("bf16-triton", "bf16-aten", "fp32", "decode-fp32", "decode-bf16")
+
+
+def run_part(part: str, args, cases, work) -> list:
+    """One part of the check, in this process; its rows."""
+    rows: list = []
+    if part.startswith("decode-"):
+        check_decode(args, torch.float32 if part.endswith("fp32") else torch.bfloat16, work, rows)
+        return rows
+    dtype, tol = (torch.float32, 1e-4) if part == "fp32" else (torch.bfloat16, 2e-2)
+    kernels = "aten" if part in ("fp32", "bf16-aten") else "triton"
+    compiled, build_s = check_package(args, dtype, tol, cases, work, rows, kernels)
+    if dtype == torch.bfloat16:
+        time_it(compiled, cases[-1].cuda(), rows, build_s, kernels)
+    return rows
 
 
 def main() -> int:
@@ -158,33 +258,47 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--new", type=int, default=32, help="greedy tokens of the decode check")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    parser.add_argument("--part-timeout-s", type=int, default=240)
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part, rows to --rows
+    parser.add_argument("--rows", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
+    g = torch.Generator().manual_seed(1)
+    cases = [torch.randint(0, VOCAB, shape, generator=g) for shape in ((2, 77), (1, 1000), (1, args.seq))]
+    if args.part:  # a child: one part, its rows as JSON
+        with tempfile.TemporaryDirectory() as work:
+            rows = run_part(args.part, args, cases, work)
+        with open(args.rows, "w") as f:
+            json.dump(rows, f)
+        return 0
     os.makedirs(args.out, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "command": " ".join(sys.argv), "layers": args.layers, "seq": args.seq}
     print(json.dumps(meta), flush=True)
-    g = torch.Generator().manual_seed(1)
-    cases = [torch.randint(0, VOCAB, shape, generator=g) for shape in ((2, 77), (1, 1000), (1, args.seq))]
     rows, ok = [], True
-    with tempfile.TemporaryDirectory() as work:
-        for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-4)):
-            try:
-                compiled, build_s = check_package(args, dtype, tol, cases, work, rows)
-            except Exception:  # report and go on: one device call should answer every question
-                traceback.print_exc()
-                rows.append({"dtype": str(dtype), "ok": False, "error": traceback.format_exc(limit=3)})
-                ok = False
-                continue
-            ok &= all(r.get("ok", True) for r in rows)
-            if dtype == torch.bfloat16:
-                try:
-                    time_it(compiled, cases[-1].cuda(), rows, build_s)
-                except Exception:
-                    traceback.print_exc()
-                    rows.append({"timing": "failed", "error": traceback.format_exc(limit=3)})
-            del compiled
-            torch.cuda.empty_cache()
+    for part in args.parts.split(","):
+        # each part in its own process (faulthandler on): a crash in one (a segfault in Inductor or the AOTI
+        # runtime) is reported with its stack and the other parts still run
+        print(f"=== {part}", flush=True)
+        rows_path = os.path.join(args.out, f"rows_{part}.json")
+        cmd = [sys.executable, "-X", "faulthandler", os.path.abspath(__file__), "--part", part, "--rows", rows_path,
+               "--layers", str(args.layers), "--seq", str(args.seq), "--new", str(args.new)]
+        try:
+            run = subprocess.run(cmd, timeout=args.part_timeout_s)
+            code = run.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        if code == 0 and os.path.exists(rows_path):
+            with open(rows_path) as f:
+                part_rows = json.load(f)
+            rows += part_rows
+            ok &= all(r.get("ok", True) for r in part_rows)
+        else:
+            print(f"FAIL {part}: the part's process ended with {code}", flush=True)
+            rows.append({"part": part, "ok": False, "error": f"process ended with {code}"})
+            ok = False
     with open(os.path.join(args.out, "check_export_gpu.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, "ok": ok}, f, indent=1)
     print("ALL OK" if ok else "SOME CHECKS FAILED", flush=True)

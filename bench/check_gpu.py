@@ -1,12 +1,15 @@
 """Correctness of the Triton and Flex backends against the reference in float32, at real sizes, on the GPU.
 
     PYTHONPATH=. python3 bench/check_gpu.py [--seqlens 4096,8192,32768] [--bwd-seqlens 4096,8192] [--smoke]
+        [--orders token,block]
 
 For bf16 inputs, both paper shapes (Hq/Hkv/d = 32/8/128 and 64/4/128), block 64, topk 1024, window 128:
 full layer (out, lse, indices), sparse layer with per-channel gates and sinks on the full layer's own selection,
 the training-free merge, gradients of both ops, and both decode ops. Each check prints max |err|, mean |err| and
 the relative L2 error against the reference run on the same inputs upcast to float32 (TF32 off), and the fraction
-of (token, group) rows whose selection equals the fp32 one (bf16 near-ties make it slightly < 1).
+of (token, group) rows whose selection equals the fp32 one (bf16 near-ties make it slightly < 1). The Triton sparse
+layer is checked with its default loop order ("auto") and again with each order of --orders forced
+(`sparse.out[block]`, `grad.*[block]`, ...: token-major / K/V-block-major, docs/kernels_sparse.md).
 """
 from __future__ import annotations
 
@@ -21,6 +24,20 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hysparse_compile import functional as F  # noqa: E402
+
+ORDERS: list[str] = []  # Triton sparse-layer loop orders checked on top of the default (--orders)
+
+
+def forced_orders(backend):
+    """(suffix, context manager) per loop order to check for this backend: the default first."""
+    import contextlib
+
+    yield "", contextlib.nullcontext()
+    if backend == "triton":
+        from hysparse_compile.kernels.triton.sparse_attention import forward_order
+
+        for order in ORDERS:
+            yield f"[{order}]", forward_order(order)
 
 ROWS: list[dict] = []
 
@@ -60,7 +77,9 @@ def check_forward(x, shape, T, backends, bs, topk, w):
         out, idx = F.full_attention(x["q"], x["k"], x["v"], block_size=bs, topk=topk, backend=b)
         same = (idx == idx_ref).all(-1).float().mean().item()
         record("full.out", shape, T, b, errors(out, out_ref), {"indices_rows_equal": same})
-        record("sparse.out", shape, T, b, errors(sp(x, idx_ref, b), sparse_ref))
+        for sfx, ctx in forced_orders(b):
+            with ctx:
+                record(f"sparse.out{sfx}", shape, T, b, errors(sp(x, idx_ref, b), sparse_ref))
         record("sparse.merge.out", shape, T, b, errors(sp(x, idx_ref, b, merge=True), merge_ref))
         del out, idx
     return idx_ref
@@ -80,9 +99,12 @@ def check_backward(x, shape, T, backends, bs, topk, w):
     _, idx_fixed = F.full_attention(f32["q"], f32["k"], f32["v"], block_size=bs, topk=topk, backend="reference")
     ref = run(f32, "reference")
     for b in backends:
-        got = run(x, b)
-        for name in ("q", "k", "v", "k_own", "v_own", "gs", "gw", "sinks"):
-            record(f"grad.{name}", shape, T, b, errors(got[name], ref[name]))
+        for sfx, ctx in forced_orders(b):
+            with ctx:
+                got = run(x, b)
+            for name in ("q", "k", "v", "k_own", "v_own", "gs", "gw", "sinks"):
+                record(f"grad.{name}{sfx}", shape, T, b, errors(got[name], ref[name]))
+            del got
 
 
 def check_decode(x, shape, S, backends, bs, topk, w):
@@ -118,8 +140,10 @@ def main(argv=None):
     p.add_argument("--bwd-seqlens", default="4096,8192")
     p.add_argument("--shapes", default="32/8/128,64/4/128")
     p.add_argument("--backends", default="triton,flex")
+    p.add_argument("--orders", default="token,block", help="Triton sparse-layer loop orders forced on top of auto")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, fp16, triton interpreted")
     args = p.parse_args(argv)
+    ORDERS[:] = [o for o in args.orders.split(",") if o]
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device, dtype, bs, topk, w, B = "cuda", torch.bfloat16, 64, 1024, 128, 1

@@ -265,7 +265,7 @@ def export_cmd(out: Path = typer.Argument(..., help="file to write: .onnx (onnx,
                ratio: int = typer.Option(3, "--ratio", help="full:sparse ratio when no --pattern is given"),
                fmt: str = typer.Option("onnx", "--format", help="onnx (standard ops), onnx-custom (hysparse "
                                                                  "domain nodes) or aoti (AOTInductor package)"),
-               decode: bool = typer.Option(False, "--decode", help="also export the decode-step graph (onnx)"),
+               decode: bool = typer.Option(False, "--decode", help="also export the decode-step graph (onnx, aoti)"),
                seq_len: int = typer.Option(64, "--seq-len", help="tokens of the example the graph is captured "
                                                                   "with (the file serves any length)"),
                opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (>= 18; default: torch's)"),
@@ -286,9 +286,6 @@ def export_cmd(out: Path = typer.Argument(..., help="file to write: .onnx (onnx,
         _fail(f"unknown --format {fmt!r}; valid formats: {', '.join(EXPORT_FORMATS)}")
     if model not in demo.MODELS:
         _fail(f"unknown model {model!r}; valid models: {', '.join(demo.MODELS)}")
-    if decode and fmt == "aoti":
-        _fail("--decode exports the decode-step graph of the ONNX formats; --format aoti writes the prefill package "
-              "only")
     if seq_len < 2:
         _fail(f"--seq-len must be at least 2 tokens, got {seq_len}")
     console = _console()
@@ -320,7 +317,7 @@ def export_cmd(out: Path = typer.Argument(..., help="file to write: .onnx (onnx,
             stage(f"compile ({schedule.pattern})")
             compiled = hs.compile(net, schedule)
             if fmt == "aoti":
-                result = export.to_aoti(compiled, ids, out, stage=stage)
+                result = export.to_aoti(compiled, ids, out, decode=decode, stage=stage)
             else:
                 result = export.to_onnx(compiled, ids, out, ops="custom" if fmt == "onnx-custom" else "standard",
                                         decode=decode, opset=opset, stage=stage)

@@ -48,9 +48,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_name(variant: str, seed: int) -> str:
-    """Folder name of a run: `hysparse-1:3`, seed 0 -> `hysparse-1_3_s0`."""
-    return f"{variant.replace(':', '_')}_s{seed}"
+def run_name(variant: str, seed: int, tag: str | None = None) -> str:
+    """Folder name of a run: `hysparse-1:3`, seed 0 -> `hysparse-1_3_s0` (tag "needle" -> `hysparse-1_3_s0_needle`)."""
+    return f"{variant.replace(':', '_')}_s{seed}" + (f"_{tag}" if tag else "")
 
 
 def write_json(path: Path, data) -> Path:

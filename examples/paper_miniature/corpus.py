@@ -9,8 +9,9 @@ The needle is a line of Python, `KEY_ab3k9 = "x7qm2z"`, planted in real code; th
 and values are planted too, so the model must match the key, not just copy the last KEY line (RULER's
 single-needle vs multi-key). Training mixes KEY lines and their queries into `needle_rate` of its sequences: 1 to
 context/256 pairs each (so a needle sequence holds up to 16 queries at 4k, the others acting as distractors), lines
-and queries at random positions; evaluation plants one needle at a depth (0 = first bytes of the context, 1 = right
-before the query) and queries it at the end.
+and queries at random positions (`needle_pairs` changes the maximum: a retrieval-heavy mix). Evaluation plants one
+needle at a depth (0 = first bytes of the context, 1 = right before the query) and queries it at the end; each probe
+also keeps a control copy without the needle line, so the value's loss with and without the needle can be compared.
 """
 from __future__ import annotations
 
@@ -41,15 +42,16 @@ class Corpus:
         return self.train if name == "train" else self.val
 
     def batch(self, split: str, rng: np.random.Generator, *, batch: int, length: int,
-              needle_rate: float = 0.0) -> np.ndarray:
-        """uint8 [batch, length] random windows; `needle_rate` of the rows get a planted needle + query."""
+              needle_rate: float = 0.0, needle_pairs: int | None = None) -> np.ndarray:
+        """uint8 [batch, length] random windows; `needle_rate` of the rows get 1 to `needle_pairs` planted
+        key-value pairs, each queried later in the row (default length // 256 pairs: 16 at 4k)."""
         data = self.split(split)
         if len(data) <= length:
             raise ValueError(f"{split}.bin has {len(data)} bytes, fewer than one window of {length}: prepare more "
                              f"data or use a shorter --context")
         starts = rng.integers(0, len(data) - length, size=batch)
         rows = np.stack([np.asarray(data[s:s + length]) for s in starts])
-        max_pairs = max(1, length // 256)  # up to 16 key-value pairs in a 4k needle sequence
+        max_pairs = needle_pairs or max(1, length // 256)  # default: up to 16 key-value pairs at 4k
         for i in np.nonzero(rng.random(batch) < needle_rate)[0]:
             plant_training_needle(rows[i], rng, pairs=int(rng.integers(1, max_pairs + 1)))
         return rows
@@ -123,6 +125,8 @@ class Probe:
     value_start: int  # first value byte's position (the last VALUE_LEN bytes)
     needle_start: int  # where the needle line starts
     distance: int  # value_start - needle_start: how far back the model must look
+    control: np.ndarray | None = None  # the same tokens without the needle line (the filler left there): the
+    # value's loss on it is what the model predicts without retrieving; the difference is what it retrieved
 
 
 def needle_probe(val: np.ndarray, rng: np.random.Generator, *, context: int, depth: float,
@@ -130,6 +134,7 @@ def needle_probe(val: np.ndarray, rng: np.random.Generator, *, context: int, dep
     """A held-out window of `context` bytes with the needle at `depth` in [0, 1] and the query at the end."""
     start = int(rng.integers(0, len(val) - context))
     row = np.array(val[start:start + context])
+    filler = row.copy()
     value_start = context - VALUE_LEN
     q_start = value_start - QUERY_LEN
     keys = _keys(rng, 1 + distractors)
@@ -144,7 +149,9 @@ def needle_probe(val: np.ndarray, rng: np.random.Generator, *, context: int, dep
         if s is not None:
             row[s:s + LINE_LEN] = _line(key, value)
             taken.append((s, s + LINE_LEN))
-    return Probe(row, value_start, needle_start, value_start - needle_start)
+    control = row.copy()
+    control[needle_start:needle_start + LINE_LEN] = filler[needle_start:needle_start + LINE_LEN]
+    return Probe(row, value_start, needle_start, value_start - needle_start, control)
 
 
 def probe_set(val: np.ndarray, *, context: int, depths, samples: int, distractors: int,

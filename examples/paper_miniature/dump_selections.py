@@ -11,8 +11,11 @@ layers (what `mode="training_free"` uses).
 Locality: per KV group and 64-token query tile, the number of distinct blocks in the union of the tile's selections
 (what a tile-based sparse kernel must load), against the same counts drawn uniformly at random among each token's
 visible blocks. Also the share of selections that are block 0 (sink-like) and the query's own block. Only tiles at
-positions >= top-k count (before that every visible block is selected). The .npz holds, per run, the indices of the
-first sequence (int16 [full layers, Hkv, T, nsel]), per-tile unions (real, random) and a JSON summary.
+positions >= top-k count (before that every visible block is selected). The .npz holds, per run and full layer L,
+`<run>/layer<L>_indices` (int16 [Hkv, T, nsel]: the first window's selected key blocks per KV group and query token,
+nsel = topk / block_size, ascending, -1 = none), `<run>/layer<L>_union` and `_random_union` (int32 [seqs * Hkv,
+T / 64]: distinct blocks per tile, trained and random) and `summary_json` (a 0-d string: per run, the settings and
+per-layer means). The example's README describes the format.
 """
 from __future__ import annotations
 

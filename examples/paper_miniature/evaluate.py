@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import common
@@ -24,6 +23,7 @@ import variants
 from common import console
 from corpus import Corpus, probe_set
 from evaluation import EvalSettings, evaluate_model
+from merge import aggregate
 from tables import markdown
 
 
@@ -46,41 +46,6 @@ def parse(argv=None):
 def settings_of(metrics: dict, context: int) -> EvalSettings:
     s = metrics.get("eval_settings")
     return EvalSettings(**s) if s else EvalSettings.for_context(context)
-
-
-def spread(values: list) -> dict | None:
-    """mean, min, max and n of the finite values (the seed spread), or None."""
-    vals = [v for v in values if v is not None and np.isfinite(v)]
-    if not vals:
-        return None
-    return {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals)), "n": len(vals)}
-
-
-def aggregate(runs: dict) -> dict:
-    """Per variant: every scalar and per-bucket / per-depth list averaged over seeds, with min and max."""
-    by_variant: dict[str, list] = {}
-    for row in runs.values():
-        by_variant.setdefault(row["variant"], []).append(row)
-    out = {}
-    for name, rows in by_variant.items():
-        ev = [r["eval"] for r in rows]
-        agg = {"seeds": sorted(r["seed"] for r in rows), "tokens": rows[0]["tokens"], "steps": rows[0]["steps"],
-               "pattern": rows[0]["pattern"], "params": rows[0]["params"], "new_params": rows[0]["new_params"],
-               "val_loss": spread([e["val_loss"] for e in ev]),
-               "loss_by_bucket": [spread(list(v)) for v in zip(*[e["loss_by_bucket"] for e in ev])],
-               "kv_bytes": ev[0]["kv_bytes"], "kv_bytes_runtime": ev[0].get("kv_bytes_runtime"),
-               "ms_per_step": spread([r["ms_per_step"] for r in rows]),
-               "decode_tok_s": spread([e.get("decode_tok_s") for e in ev]),
-               "decode_tok_s_plain": spread([e.get("decode_tok_s_plain") for e in ev]),
-               "retrieval": {}}
-        for kind in ev[0]["retrieval"]:
-            agg["retrieval"][kind] = {
-                "acc": [spread(list(v)) for v in zip(*[e["retrieval"][kind]["acc"] for e in ev])],
-                "exact": [spread(list(v)) for v in zip(*[e["retrieval"][kind]["exact"] for e in ev])],
-                "mean_acc": spread([float(np.mean(e["retrieval"][kind]["acc"])) for e in ev]),
-                "distance": ev[0]["retrieval"][kind]["distance"]}
-        out[name] = agg
-    return out
 
 
 def training_free_rows(run: Path, topks: list[int], ratio: int, corpus: Corpus, settings: EvalSettings, *,
@@ -139,7 +104,7 @@ def main(argv=None) -> int:
     settings = EvalSettings(**first["eval_settings"])
     results = {"settings": settings.to_dict(), "data": {k: corpus.manifest.get(k) for k in ("sources", "train", "val")},
                "runs": runs, "variants": aggregate(runs)}
-    full_runs = sorted((r["seed"], name) for name, r in runs.items() if r["variant"] == "full")
+    full_runs = sorted((r["seed"], name) for name, r in runs.items() if r["variant"] == "full" and not r.get("group"))
     if full_runs and args.tf_topk:
         T = settings.context
         block = common.read_json(args.runs / full_runs[0][1] / "config.json")["sparse"]["block_size"]

@@ -35,17 +35,21 @@ def _ordered(agg) -> list[str]:
     return [v for v in (*MAIN, *sorted(set(agg) - set(MAIN))) if v in agg]
 
 
-def _style(variant):
-    return STYLE.get(variant, ("gray", "-"))
+def _style(variant, group=None):
+    """Color and line style of a variant; `variant@group` (a tagged run group) dash-dotted."""
+    name, _, tag = variant.partition("@")
+    color, ls = STYLE.get(name, ("gray", "-"))
+    return (color, "-.") if tag or group else (color, ls)
 
 
 def loss_curves(results, out: Path, plt) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, run in sorted(results["runs"].items()):
-        color, ls = _style(run["variant"])
+        color, ls = _style(run["variant"], run.get("group"))
         vc = run["val_curve"]
+        tag = f" [{run['group']}]" if run.get("group") else ""
         ax.plot(np.array(vc["tokens"]) / 1e6, vc["val_loss"], color=color, ls=ls, marker=".",
-                alpha=1.0 if run["seed"] == 0 else 0.5, label=f"{run['variant']} s{run['seed']}")
+                alpha=1.0 if run["seed"] == 0 else 0.5, label=f"{run['variant']} s{run['seed']}{tag}")
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("held-out loss (nats/byte)")
     ax.set_title("Held-out loss during training")
@@ -75,27 +79,36 @@ def loss_by_position(results, out: Path, plt) -> Path:
 
 
 def retrieval_by_depth(results, out: Path, plt) -> Path:
+    """Value-byte accuracy by depth (single needle, multi-key) and, where measured, the needle gain (control loss -
+    loss of the value bytes, nats/byte) by depth."""
     agg, depths = results["variants"], results["settings"]["depths"]
     kinds = [k for k in ("single", "multikey") if any(k in a["retrieval"] for a in agg.values())]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
+    panels = [(k, "acc") for k in kinds] + [(k, "gain") for k in kinds
+                                            if any(a["retrieval"].get(k, {}).get("gain") for a in agg.values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (kind, metric) in zip(axes[0], panels):
         for v in _ordered(agg):
-            a = agg[v]
-            if kind not in a["retrieval"]:
+            r = agg[v]["retrieval"].get(kind, {})
+            if not r.get(metric):
                 continue
-            r = a["retrieval"][kind]
             color, ls = _style(v)
-            mean = [x["mean"] for x in r["acc"]]
-            ax.plot(depths, mean, color=color, ls=ls, marker="o", label=v)
-            if a["retrieval"][kind]["acc"][0]["n"] > 1:
-                ax.fill_between(depths, [x["min"] for x in r["acc"]], [x["max"] for x in r["acc"]], color=color,
+            mean = [x["mean"] for x in r[metric]]
+            ax.plot(depths, mean, color=color, ls=ls, marker="o", label=v.replace("@", " [") + ("]" if "@" in v else ""))
+            if r[metric][0]["n"] > 1:
+                ax.fill_between(depths, [x["min"] for x in r[metric]], [x["max"] for x in r[metric]], color=color,
                                 alpha=0.15)
-        ax.set_ylim(-0.02, 1.02)
+        title = "single needle" if kind == "single" else "multi-key (2 distractors)"
+        if metric == "acc":
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel("value-byte accuracy")
+        else:
+            ax.axhline(0, color="gray", lw=0.8)
+            ax.set_ylabel("needle gain (nats/value byte; ln 36 = 3.58 = recall)")
+            title += ": loss without - with the needle"
         ax.set_xlabel("needle depth (0 = start of the context)")
-        ax.set_ylabel("value-byte accuracy")
-        ax.set_title("single needle" if kind == "single" else "multi-key (2 distractors)")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     return _save(fig, out / "retrieval_by_depth.png", plt)
 
 

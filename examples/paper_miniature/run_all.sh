@@ -17,9 +17,20 @@
 # listed at the end. Decode speed is timed for the seed-0 runs of groups 1 and 3.
 #
 # Environment: STEPS (600), BATCH (4), CONTEXT (4096), NEEDLE_RATE (0.05), TRAIN_DEADLINE_S (400), DATA,
-# RUNS (/tmp/pm_runs), OUT ($OUT from the device tool, else examples/paper_miniature/out), PYTHON (python3), SMOKE.
+# RUNS (/tmp/pm_runs), OUT ($OUT from the device tool, else examples/paper_miniature/out), PYTHON (python3), SMOKE,
+# PLAN, MERGE.
 # Results: $OUT/results.json, results.md (the docs/fidelity.md tables), five PNGs, paper_miniature.tar.gz (logs,
 # per-run config and metrics, selections.npz).
+#
+# A later batch of the same plan (the rest of it, or more runs) in one call: PLAN lists the runs, separated by ';',
+# each "VARIANT SEED DECODE [train.py options]" (DECODE: `decode` times cached decoding, `-` skips it; the options
+# come after the common ones, so they win), and MERGE names earlier results files to join (merge.py):
+#
+#   PLAN="no-swa 0 -;kv-both 0 -;kv-none 0 -;swa-1:7 1 -;hysparse-1:7 1 -" \
+#   MERGE=bench/results/h200_2026-11-30_paper_miniature.json bash examples/paper_miniature/run_all.sh
+#
+# adds $OUT/merged.json and merged.md (every run of both, seed spreads recomputed) and the plots of the merged
+# results. Runs with `--tag NAME` (e.g. a retrieval-heavy needle mix) are kept apart from the main tables.
 set -euo pipefail
 HERE=examples/paper_miniature
 cd "$(dirname "$0")/../.."
@@ -47,8 +58,13 @@ if [ "$SMOKE" != 1 ]; then  # the kernels against the reference at the plan's sh
   fi
 fi
 
-PLAN=("full 0 decode" "swa-1:3 0 decode" "hysparse-1:3 0 decode" "full 1 -" "swa-1:3 1 -" "hysparse-1:3 1 -"
-      "swa-1:7 0 decode" "hysparse-1:7 0 decode" "no-swa 0 -" "kv-both 0 -" "kv-none 0 -")
+if [ -n "${PLAN:-}" ]; then
+  IFS=';' read -r -a PLAN <<<"$PLAN"
+else
+  PLAN=("full 0 decode" "swa-1:3 0 decode" "hysparse-1:3 0 decode" "full 1 -" "swa-1:3 1 -" "hysparse-1:3 1 -"
+        "swa-1:7 0 decode" "hysparse-1:7 0 decode" "no-swa 0 -" "kv-both 0 -" "kv-none 0 -")
+fi
+echo "plan: ${#PLAN[@]} runs: $(printf '%s; ' "${PLAN[@]}")"
 # step: NAME LOG COMMAND...  runs a step, its output to LOG; prints the last lines; a failure is reported, not fatal
 failed=()
 step() {
@@ -58,20 +74,25 @@ step() {
 }
 done_runs=0; run_time=0; skipped=()
 for item in "${PLAN[@]}"; do
-  read -r variant seed decode <<<"$item"
+  read -r variant seed decode opts <<<"$item"
+  [ -n "$variant" ] || continue
+  read -r -a opts <<<"${opts:-}"
+  tag=""; for ((i = 0; i + 1 < ${#opts[@]}; i++)); do [ "${opts[i]}" = --tag ] && tag="_${opts[i + 1]}"; done
+  name="$variant/s$seed$tag"
   if [ "$done_runs" -gt 0 ]; then
     mean=$((run_time / done_runs))
     if [ $((SECONDS + mean)) -gt "$TRAIN_DEADLINE_S" ]; then
-      skipped+=("$variant/s$seed")
-      echo "SKIP $variant seed $seed: ${SECONDS}s + ~${mean}s > ${TRAIN_DEADLINE_S}s"
+      skipped+=("$name")
+      echo "SKIP $name: ${SECONDS}s + ~${mean}s > ${TRAIN_DEADLINE_S}s"
       continue
     fi
   fi
   extra=(); [ "$decode" = decode ] || extra=(--decode-new 0)
   start=$SECONDS
-  echo "=== [$SECONDS s] train $variant seed $seed"
-  step "$variant/s$seed" "$LOGS/${variant/:/_}_s$seed.log" $PY $HERE/train.py --variant "$variant" --seed "$seed" \
-      --steps "$STEPS" "${SIZE[@]}" --needle-rate "${NEEDLE_RATE:-0.05}" --data "$DATA" --out "$RUNS" "${extra[@]}"
+  echo "=== [$SECONDS s] train $variant seed $seed ${opts[*]:-}"
+  step "$name" "$LOGS/${variant/:/_}_s$seed$tag.log" $PY $HERE/train.py --variant "$variant" --seed "$seed" \
+      --steps "$STEPS" "${SIZE[@]}" --needle-rate "${NEEDLE_RATE:-0.05}" --data "$DATA" --out "$RUNS" "${extra[@]}" \
+      "${opts[@]}"
   run_time=$((run_time + SECONDS - start)); done_runs=$((done_runs + 1))
 done
 
@@ -82,13 +103,20 @@ echo "=== [$SECONDS s] selections"
 sel_runs=(); for r in hysparse-1_3_s0 full_s0; do [ -f "$RUNS/$r/model.pt" ] && sel_runs+=("$RUNS/$r"); done
 [ ${#sel_runs[@]} -gt 0 ] && TAIL=12 step selections "$LOGS/selections.log" $PY $HERE/dump_selections.py \
     "${sel_runs[@]}" --data "$DATA" --out "$RUNS/selections.npz"
-echo "=== [$SECONDS s] plot"
 sel=(); [ -f "$RUNS/selections.npz" ] && sel=(--selections "$RUNS/selections.npz")
-[ -f "$OUT/results.json" ] && TAIL=6 step plot "$LOGS/plot.log" $PY $HERE/plot.py "$OUT/results.json" \
-    --out "$RUNS/plots" "${sel[@]}"
+plotted="$OUT/results.json"
+if [ -n "${MERGE:-}" ] && [ -f "$OUT/results.json" ]; then  # earlier batches + this one -> merged.json, merged.md
+  echo "=== [$SECONDS s] merge with $MERGE"
+  read -r -a merge_with <<<"$MERGE"
+  TAIL=3 step merge "$LOGS/merge.log" $PY $HERE/merge.py "${merge_with[@]}" "$OUT/results.json" \
+      --out "$OUT/merged.json" --markdown "$OUT/merged.md" "${sel[@]}"
+  [ -f "$OUT/merged.json" ] && plotted="$OUT/merged.json"
+fi
+echo "=== [$SECONDS s] plot $plotted"
+[ -f "$plotted" ] && TAIL=6 step plot "$LOGS/plot.log" $PY $HERE/plot.py "$plotted" --out "$RUNS/plots" "${sel[@]}"
 cp "$RUNS"/plots/*.png "$OUT"/ 2>/dev/null || true
 (cd "$RUNS" && tar -czf "$OUT_ABS/paper_miniature.tar.gz" logs $(ls -d plots */config.json */metrics.json \
     selections.npz 2>/dev/null)) || true
 echo "=== [$SECONDS s] done: $done_runs runs; skipped: ${skipped[*]:-none}; failed: ${failed[*]:-none}"
-[ -f "$OUT/results.md" ] && cat "$OUT/results.md"
+if [ -f "$OUT/merged.md" ]; then cat "$OUT/merged.md"; elif [ -f "$OUT/results.md" ]; then cat "$OUT/results.md"; fi
 [ ${#failed[@]} -eq 0 ]

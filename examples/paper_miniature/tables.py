@@ -26,6 +26,16 @@ def fmt(s, digits: int = 3, scale: float = 1.0) -> str:
     return mean
 
 
+def fmt_delta(x, digits: int = 4) -> str:
+    return "–" if x is None else f"{x:+.{digits}f}"
+
+
+def label(key: str, a: dict | None = None) -> str:
+    """`variant`, or `variant` [group] for a tagged run (train.py --tag)."""
+    variant, _, group = key.partition("@")
+    return f"`{variant}` [{group}]" if group else f"`{variant}`"
+
+
 def _mib(b) -> str:
     return "–" if b is None else f"{b / 2**20:.2f}"
 
@@ -51,6 +61,99 @@ def _tf_row(label: str, pattern: str, ev: dict, n_depths: int) -> list:
             "–" if mk is None else f"{sum(mk['acc']) / n_depths:.2f}"]
 
 
+def _order(agg: dict) -> list[str]:
+    """Main comparison, then the ablations, then tagged groups (by name)."""
+    known = [*MAIN, *[v for v in ABLATIONS if v not in MAIN]]
+    return [v for v in known if v in agg] + sorted(v for v in agg if v not in known)
+
+
+def _needle_loss(agg: dict, depths) -> list[str]:
+    """Per depth, what the needle is worth: control loss - loss of the value bytes (nats/byte), for the runs that
+    have the continuous score."""
+    rows = []
+    for v in _order(agg):
+        for kind in ("single", "multikey"):
+            r = agg[v]["retrieval"].get(kind, {})
+            if r.get("gain"):
+                rows.append([label(v), kind, r["gain"][0]["n"], *[fmt(g, 2) for g in r["gain"]],
+                             fmt(r["mean_gain"], 2), fmt(r["mean_loss"], 2)])
+    if not rows:
+        return []
+    return ["", "**What the needle is worth** (teacher-forced loss of the 6 value bytes without the needle line minus "
+            "with it, nats/byte, by needle depth: 0 = no retrieval, ln 36 = 3.58 = perfect recall; value loss = the "
+            "loss with the needle, chance 3.58)", "",
+            *_table(["variant", "probe", "seeds", *[f"{d:g}" for d in depths], "mean gain", "value loss"], rows)]
+
+
+def _ablations(agg: dict, buckets) -> list[str]:
+    """The paper's Table 4: each 1:3 variant against HySparse-1:3 (same seed 0: same data and initial weights; and
+    the mean over its seeds)."""
+    hs_ = agg.get("hysparse-1:3")
+    ref0 = (hs_ or {}).get("val_loss_by_seed", {}).get("0")
+    ref_mean = hs_["val_loss"]["mean"] if hs_ and hs_.get("val_loss") else None
+    rows = []
+    for v in ABLATIONS:
+        if v not in agg:
+            continue
+        a = agg[v]
+        own0 = a.get("val_loss_by_seed", {}).get("0")
+        gain = a["retrieval"]["single"].get("mean_gain")
+        rows.append([f"`{v}`", ABLATION_LABEL[v], len(a["seeds"]), fmt(a["val_loss"], 4),
+                     fmt_delta(None if own0 is None or ref0 is None else own0 - ref0),
+                     fmt_delta(None if ref_mean is None or a["val_loss"] is None else a["val_loss"]["mean"] - ref_mean),
+                     fmt(a["loss_by_bucket"][-1]), fmt(a["retrieval"]["single"]["mean_acc"], 2), fmt(gain, 2),
+                     _mib(a["kv_bytes"])])
+    if not rows:
+        return []
+    return ["", "**Ablations at 1:3** (paper Table 4; Δ = val loss minus HySparse-1:3's, at seed 0 (same data and "
+            "initial weights) and of the seed means; + is worse; needle gain as above, – where not measured)", "",
+            *_table(["variant", "paper row", "seeds", "val loss", "Δ seed 0", "Δ mean", f"loss {buckets[-1]}",
+                     "retrieval", "needle gain", "KV MiB"], rows)]
+
+
+def _retrieval_groups(agg: dict) -> list[str]:
+    """Tagged runs (e.g. a retrieval-heavy training mix), apart from the main comparison: another data mix."""
+    rows = []
+    for v in _order(agg):
+        a = agg[v]
+        if not a.get("group"):
+            continue
+        single, mk = a["retrieval"]["single"], a["retrieval"].get("multikey", {})
+        exact = single.get("exact") or []
+        rows.append([label(v), f"{a.get('needle_rate')} / {a.get('needle_pairs')}", len(a["seeds"]),
+                     f"{a['tokens'] / 1e6:.1f}M", fmt(a["val_loss"], 4), fmt(single["mean_acc"], 2),
+                     "–" if not exact else f"{sum(e['mean'] for e in exact) / len(exact):.2f}",
+                     fmt(single.get("mean_gain"), 2), fmt(mk.get("mean_acc"), 2), fmt(mk.get("mean_gain"), 2)])
+    if not rows:
+        return []
+    return ["", "**Retrieval groups** (tagged runs trained on another needle mix: needle rate = share of sequences "
+            "with key-value pairs, pairs = most per sequence; their val loss is on the same held-out text but not "
+            "comparable to the main rows, whose mix differs)", "",
+            *_table(["run group", "needle rate / pairs", "seeds", "tokens", "val loss", "retrieval", "exact",
+                     "needle gain", "multi-key", "multi-key gain"], rows)]
+
+
+def _locality(sel: dict | None) -> list[str]:
+    """dump_selections.py's summary: distinct blocks in the union of a 64-token tile's selections, trained vs random."""
+    if not sel:
+        return []
+    rows = []
+    for run, s in sel.items():
+        for layer, r in s["layers"].items():
+            u, rnd = r["union_blocks_per_tile"], r["random_union_blocks_per_tile"]
+            rows.append([f"`{run}`", layer, "–" if u is None else f"{u:.1f}", "–" if rnd is None else f"{rnd:.1f}",
+                         "–" if not u or not rnd else f"{u / rnd:.2f}", r["min_possible"],
+                         f"{r['share_block0']:.2f}", f"{r['share_own_block']:.2f}"])
+    s0 = next(iter(sel.values()))
+    return ["", f"**Selection locality** (`dump_selections.py`: distinct key blocks in the union of a "
+            f"{s0['tile']}-token query tile's selections, {s0['seqs']} held-out windows of {s0['context']}, tiles "
+            f"past top-k {s0['topk']}; random = the same number of blocks per token drawn uniformly among the visible "
+            f"ones; floor = blocks per token; block 0 / own = share of selections that are the first / the query's "
+            "block)",
+            "", *_table(["run", "layer", "union per tile", "random", "trained / random", "floor", "block 0",
+                         "own block"], rows)]
+
+
 def markdown(results: dict) -> str:
     st, agg = results["settings"], results["variants"]
     buckets = _bucket_names(st["buckets"])
@@ -71,34 +174,27 @@ def markdown(results: dict) -> str:
 
     for kind, title in (("single", "Needle retrieval by depth"), ("multikey", "Multi-key retrieval by depth")):
         rows, dist = [], None
-        for v in (*MAIN, *[a for a in ABLATIONS if a not in MAIN]):
-            if v in agg and kind in agg[v]["retrieval"]:
+        for v in _order(agg):
+            if kind in agg[v]["retrieval"]:
                 r = agg[v]["retrieval"][kind]
                 dist = r["distance"]
-                rows.append([f"`{v}`", *[fmt(x, 2) for x in r["acc"]], fmt(r["mean_acc"], 2)])
+                rows.append([label(v), *[fmt(x, 2) for x in r["acc"]], fmt(r["mean_acc"], 2)])
         if rows:
             head = [f"{d:g} ({int(x)})" for d, x in zip(depths, dist)]
             lines += ["", f"**{title}** (depth (bytes from needle to value); value-byte accuracy)", ""]
             lines += _table(["variant", *head, "mean"], rows)
 
-    rows = []
-    for v in ABLATIONS:
-        if v in agg:
-            a = agg[v]
-            rows.append([f"`{v}`", ABLATION_LABEL[v], fmt(a["val_loss"], 4), fmt(a["loss_by_bucket"][-1]),
-                         fmt(a["retrieval"]["single"]["mean_acc"], 2),
-                         fmt(a["retrieval"].get("multikey", {}).get("mean_acc"), 2), _mib(a["kv_bytes"])])
-    lines += ["", "**Ablations at 1:3** (paper Table 4)", ""]
-    lines += _table(["variant", "paper row", "val loss", f"loss {buckets[-1]}", "retrieval", "multi-key",
-                     "KV MiB"], rows)
+    lines += _needle_loss(agg, depths)
+    lines += _ablations(agg, buckets)
+    lines += _retrieval_groups(agg)
 
     rows = []
     full_kv = agg.get("full", {}).get("kv_bytes")
-    order = [*MAIN, *[v for v in ABLATIONS if v not in MAIN]]
-    for v, a in sorted(agg.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)):
+    for v in _order(agg):
+        a = agg[v]
         ratio = f"{full_kv / a['kv_bytes']:.2f}×" if full_kv and a["kv_bytes"] else "–"
         tok_s = None if a["ms_per_step"] is None else a["tokens"] / a["steps"] / a["ms_per_step"]["mean"] * 1e3
-        rows.append([f"`{v}`", _mib(a["kv_bytes"]), ratio, fmt(a["ms_per_step"], 1),
+        rows.append([label(v), _mib(a["kv_bytes"]), ratio, fmt(a["ms_per_step"], 1),
                      "–" if tok_s is None else f"{tok_s / 1e3:.0f}k", fmt(a["decode_tok_s"], 1),
                      fmt(a["decode_tok_s_plain"], 1)])
     lines += ["", f"**Efficiency** (KV cache at {st['context']} tokens, batch 1, bf16; training step time; cached "
@@ -114,6 +210,7 @@ def markdown(results: dict) -> str:
         lines += ["", f"**Training-free** (`{tf['source_run']}` compiled with mode=\"training_free\", 1:{tf['ratio']}, "
                   f"window {tf['window']}, no training)", ""]
         lines += _table(["model", "layers", "val loss", *buckets, "retrieval", "multi-key"], rows)
+    lines += _locality(results.get("selections"))
     return "\n".join(lines) + "\n"
 
 

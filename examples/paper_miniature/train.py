@@ -4,7 +4,7 @@
         --out runs/                                                      # GPU: bf16 autocast, Triton kernels
     python examples/paper_miniature/train.py --variant hysparse-1:3 --smoke --data /tmp/pm_data --out /tmp/pm_runs
 
-Writes `<out>/<variant>_s<seed>/`: `model.pt` (state_dict: the plain module's weights, plus the gates and sinks of a
+Writes `<out>/<variant>_s<seed>/` (`..._<tag>/` with --tag): `model.pt` (state_dict: the plain module's weights, plus the gates and sinks of a
 compiled one), `config.json` (model config, variant, sparse settings, schedule, training arguments) and
 `metrics.json` (loss curves, per-step GPU time, tokens, and the final evaluation).
 
@@ -61,6 +61,9 @@ def parse(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--needle-rate", type=float, default=0.05, help="share of training sequences with a needle")
+    ap.add_argument("--needle-pairs", type=int, help="most key-value pairs in a needle sequence (default context/256)")
+    ap.add_argument("--tag", help="a group name for runs outside the main plan (e.g. a retrieval-heavy mix): the run "
+                    "folder is <variant>_s<seed>_<tag> and the tables list the group apart")
     ap.add_argument("--eval-every", type=int)
     ap.add_argument("--eval-seqs", type=int)
     ap.add_argument("--probe-samples", type=int)
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(param_groups(built.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             fused=device.type == "cuda")
     rng = np.random.default_rng(args.seed)  # data order: the same for every variant of a seed
-    fixed = corpus.batch("train", rng, batch=args.batch, length=args.context + 1, needle_rate=args.needle_rate)
+    needles = dict(needle_rate=args.needle_rate, needle_pairs=args.needle_pairs)
+    fixed = corpus.batch("train", rng, batch=args.batch, length=args.context + 1, **needles)
     val_windows = corpus.fixed_windows("val", count=args.eval_seqs, length=args.context + 1)
     warmup = max(1, int(args.warmup_frac * args.steps))
     curve = {"step": [], "train_loss": [], "lr": []}
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
             for group in opt.param_groups:
                 group["lr"] = lr
             rows = fixed if args.repeat_batch else corpus.batch(
-                "train", rng, batch=args.batch, length=args.context + 1, needle_rate=args.needle_rate)
+                "train", rng, batch=args.batch, length=args.context + 1, **needles)
             x = torch.from_numpy(rows.astype(np.int64)).to(device, non_blocking=True)
             begin = timer.start()
             with common.autocast(device):
@@ -213,7 +217,7 @@ def main(argv=None) -> int:
                   f"({'GPU' if device.type == 'cuda' else 'CPU'} time) = {tokens_per_step / ms_step * 1e3:,.0f} tok/s; "
                   f"final val loss {val_loss:.4f}")
 
-    run = args.out / common.run_name(args.variant, args.seed)
+    run = args.out / common.run_name(args.variant, args.seed, args.tag)
     run.mkdir(parents=True, exist_ok=True)
     torch.save(built.model.state_dict(), run / "model.pt")
     config = variants.run_config(args.variant, base, sparse, built)
@@ -222,7 +226,9 @@ def main(argv=None) -> int:
     settings = EvalSettings.for_context(args.context, eval_seqs=args.eval_seqs, probe_samples=args.probe_samples,
                                         batch=args.batch, decode_new=args.decode_new)
     metrics = {
-        "variant": args.variant, "seed": args.seed, "steps": args.steps, "tokens_per_step": tokens_per_step,
+        "variant": args.variant, "seed": args.seed, "group": args.tag, "needle_rate": args.needle_rate,
+        "needle_pairs": args.needle_pairs or max(1, (args.context + 1) // 256), "steps": args.steps,
+        "tokens_per_step": tokens_per_step,
         "tokens": tokens_per_step * args.steps, "params": n_params, "new_params": n_new, "pattern": pattern,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "build_s": compile_s, "train_s": train_s, "ms_per_step": ms_step,
@@ -237,9 +243,11 @@ def main(argv=None) -> int:
         metrics["eval_settings"] = settings.to_dict()
         metrics["eval_s"] = time.perf_counter() - t
         e = metrics["eval"]
+        r = e["retrieval"]["single"]
         console.print(f"eval: loss by bucket {[round(v, 3) for v in e['loss_by_bucket']]}, retrieval "
-                      f"{[round(v, 2) for v in e['retrieval']['single']['acc']]}, KV {e['kv_bytes'] / 2**20:.2f} MiB "
-                      f"({metrics['eval_s']:.1f} s)")
+                      f"{[round(v, 2) for v in r['acc']]}, needle gain (nats/byte) "
+                      f"{[round(c - v, 2) for v, c in zip(r['loss'], r['control_loss'])]}, "
+                      f"KV {e['kv_bytes'] / 2**20:.2f} MiB ({metrics['eval_s']:.1f} s)")
     common.write_json(run / "metrics.json", metrics)
     console.print(f"wrote {run} (total {time.perf_counter() - t_start:.1f} s)")
     return 0

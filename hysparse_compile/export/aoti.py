@@ -6,6 +6,11 @@
 - CUDA: 16-bit models get the Triton kernels of the `triton` backend as `triton_op`s (`aoti_triton.py`), which
   Inductor compiles into the package; other cases get the decompositions.
 
+`decode=True` writes two packages, the prefill that also returns the HySparse cache and the decode step that takes
+it and returns it one token longer: the same two graphs, inputs and outputs as `to_onnx(..., decode=True)`
+(`onnx_decode.py`). The decode ops run as their ATen decompositions (on CUDA too: Inductor fuses them; the
+Triton decode kernels' grids depend on the cache length, which a traced `triton_op` cannot branch on).
+
     >>> to_aoti(compiled, ids, "model.pt2")                                   # doctest: +SKIP
     >>> runner = torch._inductor.aoti_load_package("model.pt2")               # any process, no hysparse import
     >>> logits = runner(input_ids, attention_mask)                            # doctest: +SKIP
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -23,54 +29,91 @@ from .program import ExportResult, Stage
 log = logging.getLogger(__name__)
 
 
-def replacements(device: torch.device) -> dict:
-    """The capture-time op table for a package on `device`."""
-    if device.type == "cuda":
-        from . import aoti_triton
+KERNELS = ("triton", "aten")
 
-        return aoti_triton.replacements()
+
+def replacements(device: torch.device, kernels: str = "triton") -> dict:
+    """The capture-time op table for a package on `device`: the Triton prefill kernels on CUDA (kernels="triton"),
+    the ATen decompositions for everything else (the decode ops everywhere; every op with kernels="aten")."""
     from .decompositions import DECOMPOSITIONS
 
-    return dict(DECOMPOSITIONS)
+    table = dict(DECOMPOSITIONS)
+    if device.type == "cuda" and kernels == "triton":
+        from . import aoti_triton
+
+        table.update(aoti_triton.replacements())
+    return table
 
 
-def to_aoti(compiled, example_inputs, path, *, check: bool = True, inductor_configs: dict | None = None,
-            stage: Stage | None = None) -> ExportResult:
+def to_aoti(compiled, example_inputs, path, *, decode: bool = False, kernels: str = "triton", check: bool = True,
+            inductor_configs: dict | None = None, stage: Stage | None = None) -> ExportResult:
     """Export a compiled HySparse model as an AOTInductor package.
 
     compiled: the result of `hysparse_compile.compile`, on the device the package is for (CPU or CUDA).
     example_inputs: token ids [B, T] (or a tuple / dict with `attention_mask`, `position_ids` as the model takes
     them). path: the package, ending in `.pt2` (written to a temporary name and renamed when complete).
-    check: load the package in this process and compare its logits on the example inputs with the compiled model's
-    (`result.check`). inductor_configs: passed to `torch._inductor.aoti_compile_and_package`.
+    decode: also write the decode-step package `<stem>-decode.pt2` (`path` then holds the prefill that returns the
+    cache; module docstring). kernels: "triton" (CUDA, 16-bit: the Triton prefill kernels compiled into the
+    package) or "aten" (the ATen decompositions everywhere, which Inductor fuses; CPU packages always are).
+    check: load the package(s) in this process and compare their outputs on the example
+    inputs with the compiled model's (`result.check`). inductor_configs: passed to
+    `torch._inductor.aoti_compile_and_package`.
     The package takes the inputs positionally in the order `input_ids, attention_mask[, position_ids]` (the names
-    of the compiled model's inputs) and returns the logits [batch, seq, vocab].
+    of the compiled model's inputs) and returns the logits [batch, seq, vocab] (with decode: then the cache).
     """
     path = program.check_path(path, ".pt2")
     if path.suffix != ".pt2":
         raise ValueError(f"path must end in .pt2 (an AOTInductor package), got {str(path)!r}")
+    if not isinstance(decode, bool):
+        raise TypeError(f"decode must be True or False, got {decode!r}")
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be 'triton' (Triton kernels in CUDA packages) or 'aten' (ATen "
+                         f"decompositions), got {kernels!r}")
     if inductor_configs is not None and not isinstance(inductor_configs, dict):
         raise TypeError(f"inductor_configs must be a dict or None, got {type(inductor_configs).__name__}")
     program.check_compiled(compiled)
     device = next(iter(compiled.parameters())).device
-    prog = program.capture(compiled, example_inputs, replacements(device), stage)
+    table = replacements(device, kernels)
+    if decode:
+        from . import onnx_decode
+
+        graphs = list(zip(onnx_decode.capture(compiled, example_inputs, table, stage), (path, program.decode_path(path))))
+    else:
+        graphs = [(program.capture(compiled, example_inputs, table, stage), path)]
     if stage:
-        stage(f"compile with AOTInductor ({device.type})")
+        stage(f"compile with AOTInductor ({device.type}{', 2 packages' if decode else ''})")
     with program.atomic_output(path) as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch._inductor.aoti_compile_and_package(prog.exported, package_path=str(tmp),
-                                                     inductor_configs=dict(inductor_configs or {}))
+        for prog, final in graphs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch._inductor.aoti_compile_and_package(prog.exported, package_path=str(tmp.parent / final.name),
+                                                         inductor_configs=dict(inductor_configs or {}))
         check_text = "not checked"
         if check:
             if stage:
                 stage("check (load the package, run it against the compiled model)")
-            runner = torch._inductor.aoti_load_package(str(tmp))
-            with torch.no_grad():
-                got = runner(*prog.example.values())
-            check_text = f"aoti_load_package ok; package vs PyTorch: max rel err " \
-                         f"{program.relative_error(got, prog.logits):.1e}"
-    ops = {k: v for k, v in program.graph_op_counts(prog.exported).items()}
-    result = ExportResult(path, "aoti", (path,), ops, check_text)
-    log.info("to_aoti: wrote %s (%d bytes, %s)", path, result.size, result.check)
+            check_text = "; ".join(_check(prog, tmp.parent / final.name) for prog, final in graphs)
+    ops: dict[str, int] = {}
+    for prog, _ in graphs:
+        for op, n in program.graph_op_counts(prog.exported).items():
+            ops[op] = ops.get(op, 0) + n
+    result = ExportResult(path, "aoti", tuple(final for _, final in graphs), dict(sorted(ops.items())), check_text)
+    log.info("to_aoti: wrote %s (%d bytes, %s)", ", ".join(str(f) for _, f in graphs), result.size, result.check)
     return result
+
+
+def _check(prog: program.Program, package: Path) -> str:
+    """Load `package`, run it on the capture's example inputs: the logits' relative error and, for the decode
+    graphs, the largest cache error against the compiled model's."""
+    runner = torch._inductor.aoti_load_package(str(package))
+    with torch.no_grad():
+        got = program.as_tuple(runner(*prog.example.values()))
+    text = f"{package.name}: aoti_load_package ok; package vs PyTorch: max rel err " \
+           f"{program.relative_error(got[0], prog.logits):.1e}"
+    if len(got) > 1:  # the cache: lengths equal, K/V to the same tolerance as the logits
+        if not torch.equal(got[1].cpu(), prog.reference[1].cpu()):
+            text += f" (cache lengths differ: {got[1].tolist()} vs {prog.reference[1].tolist()})"
+        else:
+            cache = max(program.relative_error(g, w) for g, w in zip(got[2:], prog.reference[2:]))
+            text += f", cache {cache:.1e}"
+    return text

@@ -48,7 +48,7 @@ def to_onnx(compiled, example_inputs, path, *, ops: str = "standard", decode: bo
     `hysparse::FullAttention` / `hysparse::SparseAttention` node per op, docs/onnx_ops.md).
     decode: write a prefill graph that also returns the HySparse cache (at `path`) and a decode-step graph that
     takes it and returns it one token longer (at `<stem>-decode.onnx` beside it); see `onnx_decode` for the inputs
-    and outputs. Standard ops only.
+    and outputs. With ops='custom' the decode ops are `FullAttentionDecode` / `SparseAttentionDecode` nodes.
     opset: ONNX opset (>= 18; None: torch.onnx's default). check: after writing, run `onnx.checker` (full check) and
     the file(s) on the example inputs (onnxruntime for "standard", `onnx.reference` with
     `onnx_custom.reference_ops()` for "custom") against the compiled model; the logits' error goes to `result.check`.
@@ -56,14 +56,11 @@ def to_onnx(compiled, example_inputs, path, *, ops: str = "standard", decode: bo
     `logits` [batch, seq, vocab]. Returns an `ExportResult` (path, files, ops per type, check).
     """
     _check_args(ops, decode, opset)
-    if decode and ops == "custom":
-        raise NotImplementedError("decode=True is available with ops='standard' only (the decode ops have no "
-                                  "custom-domain nodes yet); pass ops='standard'")
     path = program.check_path(path, ".onnx")
     table = onnx_standard.replacements() if ops == "standard" else onnx_custom.replacements()
     if decode:
         graphs = list(zip(onnx_decode.capture(compiled, example_inputs, table, stage),
-                          (path.name, f"{path.stem}-decode{path.suffix or '.onnx'}")))
+                          (path.name, program.decode_path(path.with_suffix(path.suffix or ".onnx")).name)))
     else:
         graphs = [(program.capture(compiled, example_inputs, table, stage), path.name)]
     if stage:

@@ -5,6 +5,11 @@
     hysparse::SparseAttention(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks) -> out
         block_size: int, window: int (0 = no SWA branch), scale: float, merge: int (1 = training-free single softmax),
         has_gate_sparse, has_gate_swa, has_sinks: int (0 = that input is a neutral filler)
+    hysparse::FullAttentionDecode(q, k_cache, v_cache, cache_len) -> (out, indices int32)       (decode graphs)
+        block_size, topk, scale
+    hysparse::SparseAttentionDecode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa,
+                                    sinks) -> out                                                 (decode graphs)
+        block_size, window, scale, merge, has_gate_sparse, has_gate_swa, has_sinks
 
 Every input is always present (fixed arity: TensorRT plugins and most runtimes' custom-op APIs want it): an absent
 gate is a `[1, 1, 1, 1]` tensor of ones and absent sinks are `[Hq]` of -inf, neutral in the math, and the `has_*`
@@ -28,7 +33,10 @@ from .decompositions import _like_q
 DOMAIN = "hysparse"
 VERSION = 1
 FULL_ATTENTION, SPARSE_ATTENTION = "FullAttention", "SparseAttention"
+FULL_DECODE, SPARSE_DECODE = "FullAttentionDecode", "SparseAttentionDecode"
 SPARSE_INPUTS = ("q", "k_own", "v_own", "k_shared", "v_shared", "indices", "gate_sparse", "gate_swa", "sinks")
+SPARSE_DECODE_INPUTS = ("q", "k_win", "v_win", "k_shared", "v_shared", "indices", "cache_len", "gate_sparse",
+                        "gate_swa", "sinks")
 
 
 def full_attention_node(q: Tensor, k: Tensor, v: Tensor, block_size: int, topk: int, scale: float,
@@ -71,10 +79,38 @@ def sparse_attention_node(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Ten
     return _like_q(out, q), lse, q.new_empty(0)
 
 
+def full_attention_decode_node(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, block_size: int,
+                               topk: int, scale: float, backend: str = "auto"):
+    """`hysparse::full_attention_decode` as one `hysparse::FullAttentionDecode` node (cache_len int32 [B])."""
+    B = q.shape[0]
+    out, indices = torch.onnx.ops.symbolic_multi_out(
+        f"{DOMAIN}::{FULL_DECODE}", [q, k_cache, v_cache, cache_len.to(torch.int32)],
+        attrs={"block_size": int(block_size), "topk": int(topk), "scale": float(scale)},
+        dtypes=[q.dtype, torch.int32], shapes=[q.shape, [B, k_cache.shape[1], 1, topk // block_size]],
+        version=VERSION)
+    return _like_q(out, q), indices
+
+
+def sparse_attention_decode_node(q: Tensor, k_win: Tensor, v_win: Tensor, k_shared: Tensor, v_shared: Tensor,
+                                 indices: Tensor, cache_len: Tensor, gate_sparse, gate_swa, sinks, block_size: int,
+                                 window: int, scale: float, merge: bool, backend: str = "auto"):
+    """`hysparse::sparse_attention_decode` as one `hysparse::SparseAttentionDecode` node (fillers as in
+    `sparse_inputs`)."""
+    inputs, flags = sparse_inputs(q, k_win, v_win, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks)
+    inputs.insert(6, cache_len.to(torch.int32))
+    attrs = {"block_size": int(block_size), "window": int(window), "scale": float(scale), "merge": int(merge),
+             **flags}
+    out = torch.onnx.ops.symbolic(f"{DOMAIN}::{SPARSE_DECODE}", inputs, attrs, dtype=q.dtype, shape=q.shape,
+                                  version=VERSION)
+    return _like_q(out, q)
+
+
 def replacements() -> dict:
-    """The capture-time op table for `ops="custom"`."""
+    """The capture-time op table for `ops="custom"` (prefill and decode ops)."""
     return {torch.ops.hysparse.full_attention.default: full_attention_node,
-            torch.ops.hysparse.sparse_attention.default: sparse_attention_node}
+            torch.ops.hysparse.sparse_attention.default: sparse_attention_node,
+            torch.ops.hysparse.full_attention_decode.default: full_attention_decode_node,
+            torch.ops.hysparse.sparse_attention_decode.default: sparse_attention_decode_node}
 
 
 # ---------------------------------------------------------------------------------------------- Python runtime
@@ -83,18 +119,37 @@ def run_sparse_attention(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
     """The `SparseAttention` node's semantics on torch tensors (reference backend): what a runtime implements."""
     from ..kernels import reference
 
-    B, Hq, T, d = q.shape
-    expand = lambda g: g.expand(B, Hq, T, 1 if g.shape[-1] == 1 else d)  # noqa: E731
-    gate_sparse = expand(gate_sparse) if has_gate_sparse and not merge else None
-    gate_swa = expand(gate_swa) if has_gate_swa and not merge and window else None
-    sinks = sinks if has_sinks else None
+    gate_sparse, gate_swa, sinks = _gates(gate_sparse, gate_swa, sinks, merge, window, has_gate_sparse,
+                                          has_gate_swa, has_sinks, q.shape)
     out, _, _ = reference.sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa,
                                                sinks, int(block_size), int(window), float(scale), bool(merge), False)
     return out
 
 
+def _gates(gate_sparse, gate_swa, sinks, merge, window, has_gate_sparse, has_gate_swa, has_sinks, shape):
+    """The optional inputs of a SparseAttention(Decode) node as the op takes them (fillers -> None)."""
+    B, Hq, T, d = shape
+    expand = lambda g: g.expand(B, Hq, T, 1 if g.shape[-1] == 1 else d)  # noqa: E731
+    return (expand(gate_sparse) if has_gate_sparse and not merge else None,
+            expand(gate_swa) if has_gate_swa and not merge and window else None,
+            sinks if has_sinks else None)
+
+
+def run_sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa,
+                                sinks, *, block_size, window, scale, merge, has_gate_sparse=1, has_gate_swa=1,
+                                has_sinks=1):
+    """The `SparseAttentionDecode` node's semantics on torch tensors (reference backend)."""
+    from ..kernels import reference
+
+    gate_sparse, gate_swa, sinks = _gates(gate_sparse, gate_swa, sinks, merge, window, has_gate_sparse,
+                                          has_gate_swa, has_sinks, q.shape)
+    return reference.sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse,
+                                             gate_swa, sinks, int(block_size), int(window), float(scale),
+                                             bool(merge))
+
+
 def reference_ops() -> list:
-    """`onnx.reference.op_run.OpRun` classes for both nodes (pass as `ReferenceEvaluator(..., new_ops=...)`)."""
+    """`onnx.reference.op_run.OpRun` classes for the four nodes (pass as `ReferenceEvaluator(..., new_ops=...)`)."""
     import numpy as np
     from onnx.reference.op_run import OpRun
 
@@ -121,7 +176,26 @@ def reference_ops() -> list:
                                        has_gate_swa=has_gate_swa, has_sinks=has_sinks)
             return (out.numpy(),)
 
-    return [FullAttention, SparseAttention]
+    class FullAttentionDecode(OpRun):
+        op_domain = DOMAIN
+
+        def _run(self, q, k_cache, v_cache, cache_len, block_size=None, topk=None, scale=None, **plugin_fields):
+            out, indices = reference.full_attention_decode(tensor(q), tensor(k_cache), tensor(v_cache),
+                                                           tensor(cache_len), int(block_size), int(topk),
+                                                           float(scale))
+            return out.numpy(), indices.numpy()
+
+    class SparseAttentionDecode(OpRun):
+        op_domain = DOMAIN
+
+        def _run(self, *inputs, block_size=None, window=None, scale=None, merge=None, has_gate_sparse=None,
+                 has_gate_swa=None, has_sinks=None, **plugin_fields):
+            out = run_sparse_attention_decode(*(tensor(x) for x in inputs), block_size=block_size, window=window,
+                                              scale=scale, merge=merge, has_gate_sparse=has_gate_sparse,
+                                              has_gate_swa=has_gate_swa, has_sinks=has_sinks)
+            return (out.numpy(),)
+
+    return [FullAttention, SparseAttention, FullAttentionDecode, SparseAttentionDecode]
 
 
 def _gather_elements():
@@ -138,10 +212,17 @@ def _gather_elements():
     return GatherElements
 
 
-def run_reference_evaluator(path, inputs: dict) -> torch.Tensor:
-    """Run a custom-domain file in Python (`onnx.reference` + `reference_ops()`): -> the first output."""
+def reference_session(path):
+    """An `onnx.reference.ReferenceEvaluator` for a custom-domain file (`reference_ops()` included)."""
     from onnx.reference import ReferenceEvaluator
 
-    session = ReferenceEvaluator(str(path), new_ops=[*reference_ops(), _gather_elements()])
+    return ReferenceEvaluator(str(path), new_ops=[*reference_ops(), _gather_elements()])
+
+
+def run_reference_evaluator(path, inputs: dict, *, all_outputs: bool = False):
+    """Run a custom-domain file in Python (`onnx.reference` + `reference_ops()`): -> the first output (or every
+    output, as a tuple of tensors)."""
+    session = reference_session(path)
     feed = {name: inputs[name].cpu().numpy() for name in session.input_names}
-    return torch.from_numpy(session.run(None, feed)[0])
+    outs = [torch.from_numpy(x) for x in session.run(None, feed)]
+    return tuple(outs) if all_outputs else outs[0]

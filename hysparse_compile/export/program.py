@@ -291,6 +291,11 @@ def atomic_output(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def decode_path(path: Path) -> Path:
+    """Where an exporter with `decode=True` writes the decode-step graph: `<stem>-decode<suffix>` beside `path`."""
+    return path.with_name(f"{path.stem}-decode{path.suffix}")
+
+
 def written_files(path: Path) -> tuple[Path, ...]:
     """The main file and its companions (`<name>.data`, external weights) that exist."""
     extra = sorted(p for p in path.parent.glob(f"{path.name}.*") if p.is_file())

@@ -5,7 +5,8 @@ reach), so what is tested here stops at TensorRT's door: the plugin schemas, the
 the ops' fake implementations, and the ONNX graph TensorRT's parser would read. docs/export.md says what was run.
 
 **The plugins** (TensorRT >= 10.7 Quick Deployable Plugins, `register_plugins()`): `hysparse::FullAttention` and
-`hysparse::SparseAttention`, with exactly the inputs, outputs and attributes of the custom-domain ONNX nodes
+`hysparse::SparseAttention`, and for decode graphs `hysparse::FullAttentionDecode` and
+`hysparse::SparseAttentionDecode`, with exactly the inputs, outputs and attributes of the custom-domain ONNX nodes
 (docs/onnx_ops.md). Their torch twins `torch.ops.hysparse.FullAttention` / `SparseAttention` (fixed arity, only
 Tensor/int/float arguments, as TensorRT plugins need) are registered here; their implementations call the HySparse
 ops, so inside an engine the plugin runs the `auto` backend (the Triton kernels on a GPU) through Python (JIT QDP).
@@ -104,9 +105,62 @@ def _sparse(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa,
     return out, q.new_zeros((B, Hq, T, 2), dtype=torch.float32), q.new_empty(0)
 
 
+# decode twins: the new token at cache_len - 1 (hysparse::*_decode), fixed arity like the prefill twins
+@torch.library.custom_op("hysparse::FullAttentionDecode", mutates_args=())
+def full_attention_decode_plugin_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, block_size: int,
+                                    topk: int, scale: float) -> tuple[Tensor, Tensor]:
+    """The `FullAttentionDecode` plugin's computation: `hysparse::full_attention_decode` (auto backend)."""
+    return torch.ops.hysparse.full_attention_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale, "auto")
+
+
+@full_attention_decode_plugin_op.register_fake
+def _(q, k_cache, v_cache, cache_len, block_size, topk, scale):
+    (out_shape, _), (idx_shape, _) = full_attention_shapes(q.shape, k_cache.shape, block_size, topk)
+    return q.new_empty(out_shape), q.new_empty(idx_shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("hysparse::SparseAttentionDecode", mutates_args=())
+def sparse_attention_decode_plugin_op(q: Tensor, k_win: Tensor, v_win: Tensor, k_shared: Tensor, v_shared: Tensor,
+                                      indices: Tensor, cache_len: Tensor, gate_sparse: Tensor, gate_swa: Tensor,
+                                      sinks: Tensor, block_size: int, window: int, scale: float, merge: int,
+                                      has_gate_sparse: int, has_gate_swa: int, has_sinks: int) -> Tensor:
+    """The `SparseAttentionDecode` plugin's computation (absent gates / sinks per the `has_*` flags)."""
+    gs, gw, sinks = onnx_custom._gates(gate_sparse, gate_swa, sinks, merge, window, has_gate_sparse, has_gate_swa,
+                                       has_sinks, q.shape)
+    return torch.ops.hysparse.sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gs,
+                                                      gw, sinks, block_size, window, scale, bool(merge), "auto")
+
+
+@sparse_attention_decode_plugin_op.register_fake
+def _(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa, sinks, block_size, window,
+      scale, merge, has_gate_sparse, has_gate_swa, has_sinks):
+    ((shape, _),) = sparse_attention_shapes(q.shape)
+    return q.new_empty(shape)
+
+
+def _full_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale, backend="auto"):
+    return torch.ops.hysparse.FullAttentionDecode(q, k_cache, v_cache, cache_len.to(torch.int32), block_size, topk,
+                                                  float(scale))
+
+
+def _sparse_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa, sinks,
+                   block_size, window, scale, merge, backend="auto"):
+    inputs, flags = onnx_custom.sparse_inputs(q, k_win, v_win, k_shared, v_shared, indices, gate_sparse, gate_swa,
+                                              sinks)
+    inputs.insert(6, cache_len.to(torch.int32))
+    return torch.ops.hysparse.SparseAttentionDecode(*inputs, block_size, window, float(scale), int(merge),
+                                                    flags["has_gate_sparse"], flags["has_gate_swa"],
+                                                    flags["has_sinks"])
+
+
+PLUGINS = ("FullAttention", "SparseAttention", "FullAttentionDecode", "SparseAttentionDecode")
+
+
 def replacements() -> dict:
-    """The capture-time op table for Torch-TensorRT: the HySparse ops -> their fixed-arity twins."""
-    return {torch.ops.hysparse.full_attention.default: _full, torch.ops.hysparse.sparse_attention.default: _sparse}
+    """The capture-time op table for Torch-TensorRT: the HySparse ops (prefill and decode) -> fixed-arity twins."""
+    return {torch.ops.hysparse.full_attention.default: _full, torch.ops.hysparse.sparse_attention.default: _sparse,
+            torch.ops.hysparse.full_attention_decode.default: _full_decode,
+            torch.ops.hysparse.sparse_attention_decode.default: _sparse_decode}
 
 
 # ---------------------------------------------------------------------------------------------- TensorRT plugins
@@ -158,6 +212,44 @@ def register_plugins() -> None:
                                              has_gate_swa, has_sinks)
             cuda(outputs[0]).copy_(out)
 
+    @trtp.register(f"{PLUGIN_NAMESPACE}::FullAttentionDecode")
+    def _full_decode_desc(q: trtp.TensorDesc, k_cache: trtp.TensorDesc, v_cache: trtp.TensorDesc,
+                          cache_len: trtp.TensorDesc, block_size: int, topk: int,
+                          scale: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        _, (idx_shape, _) = full_attention_shapes(q.shape_expr, k_cache.shape_expr, block_size, topk)
+        return q.like(), trtp.from_shape_expr(idx_shape, dtype=trt.int32)
+
+    @trtp.impl(f"{PLUGIN_NAMESPACE}::FullAttentionDecode")
+    def _full_decode_impl(q: trtp.Tensor, k_cache: trtp.Tensor, v_cache: trtp.Tensor, cache_len: trtp.Tensor,
+                          block_size: int, topk: int, scale: float, outputs: tuple[trtp.Tensor, trtp.Tensor],
+                          stream: int) -> None:
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            out, indices = full_attention_decode_plugin_op(cuda(q), cuda(k_cache), cuda(v_cache), cuda(cache_len),
+                                                           block_size, topk, scale)
+            cuda(outputs[0]).copy_(out)
+            cuda(outputs[1]).copy_(indices)
+
+    @trtp.register(f"{PLUGIN_NAMESPACE}::SparseAttentionDecode")
+    def _sparse_decode_desc(q: trtp.TensorDesc, k_win: trtp.TensorDesc, v_win: trtp.TensorDesc,
+                            k_shared: trtp.TensorDesc, v_shared: trtp.TensorDesc, indices: trtp.TensorDesc,
+                            cache_len: trtp.TensorDesc, gate_sparse: trtp.TensorDesc, gate_swa: trtp.TensorDesc,
+                            sinks: trtp.TensorDesc, block_size: int, window: int, scale: float, merge: int,
+                            has_gate_sparse: int, has_gate_swa: int, has_sinks: int) -> trtp.TensorDesc:
+        return q.like()
+
+    @trtp.impl(f"{PLUGIN_NAMESPACE}::SparseAttentionDecode")
+    def _sparse_decode_impl(q: trtp.Tensor, k_win: trtp.Tensor, v_win: trtp.Tensor, k_shared: trtp.Tensor,
+                            v_shared: trtp.Tensor, indices: trtp.Tensor, cache_len: trtp.Tensor,
+                            gate_sparse: trtp.Tensor, gate_swa: trtp.Tensor, sinks: trtp.Tensor, block_size: int,
+                            window: int, scale: float, merge: int, has_gate_sparse: int, has_gate_swa: int,
+                            has_sinks: int, outputs: tuple[trtp.Tensor], stream: int) -> None:
+        tensors = [cuda(t) for t in (q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa,
+                                     sinks)]
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            out = sparse_attention_decode_plugin_op(*tensors, block_size, window, scale, merge, has_gate_sparse,
+                                                    has_gate_swa, has_sinks)
+            cuda(outputs[0]).copy_(out)
+
 
 def plugin_onnx(model) -> None:
     """Shape a custom-domain ONNX model for TensorRT's parser, in place: every `hysparse` node gets the string
@@ -173,22 +265,28 @@ def plugin_onnx(model) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- front door
-def to_tensorrt(compiled, example_inputs, path, *, via: str = "torch_tensorrt", max_batch: int | None = None,
-                max_seq_len: int | None = None, check: bool = True, stage: Stage | None = None) -> ExportResult:
+def to_tensorrt(compiled, example_inputs, path, *, via: str = "torch_tensorrt", decode: bool = False,
+                max_batch: int | None = None, max_seq_len: int | None = None, check: bool = True,
+                stage: Stage | None = None) -> ExportResult:
     """Export a compiled HySparse model for TensorRT.
 
-    via="torch_tensorrt": a Torch-TensorRT program (`torch_tensorrt.save`, `.ep`) built with both plugins; needs
+    via="torch_tensorrt": a Torch-TensorRT program (`torch_tensorrt.save`, `.ep`) built with the plugins; needs
     tensorrt >= 10.7 and torch-tensorrt (raises ImportError saying so otherwise) and a CUDA model. The optimization
-    profile spans batch 1..max_batch (default max(B, 8)) and seq 1..max_seq_len (default max(T, 4096)).
+    profile spans batch 1..max_batch (default max(B, 8)) and every sequence or cache-length axis
+    1..max_seq_len (default max(T, 4096)).
     via="onnx": the custom-domain ONNX file shaped for TensorRT's ONNX parser (works without TensorRT; `check`
     runs it with the Python reference ops as `to_onnx(ops="custom")` does).
+    decode: also the decode-step graph (`<stem>-decode<suffix>` beside `path`; `path` then holds the prefill that
+    returns the cache), the graphs of `to_onnx(..., decode=True)`.
     """
     if via not in VIAS:
         raise ValueError(f"via must be 'torch_tensorrt' (Torch-TensorRT with plugins) or 'onnx' (the plugin-ready "
                          f"ONNX file for TensorRT's parser), got {via!r}")
+    if not isinstance(decode, bool):
+        raise TypeError(f"decode must be True or False, got {decode!r}")
     path = program.check_path(path)
     if via == "onnx":
-        return _to_plugin_onnx(compiled, example_inputs, path, check, stage)
+        return _to_plugin_onnx(compiled, example_inputs, path, decode, check, stage)
     try:
         import torch_tensorrt
     except ImportError as e:
@@ -196,35 +294,71 @@ def to_tensorrt(compiled, example_inputs, path, *, via: str = "torch_tensorrt", 
     register_plugins()
     from torch_tensorrt.dynamo.conversion.plugins import generate_plugin_converter
 
-    for name in ("FullAttention", "SparseAttention"):
+    for name in PLUGINS:
         generate_plugin_converter(f"{PLUGIN_NAMESPACE}::{name}", supports_dynamic_shapes=True)
-    prog = program.capture(compiled, example_inputs, replacements(), stage)
-    B, T = next(iter(prog.example.values())).shape
+    if decode:
+        from . import onnx_decode
+
+        graphs = list(zip(onnx_decode.capture(compiled, example_inputs, replacements(), stage),
+                          (path, program.decode_path(path))))
+    else:
+        graphs = [(program.capture(compiled, example_inputs, replacements(), stage), path)]
+    B, T = next(iter(graphs[0][0].example.values())).shape
     max_batch, max_seq_len = max_batch or max(B, 8), max_seq_len or max(T, 4096)
-    inputs = [torch_tensorrt.Input(min_shape=(1, 1), opt_shape=(B, T), max_shape=(max_batch, max_seq_len),
-                                   dtype=x.dtype, name=name) for name, x in prog.example.items()]
-    if stage:
-        stage("build the TensorRT engine (torch_tensorrt.dynamo.compile)")
+    checks = []
     with program.atomic_output(path) as tmp:
-        trt_module = torch_tensorrt.dynamo.compile(prog.exported, arg_inputs=inputs, min_block_size=1)
-        torch_tensorrt.save(trt_module, str(tmp), output_format="exported_program",
-                            arg_inputs=list(prog.example.values()))
-        check_text = "not checked"
-        if check:
-            with torch.no_grad():
-                got = trt_module(*prog.example.values())
-            check_text = f"TensorRT vs PyTorch: max rel err {program.relative_error(got, prog.logits):.1e}"
-    return ExportResult(path, "tensorrt", (path,), program.graph_op_counts(prog.exported), check_text)
+        for prog, final in graphs:
+            if stage:
+                stage(f"build the TensorRT engine for {final.name} (torch_tensorrt.dynamo.compile)")
+            inputs = [torch_tensorrt.Input(name=name, dtype=x.dtype, **profile)
+                      for (name, x), profile in zip(prog.example.items(), input_profiles(prog, max_batch,
+                                                                                         max_seq_len))]
+            trt_module = torch_tensorrt.dynamo.compile(prog.exported, arg_inputs=inputs, min_block_size=1)
+            torch_tensorrt.save(trt_module, str(tmp.parent / final.name), output_format="exported_program",
+                                arg_inputs=list(prog.example.values()))
+            if check:
+                with torch.no_grad():
+                    got = program.as_tuple(trt_module(*prog.example.values()))
+                checks.append(f"{final.name}: TensorRT vs PyTorch: max rel err "
+                              f"{program.relative_error(got[0], prog.logits):.1e}")
+    ops: dict[str, int] = {}
+    for prog, _ in graphs:
+        for op, n in program.graph_op_counts(prog.exported).items():
+            ops[op] = ops.get(op, 0) + n
+    return ExportResult(path, "tensorrt", tuple(f for _, f in graphs), ops, "; ".join(checks) or "not checked")
 
 
-def _to_plugin_onnx(compiled, example_inputs, path: Path, check: bool, stage: Stage | None) -> ExportResult:
+def input_profiles(prog: program.Program, max_batch: int, max_seq_len: int) -> list[dict]:
+    """TensorRT optimization profiles (`min_shape`, `opt_shape`, `max_shape`) for the program's inputs: the example
+    shape is `opt`; an axis the capture made dynamic spans 1..max_batch (axis 0) or 1..max_seq_len (any other: the
+    sequence, or a full layer's cached length); static axes stay fixed."""
+    by_name = {n.name: n for n in prog.exported.graph.nodes if n.op == "placeholder"}
+    user = [by_name[name] for name in prog.exported.graph_signature.user_inputs]  # not the weights
+    profiles = []
+    for node, x in zip(user, prog.example.values()):
+        dims = node.meta["val"].shape
+        lo = tuple(1 if isinstance(d, torch.SymInt) else int(d) for d in dims)
+        hi = tuple((max_batch if axis == 0 else max_seq_len) if isinstance(d, torch.SymInt) else int(d)
+                   for axis, d in enumerate(dims))
+        profiles.append({"min_shape": lo, "opt_shape": tuple(x.shape), "max_shape": hi})
+    return profiles
+
+
+def _to_plugin_onnx(compiled, example_inputs, path: Path, decode: bool, check: bool,
+                    stage: Stage | None) -> ExportResult:
     import onnx
 
     from .onnx import op_counts, to_onnx
 
+    counts: dict[str, int] = {}
     with program.atomic_output(path) as tmp:
-        result = to_onnx(compiled, example_inputs, tmp, ops="custom", check=check, stage=stage)
-        model = onnx.load(str(tmp), load_external_data=False)  # external weights stay where they are
-        plugin_onnx(model)
-        onnx.save(model, str(tmp))
-    return ExportResult(path, "tensorrt-onnx", program.written_files(path), op_counts(model), result.check)
+        result = to_onnx(compiled, example_inputs, tmp, ops="custom", decode=decode, check=check, stage=stage)
+        names = [tmp.name] + ([program.decode_path(tmp).name] if decode else [])
+        for name in names:
+            model = onnx.load(str(tmp.parent / name), load_external_data=False)  # external weights stay
+            plugin_onnx(model)
+            onnx.save(model, str(tmp.parent / name))
+            for op, n in op_counts(model).items():
+                counts[op] = counts.get(op, 0) + n
+    files = tuple(f for name in names for f in program.written_files(path.parent / name))
+    return ExportResult(path, "tensorrt-onnx", files, dict(sorted(counts.items())), result.check)

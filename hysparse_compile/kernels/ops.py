@@ -10,6 +10,8 @@ Ops (schemas in docs/design.md):
     hysparse::sparse_attention_decode   -> out
 The backend string travels with the call; "auto" is resolved when the op runs (see `backends.resolve`).
 Absent optional gradients come back from the backward op as empty tensors and are turned into None here.
+Backward ops pass `dout` with the strides autograd gives it (each backend copies only what its kernel needs), and
+the sparse op's autograd does not save its output (`out` arrives empty in `sparse_attention_backward`).
 """
 from __future__ import annotations
 
@@ -54,12 +56,24 @@ def _empty(like: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- full attention
+def _layout_of(x: Tensor, ref: Tensor) -> Tensor:
+    """`x` in the layout `torch.empty_like(ref)` has, which is what the fake implementations declare (a compiled
+    graph asserts it): a copy only when a backend returned another layout (e.g. the Triton sparse kernel writes a
+    contiguous out for a transposed q; the output then needs the copy before `o_proj` anyway)."""
+    if x.numel() == 0 or x.shape != ref.shape:
+        return x
+    want = torch.empty_like(ref, device="meta").stride()
+    if x.stride() == want:
+        return x
+    return torch.empty_like(ref, dtype=x.dtype).copy_(x)
+
+
 @torch.library.custom_op("hysparse::full_attention", mutates_args=())
 def full_attention(q: Tensor, k: Tensor, v: Tensor, block_size: int, topk: int, scale: float,
                    return_scores: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = _impl(backend, "full_attention", q, k, block_size=block_size, nsel=topk // block_size)
     out, indices, lse, scores = impl.full_attention_fwd(q, k, v, block_size, topk, scale, return_scores)
-    return out, indices, lse, scores if return_scores else q.new_empty(0, dtype=torch.float32)
+    return _layout_of(out, q), indices, lse, scores if return_scores else q.new_empty(0, dtype=torch.float32)
 
 
 @full_attention.register_fake
@@ -78,8 +92,8 @@ def full_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = _impl(backend, "full_attention", q, k)
     with _autograd_inside_op():
-        dq, dk, dv = impl.full_attention_bwd(dout.contiguous(), q, k, v, out, lse, scale)
-    return dq.detach(), dk.detach(), dv.detach()
+        dq, dk, dv = impl.full_attention_bwd(dout, q, k, v, out, lse, scale)  # any strides: no copy of dout
+    return _layout_of(dq.detach(), q), _layout_of(dk.detach(), k), _layout_of(dv.detach(), v)
 
 
 @full_attention_backward.register_fake
@@ -119,7 +133,7 @@ def sparse_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, 
         branch_out = q.new_empty(0)
     elif branch_out is None or branch_out.numel() == 0:  # backend recomputes in its backward: keep the shape only
         branch_out = q.new_empty((2, *q.shape))
-    return out, lse, branch_out
+    return _layout_of(out, q), lse, branch_out
 
 
 @sparse_attention.register_fake
@@ -139,10 +153,11 @@ def sparse_attention_backward(dout: Tensor, q: Tensor, k_own: Tensor, v_own: Ten
                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = _impl(backend, "sparse_attention", q, k_own, block_size=block_size, nsel=indices.shape[-1])
     with _autograd_inside_op():
-        grads = impl.sparse_attention_bwd(dout.contiguous(), q, k_own, v_own, k_shared, v_shared, indices,
+        grads = impl.sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices,
                                           gate_sparse, gate_swa, sinks, out, lse, branch_out, block_size, window,
                                           scale, merge)
-    return tuple(_empty(q) if g is None else g.detach() for g in grads)
+    like = (q, k_own, v_own, k_shared, v_shared, gate_sparse, gate_swa, sinks)
+    return tuple(_empty(q) if g is None else _layout_of(g.detach(), ref) for g, ref in zip(grads, like))
 
 
 @sparse_attention_backward.register_fake
@@ -157,7 +172,9 @@ def _sparse_setup(ctx, inputs, output):
     (q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, block_size, window, scale, merge,
      save_branches, backend) = inputs
     out, lse, branch_out = output
-    ctx.save_for_backward(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, out, lse,
+    # `out` is not kept: no backend's backward reads it (the gate gradients need each branch's own output, which
+    # branch_out holds or the backward recomputes), so the layer's activations do not hold it a second time
+    ctx.save_for_backward(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, _empty(q), lse,
                           branch_out)
     ctx.args = (block_size, window, scale, merge, backend)
     ctx.mark_non_differentiable(lse, branch_out)
@@ -182,7 +199,8 @@ sparse_attention.register_autograd(_sparse_backward, setup_context=_sparse_setup
 def full_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, block_size: int,
                           topk: int, scale: float, backend: str) -> tuple[Tensor, Tensor]:
     impl = _impl(backend, "full_attention_decode", q, k_cache, block_size=block_size, nsel=topk // block_size)
-    return impl.full_attention_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale)
+    out, indices = impl.full_attention_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale)
+    return _layout_of(out, q), indices
 
 
 @full_attention_decode.register_fake
@@ -197,8 +215,9 @@ def sparse_attention_decode(q: Tensor, k_win: Tensor, v_win: Tensor, k_shared: T
                             gate_swa: Optional[Tensor], sinks: Optional[Tensor], block_size: int, window: int,
                             scale: float, merge: bool, backend: str) -> Tensor:
     impl = _impl(backend, "sparse_attention_decode", q, k_shared, block_size=block_size, nsel=indices.shape[-1])
-    return impl.sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse,
-                                        gate_swa, sinks, block_size, window, scale, merge)
+    return _layout_of(impl.sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len,
+                                                   gate_sparse, gate_swa, sinks, block_size, window, scale, merge),
+                      q)
 
 
 @sparse_attention_decode.register_fake

@@ -46,8 +46,13 @@ def branch_gates(x: Tensor, weight: Tensor, heads: int, branches: int) -> tuple[
     x [B, T, hidden] (or [B*T, hidden] with T taken from the weight's use); weight [branches * heads * e, hidden]
     with e = head_dim (gate="element") or 1 (gate="head") -> `branches` tensors [B, heads, T, e]: the sparse-branch
     gate first, then the SWA-branch gate.
+
+    Both gates come from one matmul and one sigmoid, in x's dtype; they are strided views of that one output (the
+    kernels take gates with any strides), split by `unbind`, whose backward writes both gate gradients into one
+    buffer (indexing `g[i]` would zero-fill a buffer of both branches per branch and add them: docs/compiler.md,
+    "What the compiled graph does not pay for").
     """
     g = torch.sigmoid(torch.nn.functional.linear(x, weight))  # [B, T, branches * heads * e]
     B, T = x.shape[0], x.shape[1]
     g = g.view(B, T, branches, heads, -1).permute(2, 0, 3, 1, 4)  # [branches, B, heads, T, e]
-    return tuple(g[i] for i in range(branches))
+    return g.unbind(0)

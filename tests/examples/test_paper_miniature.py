@@ -51,8 +51,18 @@ def pipeline(tmp_path_factory):
                        tmp / "selections.npz", cwd=tmp)
     except ImportError:
         pass
+    # a second batch through run_all.sh: a PLAN subset with a tagged run (another needle mix), merged with the first
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               COLUMNS="160", SMOKE="1", STEPS="2", DATA=str(data), RUNS=str(tmp / "runs2"), OUT=str(tmp / "out2"),
+               PYTHON=sys.executable, PLAN="hysparse-1:3 1 - --tag needle --needle-rate 1.0 --needle-pairs 3;",
+               MERGE=str(tmp / "results.json"))
+    batch = subprocess.run(["bash", str(HERE / "run_all.sh")], cwd=tmp, env=env, capture_output=True, text=True,
+                           timeout=TIMEOUT_S)
+    assert batch.returncode == 0, f"run_all.sh PLAN=... MERGE=... exited {batch.returncode}:\n" \
+                                  f"{(batch.stdout + batch.stderr)[-4000:]}"
     return {"tmp": tmp, "data": data, "runs": runs, "context": context, "plotted": plotted,
-            "results": json.loads((tmp / "results.json").read_text())}
+            "results": json.loads((tmp / "results.json").read_text()), "batch_log": batch.stdout,
+            "merged": json.loads((tmp / "out2" / "merged.json").read_text())}
 
 
 def test_prepare_writes_byte_splits_and_a_manifest(pipeline):
@@ -161,3 +171,79 @@ def test_the_needle_probe_puts_the_value_after_the_query_and_in_the_needle():
         assert query.startswith(b"\nKEY_") and needle == query + value + b'"\n'
         assert text.count(b"KEY_") == 4  # needle, two distractors, query
         assert p.distance == p.value_start - p.needle_start > 0
+
+
+def test_a_plan_subset_runs_only_its_runs_and_merges_with_the_first_batch(pipeline):
+    tmp = pipeline["tmp"]
+    assert "plan: 1 runs" in pipeline["batch_log"]
+    trained = sorted(p.name for p in (tmp / "runs2").iterdir() if (p / "config.json").exists())
+    assert trained == ["hysparse-1_3_s1_needle"]
+    second = json.loads((tmp / "out2" / "results.json").read_text())
+    run = second["runs"]["hysparse-1_3_s1_needle"]
+    assert run["group"] == "needle" and run["needle_rate"] == 1.0 and run["needle_pairs"] == 3
+    assert "training_free" not in second  # the batch has no untagged `full` run
+    merged = pipeline["merged"]
+    assert set(merged["runs"]) == set(pipeline["results"]["runs"]) | {"hysparse-1_3_s1_needle"}
+    assert merged["training_free"] == pipeline["results"]["training_free"]  # kept from the first batch
+    # the tagged run is a group of its own: the main variants keep their seeds and numbers
+    assert merged["variants"]["hysparse-1:3"]["seeds"] == [0]
+    assert merged["variants"]["hysparse-1:3"]["val_loss"] == \
+        pipeline["results"]["variants"]["hysparse-1:3"]["val_loss"]
+    assert merged["variants"]["hysparse-1:3@needle"]["group"] == "needle"
+    md = (tmp / "out2" / "merged.md").read_text()
+    assert "**Retrieval groups**" in md and "`hysparse-1:3` [needle]" in md and "**What the needle is worth**" in md
+    assert "Δ seed 0" in md and "**Training-free**" in md
+
+
+def test_merge_recomputes_seed_spreads_and_refuses_other_settings(pipeline, tmp_path):
+    import merge
+
+    first = pipeline["results"]
+    second = json.loads(json.dumps(first))  # the same runs as seed 1 of every variant
+    second["runs"] = {name.replace("_s0", "_s1"): dict(run, seed=1, eval=dict(run["eval"],
+                                                                              val_loss=run["eval"]["val_loss"] + 0.2))
+                      for name, run in first["runs"].items()}
+    second.pop("training_free")
+    m = merge.merge([first, second])
+    a = m["variants"]["full"]
+    assert a["seeds"] == [0, 1] and a["val_loss"]["n"] == 2
+    assert a["val_loss"]["max"] - a["val_loss"]["min"] == pytest.approx(0.2)
+    assert set(a["val_loss_by_seed"]) == {"0", "1"}
+    assert "training_free" in m
+    other = json.loads(json.dumps(second))
+    other["settings"]["context"] *= 2
+    with pytest.raises(ValueError, match="context"):
+        merge.merge([first, other])
+    assert merge.merge([first, other], force=True)["merge_problems"]
+
+
+def test_the_retrieval_score_is_perfect_for_a_copying_model_and_chance_without_the_needle():
+    """The probe's scoring against a trivially solvable case: a model that copies what followed the last earlier
+    occurrence of the preceding 13 bytes (`\\nKEY_xxxxx = "` and the value so far) gets every value byte, and on the
+    control copy (needle removed) it has nothing to copy."""
+    import math
+
+    import torch
+
+    from corpus import QUERY_LEN, probe_set
+    from evaluation import retrieval
+
+    class Copier(torch.nn.Module):
+        def forward(self, x):
+            B, T = x.shape
+            logits = torch.zeros(B, T, 256)
+            for b in range(B):
+                row = bytes(x[b].tolist())
+                for t in range(QUERY_LEN, T):
+                    j = row.rfind(row[t - QUERY_LEN + 1:t + 1], 0, t)
+                    if j >= 0:
+                        logits[b, t, row[j + QUERY_LEN]] = 30.0
+            return logits
+
+    filler = np.frombuffer(b"def f(x):\n    return x + 1\n" * 40, dtype=np.uint8)
+    for kind, distractors in (("single", 0), ("multikey", 2)):
+        probes = probe_set(filler, context=256, depths=(0.0, 0.5, 0.9), samples=3, distractors=distractors)
+        r = retrieval(Copier(), probes, device=torch.device("cpu"), batch=2)
+        assert r["acc"] == r["exact"] == [1.0, 1.0, 1.0], kind
+        assert max(r["loss"]) < 1e-6
+        assert min(r["control_loss"]) == pytest.approx(math.log(256), rel=1e-3)  # no needle: uniform over bytes

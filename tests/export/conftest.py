@@ -16,4 +16,4 @@ def custom_file(tmp_path_factory):
     from hysparse_compile.export import to_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "llama-custom.onnx"
-    return to_onnx(sharp_llama(), example_ids(), path, ops="custom")
+    return to_onnx(sharp_llama(), example_ids(), path, ops="custom", decode=True)  # prefill (+ cache), decode step

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from exportable import example_ids, nano
+from exportable import example_ids, hf_positions, nano, padded_batch, sharp_llama
 
 from hysparse_compile.export import to_aoti
 
@@ -42,10 +42,57 @@ def test_package_loads_in_a_fresh_process_and_matches_eager(tmp_path):
         assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
 
 
+GREEDY = textwrap.dedent("""
+    import sys, torch
+    prefill = torch._inductor.aoti_load_package(sys.argv[1])
+    decode = torch._inductor.aoti_load_package(sys.argv[2])
+    ids, mask, positions, new = torch.load(sys.argv[3])
+    with torch.no_grad():
+        outs = prefill(ids, mask, positions)
+        tokens = []
+        for _ in range(new):
+            tokens.append(outs[0][:, -1].argmax(-1, keepdim=True))
+            outs = decode(tokens[-1], *outs[1:])
+    torch.save((torch.cat(tokens, 1), outs[1]), sys.argv[4])
+    assert "hysparse_compile" not in sys.modules
+""")
+
+
+def test_decode_packages_generate_the_tokens_of_compiled_generate(tmp_path):
+    """Prefill package (returns the cache) + decode-step package, driven by a greedy loop in a fresh process on a
+    left-padded batch: the tokens of `compiled.generate` (transformers' greedy search with the HySparse cache)."""
+    compiled = sharp_llama()
+    result = to_aoti(compiled, example_ids(2, 40), tmp_path / "llama.pt2", decode=True, inductor_configs=FAST_BUILD)
+    prefill, decode = result.files
+    assert decode.name == "llama-decode.pt2" and result.check.count("aoti_load_package ok") == 2
+    assert "cache" in result.check and not any("hysparse" in op for op in result.ops)
+    ids, mask = padded_batch(30, 4, seed=7)
+    new = 20  # crosses 16-token blocks and wraps the 16-slot SWA ring
+    with torch.no_grad():
+        want = compiled.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)[:, 30:]
+    torch.save((ids, mask, hf_positions(mask), new), tmp_path / "case.pt")
+    run = subprocess.run([sys.executable, "-c", GREEDY, str(prefill), str(decode), str(tmp_path / "case.pt"),
+                          str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    tokens, lengths = torch.load(tmp_path / "out.pt")
+    assert torch.equal(tokens, want)
+    assert lengths.tolist() == [30 + new, 30 - 4 + new]  # present.lengths: real tokens cached per row
+
+
 @pytest.mark.parametrize("path, words", [("model.so", "must end in .pt2"), ("missing/model.pt2", "does not exist")])
 def test_bad_paths_are_refused(tmp_path, path, words):
     with pytest.raises(ValueError, match=words):
         to_aoti(nano(), example_ids(), tmp_path / path)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(kernels="cuda"), ValueError, "kernels must be 'triton' .* or 'aten'"),
+    (dict(decode=1), TypeError, "decode must be True or False"),
+])
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, kwargs, error, words):
+    with pytest.raises(error, match=words):
+        to_aoti(nano(), example_ids(), tmp_path / "m.pt2", **kwargs)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_model_that_is_not_compiled_is_refused(tmp_path):

@@ -29,7 +29,7 @@ def test_export_writes_the_file_and_prints_the_summary(tmp_path, monkeypatch):
     (["--format", "tflite"], "unknown --format 'tflite'; valid formats: onnx, onnx-custom, aoti"),
     (["--model", "bert"], "unknown model 'bert'"),
     (["--pattern", "FSS"], "--pattern has 3 layers but the model has 8"),
-    (["--format", "aoti", "--decode"], "--decode exports the decode-step graph"),
+    (["--format", "aoti", "--decode"], "must end in .pt2"),
 ])
 def test_bad_options_exit_2_with_a_message(tmp_path, args, message):
     result = runner.invoke(app, ["export", *args, str(tmp_path / "m.onnx")])

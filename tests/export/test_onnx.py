@@ -121,11 +121,39 @@ def test_custom_file_has_one_node_per_op_with_the_documented_schema(custom_file)
         assert f"`{name}`" in docs, f"docs/onnx_ops.md does not document {name!r}"
 
 
+def test_custom_decode_graphs_generate_the_tokens_of_compiled_generate(custom_file):
+    """The custom-domain prefill + decode-step files (FullAttentionDecode / SparseAttentionDecode nodes), run by
+    `onnx.reference` with the Python ops in a greedy loop on a left-padded batch: `compiled.generate`'s tokens."""
+    prefill, decode = custom_file.files[0], custom_file.files[-1]
+    assert decode.name == "llama-custom-decode.onnx" and custom_file.check.count("checker ok") == 2
+    ops = {n.op_type for n in onnx.load(str(decode)).graph.node if n.domain == "hysparse"}
+    assert ops == {"FullAttentionDecode", "SparseAttentionDecode"}
+    docs = DOCS.read_text()
+    for name in (*ops, *onnx_custom.SPARSE_DECODE_INPUTS, "k_cache", "v_cache"):
+        assert f"`{name}`" in docs or f"hysparse::{name}`" in docs, f"docs/onnx_ops.md does not document {name!r}"
+    ids, mask = padded_batch(30, 4, seed=7)
+    new = 18  # crosses a 16-token block boundary and wraps the 16-slot SWA ring
+    with torch.no_grad():
+        want = sharp_llama().generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)[:, 30:]
+    outs = onnx_custom.run_reference_evaluator(prefill, {"input_ids": ids, "attention_mask": mask,
+                                                         "position_ids": hf_positions(mask)}, all_outputs=True)
+    session = onnx_custom.reference_session(decode)
+    names = [n.replace("present.", "past.") for n in session.output_names][1:]
+    tokens = []
+    for _ in range(new):
+        tokens.append(outs[0][:, -1].argmax(-1, keepdim=True))
+        feed = {"input_ids": tokens[-1].numpy(), **{n: x.numpy() for n, x in zip(names, outs[1:])}}
+        outs = [torch.from_numpy(x) for x in session.run(None, feed)]
+    assert torch.equal(torch.cat(tokens, 1), want)
+
+
 def test_custom_file_runs_with_python_ops_and_matches_pytorch(custom_file):
     assert "onnx.reference" in custom_file.check
     ids, mask = padded_batch(77, 6)
-    got = onnx_custom.run_reference_evaluator(custom_file.path, {"input_ids": ids, "attention_mask": mask})
-    assert rel(got, reference_logits(ids, mask)) <= 1e-4
+    positions = torch.arange(77).expand_as(ids)
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    got = onnx_custom.run_reference_evaluator(custom_file.path, feed)  # the prefill file (it also returns the cache)
+    assert rel(got, reference_logits(ids, mask, positions)) <= 1e-4
 
 
 def test_sparse_node_fillers_are_neutral(gen):
@@ -146,7 +174,6 @@ def test_sparse_node_fillers_are_neutral(gen):
     (dict(opset=13), ValueError, "opset 13 is too old"),
     (dict(opset="18"), TypeError, "opset must be an int"),
     (dict(decode="yes"), TypeError, "decode must be True or False"),
-    (dict(ops="custom", decode=True), NotImplementedError, "decode=True is available with ops='standard' only"),
 ])
 def test_bad_arguments_name_the_argument(tmp_path, kwargs, error, words):
     with pytest.raises(error, match=words):

@@ -133,6 +133,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     NSEL: tl.constexpr, NSEL_P2: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # a traced caller (AOTInductor, wrap_triton) passes Python floats as fp64
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query tiles first
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
@@ -365,6 +366,34 @@ def _bwd_dq_kernel(
     tl.store(DQ + o_off, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
+@triton.jit
+def _bwd_delta_kernel(DO, O, DELTA, sdb, sdh, sdt, sob, soh, sot, n_rows, T, Hq,
+                      HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """delta[row] = sum_d dO[row, d] * O[row, d] in fp32, per row of [B, Hq, T], reading both in their own dtype
+    and strides (no fp32 copies of dO and O)."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    ok = r < n_rows
+    t = r % T
+    bh = r // T
+    h = bh % Hq
+    b = bh // Hq
+    dd = tl.arange(0, HEAD_DIM)
+    do = tl.load(DO + (b * sdb + h * sdh + t * sdt)[:, None] + dd[None, :], mask=ok[:, None], other=0.0)
+    o = tl.load(O + (b * sob + h * soh + t * sot)[:, None] + dd[None, :], mask=ok[:, None], other=0.0)
+    tl.store(DELTA + r, tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1), mask=ok)
+
+
+def _bwd_delta(dout, out):
+    """rowsum(dout * out) float32 [B, Hq, T]; dout and out [B, Hq, T, d] with unit last stride."""
+    B, Hq, T, d = out.shape
+    delta = torch.empty(B, Hq, T, dtype=torch.float32, device=out.device)
+    n_rows, block_r = B * Hq * T, 32
+    _bwd_delta_kernel[(triton.cdiv(n_rows, block_r),)](
+        dout, out, delta, *dout.stride()[:3], *out.stride()[:3], n_rows, T, Hq,
+        HEAD_DIM=d, BLOCK_R=block_r, num_warps=4)
+    return delta
+
+
 def full_attention_bwd(dout, q, k, v, out, lse, scale):
     """Plain causal flash backward. dout/q/out [B, Hq, T, d], k/v [B, Hkv, T, d], lse float32 [B, Hq, T].
 
@@ -375,9 +404,9 @@ def full_attention_bwd(dout, q, k, v, out, lse, scale):
         return tuple(g.to(q.dtype) for g in grads)
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
-    q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
+    q, k, v, dout, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout, out))
     lse = lse.contiguous()
-    delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, Hq, T]
+    delta = _bwd_delta(dout, out)  # [B, Hq, T] fp32, without fp32 copies of dout and out
     dq = torch.empty(B, Hq, T, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, Hkv, T, d, dtype=k.dtype, device=q.device)
     dv = torch.empty(B, Hkv, T, d, dtype=v.dtype, device=q.device)

@@ -11,10 +11,13 @@ selected blocks and the window keys not already selected (the window walk skips 
 Semantics and shapes: docs/design.md (backend interface); design notes and numbers: docs/kernels_sparse.md.
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
+from .block_major import block_partials
 from .block_union import choose_tokens_per_tile, tile_block_union, tokens_per_tile
 from .online_softmax import normalize_with_sink, online_softmax_step
 
@@ -34,6 +37,85 @@ def _row_selected(sel, j):
 
 
 @triton.jit
+def _swa_branch(q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok,
+                skob, skoh, skot, svob, svoh, svot, sib, sih, sit, T, NSEL, qk_scale2, window,
+                M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr):
+    """SWA branch (own K/V, positions t-window+1..t) of a tile; merged into the sparse softmax state when MERGE.
+
+    Returns the sparse state (changed only when MERGE) and the SWA branch's (m_w, l_w, acc_w)."""
+    m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_w = tl.zeros([BLOCK_M], tl.float32)
+    acc_w = tl.zeros([BLOCK_M, D], tl.float32)
+    if HAS_SWA:
+        dd = tl.arange(0, D)
+        cols = tl.arange(0, BLOCK_N)
+        if MERGE:
+            i_off = b.to(tl.int64) * sib + g.to(tl.int64) * sih + tpos.to(tl.int64) * sit
+            sel = tl.load(IDX + i_off[:, None] + tl.arange(0, NSEL_P2)[None, :],
+                          mask=row_ok[:, None] & (tl.arange(0, NSEL_P2)[None, :] < NSEL), other=-1)
+        ko_base = KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh
+        vo_base = VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh
+        lo = tl.maximum(t0 - window + 1, 0) // BLOCK_N
+        hi = tl.minimum(t0 + M_TOK - 1, T - 1) // BLOCK_N
+        for j in range(lo, hi + 1):
+            kpos = j * BLOCK_N + cols
+            k = tl.load(ko_base + kpos.to(tl.int64)[:, None] * skot + dd[None, :], mask=(kpos < T)[:, None], other=0.0)
+            v = tl.load(vo_base + kpos.to(tl.int64)[:, None] * svot + dd[None, :], mask=(kpos < T)[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale2
+            ok = row_ok[:, None] & (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - window)
+            if MERGE:
+                ok = ok & (~_row_selected(sel, j))[:, None]
+                s = tl.where(ok, s, float("-inf"))
+                m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
+            else:
+                s = tl.where(ok, s, float("-inf"))
+                m_w, l_w, acc_w = online_softmax_step(s, v, m_w, l_w, acc_w)
+    return m_s, l_s, acc_s, m_w, l_w, acc_w
+
+
+@triton.jit
+def _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, heads, tpos, row_ok,
+              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, T, HKV,
+              G: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr,
+              GS_MODE: tl.constexpr, GW_MODE: tl.constexpr, SAVE: tl.constexpr):
+    """Sinks join each branch's denominator, lse (and the ungated branches when SAVE) are stored, gates multiply,
+    `out` is written once. Both kernels that call it run on a grid whose axis 1 is B * Hkv."""
+    dd = tl.arange(0, D)
+    if HAS_SINKS:
+        sink2 = tl.load(SINKS + heads).to(tl.float32) * 1.4426950408889634
+    else:
+        sink2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    o_s = normalize_with_sink(m_s, l_s, acc_s, sink2)
+    o_w = normalize_with_sink(m_w, l_w, acc_w, sink2)
+
+    o_off = ((b * (HKV * G) + heads).to(tl.int64) * T + tpos)  # row of a contiguous [B, Hq, T, *] tensor
+    lse_s = tl.where(l_s > 0, (m_s + tl.log2(l_s)) * 0.6931471805599453, float("-inf"))
+    lse_w = tl.where(l_w > 0, (m_w + tl.log2(l_w)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + o_off * 2, lse_s, mask=row_ok)
+    tl.store(LSE + o_off * 2 + 1, lse_w, mask=row_ok)
+    if SAVE:
+        n_rows = (tl.num_programs(1) * G).to(tl.int64) * T
+        tl.store(BR + o_off[:, None] * D + dd[None, :], o_s.to(BR.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(BR + (n_rows + o_off)[:, None] * D + dd[None, :], o_w.to(BR.dtype.element_ty), mask=row_ok[:, None])
+    if GS_MODE > 0:  # 1: per head [.., 1], 2: per channel [.., d]
+        gs_off = b.to(tl.int64) * sgsb + heads.to(tl.int64) * sgsh + tpos.to(tl.int64) * sgst
+        if GS_MODE == 2:
+            gs_off = gs_off[:, None] + dd[None, :] * sgsd
+        else:
+            gs_off = gs_off[:, None] + dd[None, :] * 0
+        o_s = o_s * tl.load(GS + gs_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if GW_MODE > 0:
+        gw_off = b.to(tl.int64) * sgwb + heads.to(tl.int64) * sgwh + tpos.to(tl.int64) * sgwt
+        if GW_MODE == 2:
+            gw_off = gw_off[:, None] + dd[None, :] * sgwd
+        else:
+            gw_off = gw_off[:, None] + dd[None, :] * 0
+        o_w = o_w * tl.load(GW + gw_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(OUT + o_off[:, None] * D + dd[None, :], (o_s + o_w).to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
 def _sparse_fwd_kernel(
     Q, KS, VS, KO, VO, UNION, BITS, COUNT, IDX, GS, GW, SINKS, OUT, LSE, BR,
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst, skob, skoh, skot, svob, svoh, svot,
@@ -44,6 +126,7 @@ def _sparse_fwd_kernel(
     NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_SINKS: tl.constexpr,
     GS_MODE: tl.constexpr, GW_MODE: tl.constexpr, SAVE: tl.constexpr, PAIR: tl.constexpr,
 ):
+    qk_scale2 = tl.cast(qk_scale2, tl.float32)  # a traced caller (AOTInductor, wrap_triton) passes floats as fp64
     tile = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // HKV
@@ -102,65 +185,64 @@ def _sparse_fwd_kernel(
             s = tl.where(ok, s, float("-inf"))
             m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
 
-    # ---- SWA branch (own K/V, positions t-window+1..t); merged into the same softmax when MERGE
-    m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_w = tl.zeros([BLOCK_M], tl.float32)
-    acc_w = tl.zeros([BLOCK_M, D], tl.float32)
+    m_s, l_s, acc_s, m_w, l_w, acc_w = _swa_branch(
+        q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
+        T, NSEL, qk_scale2, window, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, MERGE, HAS_SWA)
+    _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, heads, tpos, row_ok,
+              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, T, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE, SAVE)
+
+
+@triton.jit
+def _sparse_fwd_partials_kernel(
+    Q, KO, VO, OP, LP, IDX, GS, GW, SINKS, OUT, LSE, BR,
+    sqb, sqh, sqt, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
+    sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd,
+    T, T_BEGIN, TC, HKV, NSEL, qk_scale2, window,
+    G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    NSEL_P2: tl.constexpr, HAS_SWA: tl.constexpr, HAS_SINKS: tl.constexpr,
+    GS_MODE: tl.constexpr, GW_MODE: tl.constexpr, SAVE: tl.constexpr,
+):
+    """Block-major path, second pass: the tile's rows fold their `NSEL` sparse partials (`block_major.py`: normalized
+    output and log2-sum-exp per (row, slot)) into the sparse branch's (m, l, acc) state, then the SWA branch and the
+    epilogue of `_sparse_fwd_kernel`. Tiles of the token chunk `T_BEGIN .. T_BEGIN + TC - 1` (TC a multiple of
+    M_TOK except at the sequence end); the partial buffers hold that chunk only."""
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // HKV
+    g = bg % HKV
+    t0 = T_BEGIN + tile * M_TOK
+    rows = tl.arange(0, BLOCK_M)
+    row_tok = rows // G
+    hh = rows % G
+    heads = g * G + hh
+    tpos = t0 + row_tok
+    row_ok = (rows < M_TOK * G) & (tpos < T_BEGIN + TC) & (tpos < T)
+    dd = tl.arange(0, D)
+
+    # ---- sparse branch from the partials: m = max lse_i, l = sum 2^(lse_i - m), acc = sum 2^(lse_i - m) o_i
+    prow = ((bg.to(tl.int64) * TC + (tpos - T_BEGIN)) * NSEL) * G + hh  # [BLOCK_M] slot 0 of each row
+    slots = tl.arange(0, NSEL_P2)
+    lp_all = tl.load(LP + prow[:, None] + slots[None, :] * G, mask=row_ok[:, None] & (slots[None, :] < NSEL),
+                     other=float("-inf"))  # [BLOCK_M, NSEL_P2]
+    m_s = tl.max(lp_all, axis=1)
+    m_safe = tl.where(m_s == float("-inf"), 0.0, m_s)
+    l_s = tl.sum(tl.exp2(lp_all - m_safe[:, None]), axis=1)
+    acc_s = tl.zeros([BLOCK_M, D], tl.float32)
+    for s in range(0, NSEL):
+        lp = tl.load(LP + prow + s * G, mask=row_ok, other=float("-inf"))
+        w = tl.exp2(lp - m_safe)  # 0 for an empty slot
+        o = tl.load(OP + (prow + s * G)[:, None] * D + dd[None, :], mask=(row_ok & (w > 0))[:, None], other=0.0)
+        acc_s += w[:, None] * o.to(tl.float32)
+
+    q = tl.zeros([BLOCK_M, D], Q.dtype.element_ty)
     if HAS_SWA:
-        if MERGE:
-            i_off = b.to(tl.int64) * sib + g.to(tl.int64) * sih + tpos.to(tl.int64) * sit
-            sel = tl.load(IDX + i_off[:, None] + tl.arange(0, NSEL_P2)[None, :],
-                          mask=row_ok[:, None] & (tl.arange(0, NSEL_P2)[None, :] < NSEL), other=-1)
-        ko_base = KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh
-        vo_base = VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh
-        lo = tl.maximum(t0 - window + 1, 0) // BLOCK_N
-        hi = tl.minimum(t0 + M_TOK - 1, T - 1) // BLOCK_N
-        for j in range(lo, hi + 1):
-            kpos = j * BLOCK_N + cols
-            k = tl.load(ko_base + kpos.to(tl.int64)[:, None] * skot + dd[None, :], mask=(kpos < T)[:, None], other=0.0)
-            v = tl.load(vo_base + kpos.to(tl.int64)[:, None] * svot + dd[None, :], mask=(kpos < T)[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale2
-            ok = row_ok[:, None] & (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - window)
-            if MERGE:
-                ok = ok & (~_row_selected(sel, j))[:, None]
-                s = tl.where(ok, s, float("-inf"))
-                m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
-            else:
-                s = tl.where(ok, s, float("-inf"))
-                m_w, l_w, acc_w = online_softmax_step(s, v, m_w, l_w, acc_w)
-
-    # ---- epilogue: sinks join each denominator, gates, one write of out
-    if HAS_SINKS:
-        sink2 = tl.load(SINKS + heads).to(tl.float32) * 1.4426950408889634
-    else:
-        sink2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    o_s = normalize_with_sink(m_s, l_s, acc_s, sink2)
-    o_w = normalize_with_sink(m_w, l_w, acc_w, sink2)
-
-    o_off = ((b * (HKV * G) + heads).to(tl.int64) * T + tpos)  # row of a contiguous [B, Hq, T, *] tensor
-    lse_s = tl.where(l_s > 0, (m_s + tl.log2(l_s)) * 0.6931471805599453, float("-inf"))
-    lse_w = tl.where(l_w > 0, (m_w + tl.log2(l_w)) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + o_off * 2, lse_s, mask=row_ok)
-    tl.store(LSE + o_off * 2 + 1, lse_w, mask=row_ok)
-    if SAVE:
-        n_rows = (tl.num_programs(1) * G).to(tl.int64) * T
-        tl.store(BR + o_off[:, None] * D + dd[None, :], o_s.to(BR.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(BR + (n_rows + o_off)[:, None] * D + dd[None, :], o_w.to(BR.dtype.element_ty), mask=row_ok[:, None])
-    if GS_MODE > 0:  # 1: per head [.., 1], 2: per channel [.., d]
-        gs_off = b.to(tl.int64) * sgsb + heads.to(tl.int64) * sgsh + tpos.to(tl.int64) * sgst
-        if GS_MODE == 2:
-            gs_off = gs_off[:, None] + dd[None, :] * sgsd
-        else:
-            gs_off = gs_off[:, None] + dd[None, :] * 0
-        o_s = o_s * tl.load(GS + gs_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    if GW_MODE > 0:
-        gw_off = b.to(tl.int64) * sgwb + heads.to(tl.int64) * sgwh + tpos.to(tl.int64) * sgwt
-        if GW_MODE == 2:
-            gw_off = gw_off[:, None] + dd[None, :] * sgwd
-        else:
-            gw_off = gw_off[:, None] + dd[None, :] * 0
-        o_w = o_w * tl.load(GW + gw_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(OUT + o_off[:, None] * D + dd[None, :], (o_s + o_w).to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        q_off = b.to(tl.int64) * sqb + heads.to(tl.int64) * sqh + tpos.to(tl.int64) * sqt
+        q = tl.load(Q + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
+    m_s, l_s, acc_s, m_w, l_w, acc_w = _swa_branch(
+        q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
+        T, NSEL, qk_scale2, window, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, False, HAS_SWA)
+    _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, heads, tpos, row_ok,
+              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, T, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE, SAVE)
 
 
 def _last_dim_unit(x):
@@ -187,53 +269,154 @@ def launch_config(G, D, block_size, m_tok=None, num_warps=None, num_stages=None)
     return m_tok, block_m, num_warps, num_stages or 3
 
 
+DEFAULT_ORDER = "auto"  # what `sparse_attention_fwd(order=None)` (and so the op) runs; see `forward_order`
+AUTO_UNION_RATIO = 4.0  # "auto": block-major when the mean tile union exceeds this many times nsel
+AUTO_MIN_T = 16384  # "auto": token-major below this length (H200, 32/8/128 random: block 0.4x vs token 0.6x cuDNN at
+#                     8k, 1.6x vs 1.1x at 32k; the crossover estimate is ~16k)
+MAX_PARTIAL_BYTES = 1 << 30  # block-major: partial buffers per token chunk (the sequence is cut to fit)
+
+
+@contextlib.contextmanager
+def forward_order(order):
+    """Within the block, `sparse_attention_fwd(order=None)` (so also `hysparse::sparse_attention` and the backward's
+    recomputation) runs `order` ("token", "block" or "auto"). For tests and benchmarks; not thread-safe."""
+    global DEFAULT_ORDER
+    assert order in ("token", "block", "auto"), order
+    old, DEFAULT_ORDER = DEFAULT_ORDER, order
+    try:
+        yield
+    finally:
+        DEFAULT_ORDER = old
+
+
+def choose_order(count, nsel, T, G=None):
+    """"block" or "token" from the token-major work list (`count [B, Hkv, n_tiles]`, distinct blocks per tile).
+
+    Token-major work is ~ the mean union per tile (each union block is one K/V load and one MMA step for all the
+    tile's rows); block-major work is ~ nsel steps per token tile plus the partials' traffic (write and read of
+    `nsel * (d + 2)` elements per query row). Rule: block-major when T >= AUTO_MIN_T and the mean union exceeds
+    AUTO_UNION_RATIO * nsel (random-like selections at G <= 8; never at G >= 16, whose 4-token tiles cannot reach
+    it). One host sync; while a CUDA graph is being captured: "token". Measured on an H200 (docs/kernels_sparse.md):
+    block-major wins only for random-like selections at G = 4 and long T (32k: 1.6x vs 1.1x cuDNN); at G = 16 and
+    with tile-correlated selections token-major is faster, which this rule keeps.
+    """
+    if T < AUTO_MIN_T or (count.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return "token"
+    return "block" if count.float().mean().item() > AUTO_UNION_RATIO * nsel else "token"
+
+
 def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
                          block_size, window, scale, merge, save_branches, m_tok=None, num_warps=None,
-                         num_stages=None, pair=False):
+                         num_stages=None, pair=False, order=None, block_major=None):
     """Fused sparse layer forward.
 
     q [B, Hq, T, d]; k_own, v_own, k_shared, v_shared [B, Hkv, T, d]; indices int32 [B, Hkv, T, nsel] (ascending,
-    -1 padded); gates None or [B, Hq, T, 1 | d] (any strides); sinks None or [Hq]; window 0 = no SWA branch.
-    Returns out [B, Hq, T, d] (q.dtype), lse float32 [B, Hq, T, 2], branch_out [2, B, Hq, T, d] when
+    distinct, -1 padded); gates None or [B, Hq, T, 1 | d] (any strides); sinks None or [Hq]; window 0 = no SWA
+    branch. Returns out [B, Hq, T, d] (q.dtype), lse float32 [B, Hq, T, 2], branch_out [2, B, Hq, T, d] when
     save_branches (else empty). Tuning knobs (None = defaults): `m_tok` tokens per program (default ~64 rows;
     "auto": 128 or 64 rows by `block_union.choose_tokens_per_tile`), Triton's `num_warps`/`num_stages`, `pair`
     (two union blocks per step; slower on the H100, kept for tuning).
+
+    `order` (None = DEFAULT_ORDER, "auto"): loop order of the sparse branch. "token": one kernel, each tile of
+    tokens walks the union of its selected blocks (the knobs above). "block": K/V-block-major (`block_major.py`):
+    each selected block's K/V is loaded once for all the tokens that picked it, per-(row, slot) partials are
+    written (`B * Hq * nsel * (d * elt + 4)` bytes per token, ~4.3 GB for 32k tokens at 32/8/128, nsel 16, bf16;
+    the sequence is processed in chunks so that at most `max_partial_bytes` are live), then a second kernel merges
+    them and runs the SWA branch, sinks, gates and the epilogue (m_tok/num_warps/num_stages apply to it; default
+    8 warps, 2 stages). "auto":
+    `choose_order` on the token-major union sizes (one host sync); token-major when `m_tok` or `pair` is given
+    (they tune that kernel). `merge=True` always runs token-major.
+    `block_major`: dict of knobs of the block-major pass: tok (tokens per step, ~64 rows), chunk (entries per
+    program), num_warps, num_stages (see `block_major.default_config`), max_partial_bytes (default 1 GiB).
     """
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]
     G = Hq // Hkv
     nsel = indices.shape[-1]
+    order = order or DEFAULT_ORDER
+    m_tok_given = m_tok is not None
+    assert order in ("token", "block", "auto"), order
     if merge:  # one softmax over selected + window keys of the layer's own K/V, passed as k_shared/v_shared
         k_own, v_own = k_shared, v_shared
+        order = "token"
     q, k_own, v_own, k_shared, v_shared = (_last_dim_unit(x) for x in (q, k_own, v_own, k_shared, v_shared))
     gate_sparse, gate_swa = _last_dim_unit(gate_sparse), _last_dim_unit(gate_swa)
     indices = indices.contiguous()
-    if m_tok == "auto":  # 128 or 64 rows from the union sizes (one host sync); measured no faster, see docs
-        m_tok, (union, bits, count) = choose_tokens_per_tile(indices, G)
-    else:
-        m_tok = m_tok or tokens_per_tile(G)
-        union, bits, count = tile_block_union(indices, m_tok)
-    m_tok, block_m, num_warps, num_stages = launch_config(G, D, block_size, m_tok, num_warps, num_stages)
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, 2, device=q.device, dtype=torch.float32)
     branch_out = (torch.empty(2, B, Hq, T, D, device=q.device, dtype=q.dtype) if save_branches
                   else torch.empty(0, device=q.device, dtype=q.dtype))
     dummy = out
+    common = (gate_sparse if gate_sparse is not None else dummy, gate_swa if gate_swa is not None else dummy,
+              sinks if sinks is not None else dummy, out, lse, branch_out if save_branches else dummy)
+    epi_meta = dict(HAS_SWA=window > 0, HAS_SINKS=sinks is not None, GS_MODE=_gate_mode(gate_sparse),
+                    GW_MODE=_gate_mode(gate_swa), SAVE=bool(save_branches))
+    if order == "block":
+        union = None
+    elif m_tok == "auto":  # 128 or 64 rows from the union sizes (one host sync); measured no faster, see docs
+        m_tok, (union, bits, count) = choose_tokens_per_tile(indices, G)
+    else:
+        m_tok = m_tok or tokens_per_tile(G)
+        union, bits, count = tile_block_union(indices, m_tok)
+    if order == "auto":  # explicit token-major tuning knobs (m_tok, pair) keep the token-major kernel
+        order = "token" if pair or m_tok_given else choose_order(count, nsel, T, G)
+    if order == "block":
+        _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, common, epi_meta,
+                         block_size, window, scale, None if m_tok == "auto" else m_tok, num_warps, num_stages,
+                         block_major or {})
+        return out, lse, branch_out
+    m_tok, block_m, num_warps, num_stages = launch_config(G, D, block_size, m_tok, num_warps, num_stages)
     grid = (triton.cdiv(T, m_tok), B * Hkv)
     _sparse_fwd_kernel[grid](
-        q, k_shared, v_shared, k_own, v_own, union, bits, count, indices,
-        gate_sparse if gate_sparse is not None else dummy, gate_swa if gate_swa is not None else dummy,
-        sinks if sinks is not None else dummy, out, lse, branch_out if save_branches else dummy,
+        q, k_shared, v_shared, k_own, v_own, union, bits, count, indices, *common,
         *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3], *k_own.stride()[:3], *v_own.stride()[:3],
         *union.stride()[:3], *indices.stride()[:3],
         *_gate_strides(gate_sparse), *_gate_strides(gate_swa),
         T, Hkv, nsel, scale * LOG2E, window,
         G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
-        MERGE=bool(merge), HAS_SWA=window > 0, HAS_SINKS=sinks is not None,
-        GS_MODE=_gate_mode(gate_sparse), GW_MODE=_gate_mode(gate_swa), SAVE=bool(save_branches),
-        PAIR=bool(pair), num_warps=num_warps, num_stages=num_stages,
+        MERGE=bool(merge), PAIR=bool(pair), num_warps=num_warps, num_stages=num_stages, **epi_meta,
     )
     return out, lse, branch_out
+
+
+def partial_chunk_tokens(B, Hq, T, D, nsel, elt, m_tok, max_partial_bytes=None):
+    """Tokens per chunk of the block-major path: partials of one chunk (`B * Hq * nsel * (D * elt + 4)` bytes per
+    token) fit in `max_partial_bytes` (default MAX_PARTIAL_BYTES); a multiple of m_tok, at least m_tok."""
+    per_token = B * Hq * nsel * (D * elt + 4)
+    tc = (max_partial_bytes or MAX_PARTIAL_BYTES) // max(1, per_token)
+    return min(T, max(m_tok, tc // m_tok * m_tok))
+
+
+def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, common, epi_meta,
+                     block_size, window, scale, m_tok, num_warps, num_stages, knobs):
+    """order="block": per token chunk, sparse partials (`block_major.block_partials`), then
+    `_sparse_fwd_partials_kernel` (merge, SWA branch, epilogue) writes out/lse/branch_out of the chunk's rows."""
+    B, Hq, T, D = q.shape
+    Hkv = k_shared.shape[1]
+    G = Hq // Hkv
+    nsel = indices.shape[-1]
+    knobs = dict(knobs)
+    max_bytes = knobs.pop("max_partial_bytes", None)
+    # merge kernel: 8 warps, 2 stages by default (it holds both branches' accumulators and streams nsel partial
+    # tiles; with 4 warps it spills ~2.5 KB per thread at 64 x 128, sm_90 compile)
+    m_tok, block_m, num_warps, num_stages = launch_config(G, D, block_size, m_tok, num_warps or 8, num_stages or 2)
+    tc = partial_chunk_tokens(B, Hq, T, D, nsel, q.element_size(), m_tok, max_bytes)
+    op = torch.empty(B, Hkv, tc, nsel, G, D, device=q.device, dtype=q.dtype)
+    lp = torch.empty(B, Hkv, tc, nsel, G, device=q.device, dtype=torch.float32)
+    scale2 = scale * LOG2E
+    for t_begin in range(0, T, tc):
+        n = min(tc, T - t_begin)
+        lp.fill_(float("-inf"))  # slots that selected no block keep -inf (the merge skips them)
+        idx = indices[:, :, t_begin:t_begin + n]
+        block_partials(q, k_shared, v_shared, idx, block_size, scale2, t_begin, op, lp, **knobs)
+        _sparse_fwd_partials_kernel[(triton.cdiv(n, m_tok), B * Hkv)](
+            q, k_own, v_own, op, lp, indices, *common,
+            *q.stride()[:3], *k_own.stride()[:3], *v_own.stride()[:3], *indices.stride()[:3],
+            *_gate_strides(gate_sparse), *_gate_strides(gate_swa),
+            T, t_begin, n, Hkv, nsel, scale2, window,
+            G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
+            num_warps=num_warps, num_stages=num_stages, **epi_meta,
+        )
 
 
 def sparse_attention_supports(op="sparse_attention", **meta):
@@ -270,4 +453,4 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-__all__ = ["sparse_attention_fwd", "sparse_attention_supports", "launch_config"]
+__all__ = ["sparse_attention_fwd", "sparse_attention_supports", "launch_config", "forward_order", "choose_order"]

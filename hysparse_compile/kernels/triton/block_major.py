@@ -1,0 +1,164 @@
+"""K/V-block-major sparse branch of the sparse-layer forward (the loop order of Flash Sparse Attention).
+
+The token-major kernel (`sparse_attention._sparse_fwd_kernel`) walks, per tile of tokens, the union of the blocks its
+tokens selected; when neighbouring tokens select unrelated blocks (random-like selections, small GQA groups) the
+union is ~`m_tok * nsel` blocks and every K/V block is re-read for a few tokens. This branch inverts the loop:
+
+1. `token_lists`: for each (batch, KV group, block j) the list of (token t, slot s) pairs that selected j, in
+   ascending t (torch ops, no host sync: one stable sort of int32 keys `group * n_blocks + j`, a searchsorted for
+   the per-block offsets, and a work table that splits each list into chunks of `chunk` entries).
+2. `_block_partials_kernel`: one program per (group, block j, chunk of j's list) loads K_j, V_j once and walks its
+   entries `tok` at a time (`tok * G` query rows gathered from q, e.g. 16 tokens x 4 heads = 64 rows): one block of
+   scores per row, causal mask (only the token's own block is cut), local softmax; it writes per (row, slot) the
+   normalized partial output (q.dtype) and its log2-sum-exp (fp32; -inf = nothing visible).
+3. The merge (`sparse_attention._sparse_fwd_partials_kernel`) folds each row's `nsel` partials into the sparse
+   branch's (max, sum, acc) state with the online-softmax algebra, then runs the SWA branch, sinks, gates and the
+   same epilogue as the token-major kernel, so `out`, `lse` and `branch_out` mean exactly the same.
+
+Partials take `B * Hq * T_chunk * nsel * (d * elt + 4)` bytes; the driver (`sparse_attention_fwd`) processes the
+sequence in chunks of tokens so that this stays under `max_partial_bytes`. Design notes: docs/kernels_sparse.md.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _block_partials_kernel(
+    Q, KS, VS, LIST, START, ITEM_BUCKET, ITEM_CHUNK, OP, LP,
+    sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst,
+    T, T_BEGIN, TC, HKV, NB, NSEL, qk_scale2,
+    G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    item = tl.program_id(0)
+    bucket = tl.load(ITEM_BUCKET + item)  # group * NB + block, -1 past the last work item
+    c = tl.load(ITEM_CHUNK + item)
+    live = bucket >= 0
+    bucket = tl.maximum(bucket, 0)
+    bg = bucket // NB
+    j = bucket % NB
+    b = bg // HKV
+    g = bg % HKV
+    lo = tl.load(START + bucket).to(tl.int64) + c.to(tl.int64) * CHUNK
+    hi = tl.minimum(tl.load(START + bucket + 1).to(tl.int64), lo + CHUNK)
+    hi = tl.where(live, hi, lo)
+
+    dd = tl.arange(0, D)
+    cols = tl.arange(0, BLOCK_N)
+    kpos = j * BLOCK_N + cols  # [BLOCK_N] key positions of block j
+    kv_ok = (kpos < tl.where(live, T, 0))[:, None]  # no load for an idle program
+    k = tl.load(KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh + kpos.to(tl.int64)[:, None] * skst + dd[None, :],
+                mask=kv_ok, other=0.0)
+    v = tl.load(VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh + kpos.to(tl.int64)[:, None] * svst + dd[None, :],
+                mask=kv_ok, other=0.0)
+
+    rows = tl.arange(0, BLOCK_M)
+    row_tok = rows // G  # entry of the row inside the current tile of TOK entries
+    hh = rows % G  # query head of the row inside the group
+    heads = g * G + hh
+    q_base = Q + b.to(tl.int64) * sqb + heads.to(tl.int64) * sqh  # [BLOCK_M] pointers
+    for e0 in range(lo, hi, TOK):
+        ent = e0 + row_tok
+        ok = (row_tok < TOK) & (ent < hi)
+        pair = tl.load(LIST + ent, mask=ok, other=0)  # t_local * NSEL + s
+        t = T_BEGIN + pair // NSEL
+        s_slot = pair % NSEL
+        q = tl.load(q_base[:, None] + t.to(tl.int64)[:, None] * sqt + dd[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale2  # [BLOCK_M, BLOCK_N], log2 domain
+        vis = ok[:, None] & (kpos[None, :] <= t[:, None])  # t < T, so the key exists
+        s = tl.where(vis, s, float("-inf"))
+        m = tl.max(s, axis=1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s - m_safe[:, None])
+        l = tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v)
+        l_safe = tl.where(l > 0, l, 1.0)
+        inv = tl.where(l > 0, 1.0 / l_safe, 0.0)
+        lse2 = tl.where(l > 0, m_safe + tl.log2(l_safe), float("-inf"))
+        # partial row (b, g, t_local, slot, head) of a contiguous [B, Hkv, TC, NSEL, G, D] buffer
+        prow = ((bg.to(tl.int64) * TC + (t - T_BEGIN)) * NSEL + s_slot) * G + hh
+        tl.store(LP + prow, lse2, mask=ok)
+        tl.store(OP + prow[:, None] * D + dd[None, :], (acc * inv[:, None]).to(OP.dtype.element_ty),
+                 mask=ok[:, None])
+
+
+def token_lists(indices, n_blocks, chunk):
+    """Inverse of a selection: for each (batch, KV group, block) the (token, slot) pairs that selected it.
+
+    indices: int32 [B, Hkv, T, nsel] (distinct per row, -1 padded; entries outside [0, n_blocks) are ignored).
+    Returns (lists int32 [B * Hkv * T * nsel]: `t * nsel + s` sorted by (group, block, t), valid entries first;
+    start int64 [B * Hkv * n_blocks + 1]: list of bucket `(b * Hkv + g) * n_blocks + j` is
+    lists[start[k]:start[k + 1]]; item_bucket, item_chunk int32 [n_items]: work item i covers entries
+    `start[bucket] + chunk * chunk_len ...` of its bucket, bucket -1 = no work). No host synchronization: n_items is
+    an upper bound (`min(buckets, entries) + ceil(entries / chunk)`).
+    """
+    B, Hkv, T, nsel = indices.shape
+    dev = indices.device
+    n_buckets = B * Hkv * n_blocks
+    assert n_buckets < 2**31 - 1 and T * nsel < 2**31, "token_lists: int32 keys"
+    idx = indices.to(torch.int32)
+    group = torch.arange(B * Hkv, device=dev, dtype=torch.int32).view(B, Hkv, 1, 1) * n_blocks
+    valid = (idx >= 0) & (idx < n_blocks)
+    keys = torch.where(valid, group + idx, n_buckets).reshape(-1)
+    skeys, perm = torch.sort(keys, stable=True)  # stable: within a bucket, ascending t
+    lists = (perm % (T * nsel)).to(torch.int32)
+    start = torch.searchsorted(skeys, torch.arange(n_buckets + 1, device=dev, dtype=torch.int32))
+    counts = start[1:] - start[:-1]
+    n_chunks = (counts + chunk - 1) // chunk
+    ends = torch.cumsum(n_chunks, 0)  # exclusive end item of each bucket
+    n_entries = keys.numel()
+    n_items = max(1, min(n_buckets, n_entries) + -(-n_entries // chunk))
+    item = torch.arange(n_items, device=dev, dtype=ends.dtype)
+    bucket = torch.searchsorted(ends, item, right=True)  # first bucket whose end is past the item
+    live = bucket < n_buckets
+    bucket_c = bucket.clamp(max=n_buckets - 1)
+    item_chunk = item - (ends[bucket_c] - n_chunks[bucket_c])
+    item_bucket = torch.where(live, bucket_c, -1).to(torch.int32)
+    item_chunk = torch.where(live, item_chunk, 0).to(torch.int32)
+    return lists, start, item_bucket, item_chunk
+
+
+def default_config(G, D, block_size, tok=None, chunk=None, num_warps=None, num_stages=None):
+    """(tok, BLOCK_M, chunk, num_warps, num_stages) of the partial kernel; arguments that are not None override.
+
+    Default: ~64 rows per step (`tok = 64 // G` tokens x G heads, at least 16 rows), `chunk` = 16 steps' entries per
+    program (enough to amortize the K/V block load, small enough to spread the busy early blocks over many
+    programs), 4 warps (8 when a step gathers more than 16 tokens or the tile exceeds 64 x 128: at G = 1 the 64-token
+    gather spills registers with 4 warps, sm_90 compile), 2 stages. Untuned: see docs/kernels_sparse.md.
+    """
+    tok = tok or max(1, 64 // G)
+    block_m = max(16, triton.next_power_of_2(tok * G))
+    chunk = chunk or 16 * tok
+    chunk = -(-chunk // tok) * tok
+    num_warps = num_warps or (4 if block_m * max(D, block_size) <= 64 * 128 and tok <= 16 else 8)
+    return tok, block_m, chunk, num_warps, num_stages or 2
+
+
+def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, op, lp, tok=None, chunk=None,
+                   num_warps=None, num_stages=None):
+    """Sparse-branch partials of the tokens `t_begin .. t_begin + TC - 1`.
+
+    q [B, Hq, T, d]; k_shared, v_shared [B, Hkv, T, d] (last dim unit stride); indices int32 [B, Hkv, TC, nsel]
+    (the rows of those tokens, contiguous); scale2 = scale * log2(e). Fills op [B, Hkv, TC, nsel, G, d] (normalized
+    partial outputs) and lp [B, Hkv, TC, nsel, G] float32 (log2-sum-exp of each partial); slots without a block are
+    not written (the caller fills lp with -inf first).
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k_shared.shape[1]
+    G = Hq // Hkv
+    TC, nsel = indices.shape[2], indices.shape[3]
+    n_blocks = triton.cdiv(T, block_size)
+    tok, block_m, chunk, num_warps, num_stages = default_config(G, D, block_size, tok, chunk, num_warps, num_stages)
+    lists, start, item_bucket, item_chunk = token_lists(indices, n_blocks, chunk)
+    _block_partials_kernel[(item_bucket.numel(),)](
+        q, k_shared, v_shared, lists, start, item_bucket, item_chunk, op, lp,
+        *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3],
+        T, t_begin, TC, Hkv, n_blocks, nsel, scale2,
+        G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+__all__ = ["token_lists", "block_partials", "default_config"]

@@ -1,0 +1,44 @@
+"""bench/bench_e2e.py --smoke: every section runs on CPU (tiny model, reference backend, torch.compile backend
+"eager") and the JSON holds every row and every ratio with its target."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 300  # about 40 s alone; generous for a loaded 2-core machine
+
+
+def test_bench_e2e_smoke_writes_every_row_and_ratio(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HF_HUB_OFFLINE="1", COLUMNS="200")
+    env.pop("OUT", None)
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_e2e.py"), "--smoke", "--budget-s", "1e9",
+                             "--out", str(tmp_path), "--profile", "64"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    data = json.loads((tmp_path / "bench_e2e.json").read_text())
+    rows = {(r["section"], r["label"], r["model"]): r for r in data["rows"] if not r.get("superseded")}
+    expected = [("fwd", label) for label in ("8k", "16k", "32k", "128k")]
+    expected += [("fwdbwd", "8k"), ("fwdbwd", "32k"), ("stack", "32k")]
+    expected += [("compile", label) for label in ("8k", "16k", "32k", "128k")]
+    for section, label in expected:
+        for model in ("original", "compiled"):
+            row = rows.get((section, label, model))
+            assert row is not None, (section, label, model)
+            assert row.get("ms", 0) > 0 and "error" not in row and "skipped" not in row, row
+    assert rows[("compile", "8k", "compiled")]["how"].startswith("torch.compile(")
+    assert "HySparse ops called directly" in rows[("stack", "32k", "compiled")]["note"]
+    ratios = {(r["section"], r["label"], r["mode"].split("[")[0]): r for r in data["ratios"]}
+    assert len(ratios) == len(expected)
+    assert all(r["speedup"] > 0 for r in ratios.values())
+    targets = {("fwd", "8k"): 1.0, ("fwd", "32k"): 1.15, ("fwd", "128k"): 1.5, ("fwdbwd", "8k"): 1.0,
+               ("fwdbwd", "32k"): 1.1}
+    for (section, label), target in targets.items():
+        assert ratios[(section, label, "eager")]["target"] == target
+    assert ratios[("stack", "32k", "eager")]["moonshot"] == 3.0
+    assert data["meta"]["targets"]["memory"] == 1.05
+    assert (tmp_path / "bench_e2e_profile_compiled_64.txt").read_text().strip()
+    assert "speedup = original ms / compiled ms" in out

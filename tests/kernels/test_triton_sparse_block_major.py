@@ -1,0 +1,174 @@
+"""K/V-block-major sparse branch of the Triton sparse-layer forward (`order="block"`) against the float64 reference.
+
+CPU cases run under TRITON_INTERPRET=1 in float32 (tiny shapes: block 16, d 16/32, T < topk, odd T).
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from oracle import random_indices  # noqa: E402
+
+from hysparse_compile import functional as F  # noqa: E402
+from hysparse_compile.kernels import reference  # noqa: E402
+from hysparse_compile.kernels.triton import sparse_attention as tsa  # noqa: E402
+from hysparse_compile.kernels.triton.block_major import token_lists  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BS = 16
+TOL = 1e-5 if DEV == "cpu" else 3e-3  # on a GPU, tl.dot rounds float32 inputs to TF32
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_case(gen, B, Hq, Hkv, T, d, nsel, gates=None, sinks=True):
+    """float32 inputs of one sparse layer; gates None | 'head' ([B,Hq,T,1]) | 'channel' ([B,Hq,T,d], strided)."""
+    r = lambda *s: torch.randn(*s, generator=gen).to(DEV)  # noqa: E731
+    x = dict(q=r(B, Hq, T, d), k_own=r(B, Hkv, T, d), v_own=r(B, Hkv, T, d), k_shared=r(B, Hkv, T, d),
+             v_shared=r(B, Hkv, T, d), indices=random_indices(B, Hkv, T, BS, nsel, gen).to(DEV), gate_sparse=None,
+             gate_swa=None, sinks=torch.randn(Hq, generator=gen).to(DEV) if sinks else None)
+    if gates == "head":
+        x["gate_sparse"], x["gate_swa"] = (torch.rand(B, Hq, T, 1, generator=gen).to(DEV) for _ in range(2))
+    elif gates == "channel":  # non-contiguous, as a slice of a [B, T, Hq, 2d] projection would be
+        both = torch.rand(B, T, Hq, 2 * d, generator=gen).to(DEV)
+        x["gate_sparse"], x["gate_swa"] = both[..., :d].transpose(1, 2), both[..., d:].transpose(1, 2)
+    return x
+
+
+def f64(x):
+    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in x.items()}
+
+
+def check_forward(x, window, **kw):
+    d = x["q"].shape[-1]
+    args = (*x.values(), BS, window, d ** -0.5, False)
+    out, lse, br = tsa.sparse_attention_fwd(*args, True, order="block", **kw)
+    r_out, r_lse, r_br = reference.sparse_attention_fwd(*f64(x).values(), BS, window, d ** -0.5, False, True)
+    assert out.dtype == torch.float32 and lse.shape == r_lse.shape and br.shape == r_br.shape
+    assert rel(out, r_out) < TOL, rel(out, r_out)
+    assert torch.equal(torch.isinf(lse), torch.isinf(r_lse))
+    fin = torch.isfinite(r_lse)
+    assert ((lse[fin].double() - r_lse[fin]).abs() / r_lse[fin].abs().clamp_min(1.0)).max() < TOL
+    assert rel(br, r_br) < TOL, "saved branch outputs must be the ungated branches"
+    return out, lse, br
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,d,nsel,gates,sinks,window", [
+    (2, 2, 2, 45, 16, 3, None, True, 20),  # G = 1, batch 2, T not a multiple of the block
+    (2, 8, 2, 77, 32, 4, "channel", True, 24),  # G = 4, strided per-channel gates
+    (2, 8, 1, 45, 16, 2, "head", False, 0),  # G = 8, per-head gates, no SWA branch
+    (2, 16, 1, 45, 16, 3, "head", True, 100),  # G = 16, T < window
+])
+def test_block_major_forward_matches_float64_reference(gen, B, Hq, Hkv, T, d, nsel, gates, sinks, window):
+    x = make_case(gen, B, Hq, Hkv, T, d, nsel, gates, sinks)
+    out, lse, _ = check_forward(x, window)
+    if window == 0:
+        assert torch.isinf(lse[..., 1]).all()
+    t_out, t_lse, _ = tsa.sparse_attention_fwd(*x.values(), BS, window, d ** -0.5, False, False, order="token")
+    assert rel(out, t_out) < TOL and (lse - t_lse).nan_to_num(0.0).abs().max() < TOL
+
+
+def test_block_major_chunks_and_knobs(gen):
+    """Tiny partial budget (the sequence runs in many token chunks), odd chunk/tok knobs, padded slots (T < topk)."""
+    x = make_case(gen, 2, 12, 4, 45, 16, 5, "channel")  # G = 3: rows are not a power of two
+    check_forward(x, 9, block_major=dict(max_partial_bytes=4000, chunk=5, tok=3, num_warps=2, num_stages=1))
+
+
+def test_rows_without_any_selection(gen):
+    """Rows whose selection is all -1 (or only out-of-range blocks): the sparse branch is empty (lse -inf, output 0)
+    in both orders, and the SWA branch still works."""
+    x = make_case(gen, 1, 4, 1, 45, 16, 2, "head")
+    x["indices"][:, :, 5:9] = -1
+    x["indices"][:, :, 30, 1] = 99  # past the last block: ignored, as the reference does
+    out, lse, _ = check_forward(x, 12)
+    assert torch.isinf(lse[:, :, 5:9, 0]).all()
+
+
+def test_token_lists_invert_the_selection(gen):
+    idx = random_indices(2, 3, 37, 4, 3, gen)
+    idx[1, 2, 10] = -1
+    nb, chunk = 10, 4
+    lists, start, item_bucket, item_chunk = token_lists(idx, nb, chunk)
+    B, Hkv, T, nsel = idx.shape
+    covered = []
+    for b in range(B):
+        for g in range(Hkv):
+            for j in range(nb):
+                k = (b * Hkv + g) * nb + j
+                got = lists[start[k]:start[k + 1]].tolist()
+                want = [t * nsel + s for t in range(T) for s in range(nsel) if idx[b, g, t, s] == j]
+                assert got == want, (b, g, j)
+    for bucket, c in zip(item_bucket.tolist(), item_chunk.tolist()):
+        if bucket >= 0:
+            lo = int(start[bucket]) + c * chunk
+            covered += range(lo, min(int(start[bucket + 1]), lo + chunk))
+    assert sorted(covered) == list(range(int((idx >= 0).sum())))  # every entry in exactly one work item
+
+
+def test_merge_ignores_block_order(gen):
+    """merge=True always runs token-major (documented): order="block" gives the same result."""
+    x = make_case(gen, 1, 8, 2, 50, 16, 2)
+    x["k_own"], x["v_own"] = x["k_shared"], x["v_shared"]
+    a = tsa.sparse_attention_fwd(*x.values(), BS, 20, 0.25, True, False, order="block")[0]
+    b = tsa.sparse_attention_fwd(*x.values(), BS, 20, 0.25, True, False, order="token")[0]
+    assert torch.equal(a, b)
+
+
+def test_auto_order_rule(gen, monkeypatch):
+    nsel = 4
+    big = torch.full((1, 2, 8), 5 * nsel, dtype=torch.int32)  # unions 5x a token's selection: random-like
+    small = torch.full((1, 2, 8), nsel + 2, dtype=torch.int32)
+    assert tsa.choose_order(big, nsel, 32768) == "block"
+    assert tsa.choose_order(small, nsel, 32768) == "token"
+    assert tsa.choose_order(big, nsel, 100) == "token"  # short sequences stay token-major
+    x = make_case(gen, 1, 4, 1, 40, 16, 2, "head")
+    run = lambda **kw: tsa.sparse_attention_fwd(*x.values(), BS, 8, 0.25, False, False, **kw)[0]  # noqa: E731
+    block, token = run(order="block"), run(order="token")
+    monkeypatch.setattr(tsa, "AUTO_MIN_T", 0)
+    monkeypatch.setattr(tsa, "AUTO_UNION_RATIO", 0.0)  # any union: block-major
+    with tsa.forward_order("auto"):
+        assert torch.equal(run(), block)
+        assert torch.equal(run(m_tok=4), token)  # an explicit token-major knob keeps token-major
+    monkeypatch.setattr(tsa, "AUTO_UNION_RATIO", 1e9)
+    assert torch.equal(run(order="auto"), token)
+
+
+NAMES = ("q", "k_own", "v_own", "k_shared", "v_shared", "gate_sparse", "gate_swa", "sinks")
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,gates,window", [
+    (2, 8, 2, 45, "channel", 20),  # G = 4, per-channel gates, sinks, SWA
+    (1, 16, 1, 37, "head", 0),  # G = 16, per-head gates, no SWA branch
+])
+def test_backward_through_the_op_with_block_order(gen, B, Hq, Hkv, T, gates, window):
+    """Autograd through `hysparse::sparse_attention` (Triton, forward forced block-major) vs the float64 reference."""
+    x = make_case(gen, B, Hq, Hkv, T, 16, 3, gates)
+    dout = torch.randn(B, Hq, T, 16, generator=gen).to(DEV)
+
+    def grads(inputs, backend):
+        leaves = {k: (v.detach().requires_grad_() if k in NAMES and v is not None else v) for k, v in inputs.items()}
+        y = F.sparse_attention(leaves["q"], leaves["k_own"], leaves["v_own"], leaves["k_shared"], leaves["v_shared"],
+                               leaves["indices"], block_size=BS, window=window or None,
+                               gate_sparse=leaves["gate_sparse"], gate_swa=leaves["gate_swa"] if window else None,
+                               sinks=leaves["sinks"], backend=backend)
+        y.backward(dout.to(y.dtype))
+        return y, {k: leaves[k].grad for k in NAMES if torch.is_tensor(leaves[k]) and leaves[k].requires_grad}
+
+    with tsa.forward_order("block"):
+        y, got = grads(x, "triton")
+    r_y, ref = grads(f64(x), "reference")
+    assert rel(y, r_y) < TOL
+    assert set(got) == set(ref)
+    for k in ref:
+        if ref[k] is None:  # gate_swa without a SWA branch: not passed to the op
+            assert got[k] is None, k
+            continue
+        g = got[k] if got[k] is not None else torch.zeros_like(ref[k])
+        assert rel(g, ref[k]) < 10 * TOL or ref[k].abs().max() == 0, f"{k}: {rel(g, ref[k]):.2e}"

@@ -63,8 +63,13 @@ def parse_args(argv=None):
     p.add_argument("--no-bwd", action="store_true", help="forward rows only")
     p.add_argument("--no-check", action="store_true", help="skip the fp32 reference checks")
     p.add_argument("--budget-s", type=float, default=480.0, help="stop timing new rows after this many seconds")
+    p.add_argument("--trained", default=None,
+                   help="selections.npz of the paper miniature (examples/paper_miniature/dump_selections.py): adds "
+                        "the 'trained' selection (its layers as KV heads); its shape needs --topk 512 and T <= 4096")
+    p.add_argument("--topk", type=int, default=None, help="override the top-k (default 1024; --smoke 64)")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
+    topk = a.topk
     a.ops = set(a.ops.split(","))
     if a.smoke:
         a.device, a.dtype = torch.device("cpu"), torch.float32
@@ -82,6 +87,9 @@ def parse_args(argv=None):
         a.seqlens = a.seqlens or ("8192,32768" if a.quick else "8192,16384,32768")
         a.backends = a.backends or "triton,flex"
         a.decode_caches = a.decode_caches or ("32768" if a.quick else "32768,131072")
+    a.topk = topk or a.topk
+    if a.trained and "trained" not in a.selections:
+        a.selections += ",trained"
         a.decode_batches = a.decode_batches or "1,8"
         a.stack_T, a.base = 32768, "sdpa_cudnn"
     a.shapes = [tuple(int(x) for x in s.split("/")) for s in a.shapes.split(",")]
@@ -171,6 +179,26 @@ def last_row_selection(B, Hkv, S, bs, nsel, device, g):
     return keys.topk(nsel, dim=-1).indices.sort(-1).values.to(torch.int32)
 
 
+def trained_selection(path, B, Hkv, T, nsel, device):
+    """The selections a trained full layer made (the paper miniature's `selections.npz`, int16 [Hkv_m, T_m, nsel_m]
+    per run and layer), as indices [B, Hkv, T, nsel]: KV head h takes the (h mod L)-th stored layer, every batch row
+    the same. -> (indices, description) or (None, why not)."""
+    import numpy as np
+
+    data = np.load(path)
+    layers = [k for k in data.files if k.endswith("_indices")]
+    if not layers:
+        return None, f"{path} holds no '<run>/layer<L>_indices' arrays"
+    arrays = [data[k][0] for k in layers]  # first KV group of each layer: [T_m, nsel_m]
+    t_m, nsel_m = arrays[0].shape
+    if nsel_m != nsel or T > t_m:
+        return None, (f"{path} has T={t_m}, nsel={nsel_m}; this row needs nsel={nsel} and T={T} <= {t_m} "
+                      f"(run with --topk {nsel_m * 64} --seqlens {t_m})")
+    heads = np.stack([arrays[h % len(arrays)][:T] for h in range(Hkv)])  # [Hkv, T, nsel]
+    idx = torch.from_numpy(heads.astype(np.int32)).to(device).unsqueeze(0).expand(B, -1, -1, -1).contiguous()
+    return idx, f"trained full layers ({len(layers)} layers of the miniature as KV heads)"
+
+
 def selections(args, s, seed):
     """name -> (indices, how they were made)."""
     B, Hkv, T, _ = s["k_sh"].shape
@@ -182,6 +210,12 @@ def selections(args, s, seed):
     if "tile" in args.selections:
         res["tile"] = (random_selection(B, Hkv, T, args.block, nsel, args.device, g, tile_pool=2 * nsel),
                        f"per 64-token tile pool of {2 * nsel} blocks")
+    if "trained" in args.selections and args.trained:
+        idx, why = trained_selection(args.trained, B, Hkv, T, nsel, args.device)
+        if idx is None:
+            log(f"trained selection skipped: {why}")
+        else:
+            res["trained"] = (idx, why)
     if "real" in args.selections:
         for name in [b for b in ("triton", "flex", "reference") if b in args.backends] + ["reference"]:
             impl = backend(name)

@@ -1,0 +1,32 @@
+"""bench/bench_kernels.py's `trained` selection: the paper miniature's selections.npz as kernel indices."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import bench_kernels  # noqa: E402
+
+
+def test_trained_selections_become_kernel_indices_per_kv_head(tmp_path):
+    rng = np.random.default_rng(0)
+    T, nsel = 300, 4
+    layers = {}
+    for name in ("run_a/layer0_indices", "run_a/layer3_indices", "run_b/layer1_indices"):
+        rows = np.full((1, T, nsel), -1, dtype=np.int16)
+        for t in range(T):
+            visible = t // 16 + 1
+            pick = np.sort(rng.choice(visible, size=min(nsel, visible), replace=False))
+            rows[0, t, :len(pick)] = pick
+        layers[name] = rows
+    np.savez(tmp_path / "selections.npz", summary_json="{}", **layers)
+    idx, why = bench_kernels.trained_selection(tmp_path / "selections.npz", B=2, Hkv=4, T=250, nsel=nsel,
+                                               device="cpu")
+    assert idx.shape == (2, 4, 250, nsel) and idx.dtype == torch.int32 and "3 layers" in why
+    names = list(layers)
+    for h in range(4):  # head h is stored layer h mod 3, cut to T
+        assert np.array_equal(idx[1, h].numpy(), layers[names[h % 3]][0, :250])
+    idx, why = bench_kernels.trained_selection(tmp_path / "selections.npz", B=1, Hkv=2, T=400, nsel=nsel,
+                                               device="cpu")
+    assert idx is None and "T=400 <= 300" in why

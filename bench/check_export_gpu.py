@@ -47,6 +47,7 @@ VOCAB = 2048
 RUNNER = textwrap.dedent("""
     import json, sys, time, torch
     assert "hysparse_compile" not in sys.modules
+    torch.zeros(1, device="cuda")  # CUDA initialized before the loader probes the device
     runner = torch._inductor.aoti_load_package(sys.argv[1])
     cases = torch.load(sys.argv[2])
     outs, times = [], []
@@ -69,6 +70,7 @@ RUNNER = textwrap.dedent("""
 DECODER = textwrap.dedent("""
     import json, sys, time, torch
     assert "hysparse_compile" not in sys.modules
+    torch.zeros(1, device="cuda")  # CUDA initialized before the loader probes the device
     prefill = torch._inductor.aoti_load_package(sys.argv[1])
     decode = torch._inductor.aoti_load_package(sys.argv[2])
     ids, mask, positions, new = torch.load(sys.argv[3])

@@ -199,6 +199,11 @@ class Bench:
         return self.add(dict(section=section, label=label, T=self.seqlens.get(label), model=model, mode=mode,
                              skipped=why))
 
+    def skip_both(self, section: str, label: str, why: str) -> None:
+        """The original's and the compiled model's eager rows of `section`/`label`, skipped for `why`."""
+        for model in ("original", "compiled"):
+            self.skip(section, label, model, "eager", why)
+
     def time(self, fn, grad_to_none=None) -> float:
         return time_ms(fn, self.device, grad_to_none=grad_to_none, warmup_ms=self.warmup_ms, rep_ms=self.rep_ms)
 
@@ -273,14 +278,12 @@ def section_fwd(b: Bench, model, compiled, labels):
     for label in labels:
         T = b.seqlens[label]
         if b.over_budget():
-            for name in ("original", "compiled"):
-                b.skip("fwd", label, name, "eager", "time budget")
+            b.skip_both("fwd", label, "time budget")
             continue
         if label == "128k" and not b.smoke:
             why = long_row_blocker(b, done)
             if why:
-                for name in ("original", "compiled"):
-                    b.skip("fwd", label, name, "eager", why)
+                b.skip_both("fwd", label, why)
                 continue
         b.log(f"fwd {label} (T={T}): original, then compiled")
         for name, fn in (("original", lambda ids: call_original(model, ids, b.args.sdpa)),
@@ -314,8 +317,7 @@ def section_fwdbwd(b: Bench, model, compiled, labels):
     for label in labels:
         T = b.seqlens[label]
         if b.over_budget():
-            for name in ("original", "compiled"):
-                b.skip("fwdbwd", label, name, "eager", "time budget")
+            b.skip_both("fwdbwd", label, "time budget")
             continue
         b.log(f"fwd+bwd {label} (T={T}): original, then compiled")
         b.run_row("fwdbwd", label, "original", "eager",
@@ -351,8 +353,7 @@ def section_stack(b: Bench):
             "gates, sinks; no projections) vs 36 x F.scaled_dot_product_attention (%s, GQA)" %
             (b.backend, "math" if b.smoke else "cudnn"))
     if b.over_budget():
-        for name in ("original", "compiled"):
-            b.skip("stack", label, name, "eager", "time budget")
+        b.skip_both("stack", label, "time budget")
         return
     b.log(f"stack hybrid(36, 3) attention only at {label} (T={T}): {note}")
     schedule = hs.Schedule.hybrid(36, 3, **schedule_options(b.smoke))

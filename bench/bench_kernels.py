@@ -87,11 +87,11 @@ def parse_args(argv=None):
         a.seqlens = a.seqlens or ("8192,32768" if a.quick else "8192,16384,32768")
         a.backends = a.backends or "triton,flex"
         a.decode_caches = a.decode_caches or ("32768" if a.quick else "32768,131072")
+        a.decode_batches = a.decode_batches or "1,8"
+        a.stack_T, a.base = 32768, "sdpa_cudnn"
     a.topk = topk or a.topk
     if a.trained and "trained" not in a.selections:
         a.selections += ",trained"
-        a.decode_batches = a.decode_batches or "1,8"
-        a.stack_T, a.base = 32768, "sdpa_cudnn"
     a.shapes = [tuple(int(x) for x in s.split("/")) for s in a.shapes.split(",")]
     a.seqlens = [int(x) for x in a.seqlens.split(",")] + ([65536] if a.long else [])
     a.backends = a.backends.split(",")

@@ -10,13 +10,14 @@ so selections are decided by the weights rather than by bf16 rounding). Also a f
 through their ATen decompositions on CUDA too) against the eager float32 model, as an exactness check.
 
 Checks (printed, and in `check_export_gpu.json` under --out):
-- bf16 package vs eager compiled (same Triton kernels; Inductor fuses the rest differently): rel L2 of the logits at
-  (B, T) = (2, 77), (1, 1000), (1, --seq); ok below 2e-2;
+- bf16 package (same Triton kernels as eager; Inductor fuses the rest differently) and eager bf16 model, each against
+  the float32 model with the same weights (q/k unscaled for this check: `check_package`): rel L2 of the logits at
+  (B, T) = (2, 77), (1, 1000), (1, --seq); ok when the package is no further from float32 than eager is (x1.5);
 - fp32 package vs eager fp32: ok below 1e-4 (max |diff| / max |ref|);
 - timing at (1, --seq), bf16: package (in the fresh process), eager compiled, torch.compile(compiled); median of
   10 after 3 warm-ups, CUDA-synchronized wall clock.
-Every part runs in its own process with faulthandler on (`--parts`, default all: bf16-triton, bf16-aten, fp32,
-decode-fp32, decode-bf16), so a crash is reported with its stack and the other parts still run.
+Every part runs in its own process with faulthandler on (`--parts`, default all: smoke, bf16-triton, bf16-aten,
+fp32, decode-fp32, decode-bf16; `smoke` is a plain MLP's package: if it does not run, nothing else is tried), so a crash is reported with its stack and the other parts still run.
 - decode packages (`to_aoti(..., decode=True)`), fp32 and bf16: a greedy loop of --new tokens after a left-padded
   prompt batch (2, 1000) in the fresh process against `compiled.generate` (fp32: tokens equal; bf16: the share of
   equal tokens, reported), and ms per decode step (package) against `compiled.generate`'s.
@@ -42,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hysparse_compile as hs  # noqa: E402
 from hysparse_compile.export import to_aoti  # noqa: E402
+from hysparse_compile.export.aoti import _compiler_finds, link_configs  # noqa: E402
 
 VOCAB = 2048
 RUNNER = textwrap.dedent("""
@@ -51,13 +53,14 @@ RUNNER = textwrap.dedent("""
     runner = torch._inductor.aoti_load_package(sys.argv[1])
     cases = torch.load(sys.argv[2])
     outs, times = [], []
-    with torch.no_grad():
+    with torch.no_grad():  # the package takes input_ids, attention_mask (the compiled model's inputs, in order)
         for ids in cases:
-            outs.append(runner(ids.cuda()).float().cpu())
+            outs.append(runner(ids.cuda(), torch.ones_like(ids).cuda()).float().cpu())
         ids = cases[-1].cuda()
+        mask = torch.ones_like(ids)
         for i in range(13):
             torch.cuda.synchronize(); t0 = time.perf_counter()
-            runner(ids)
+            runner(ids, mask)
             torch.cuda.synchronize()
             if i >= 3:
                 times.append((time.perf_counter() - t0) * 1e3)
@@ -87,7 +90,7 @@ DECODER = textwrap.dedent("""
 """)
 
 
-def build(layers: int, dtype: torch.dtype):
+def build(layers: int, dtype: torch.dtype, qk_scale: float = 8.0):
     import transformers as tf
 
     torch.manual_seed(0)
@@ -98,8 +101,8 @@ def build(layers: int, dtype: torch.dtype):
     model = tf.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
+            layer.self_attn.q_proj.weight.mul_(qk_scale)
+            layer.self_attn.k_proj.weight.mul_(qk_scale)
     model = model.to("cuda", dtype)
     pattern = ("FSSS" * layers)[:layers]
     return hs.compile(model, hs.Schedule.from_pattern(pattern, block_size=64, topk=512, window=128))
@@ -147,8 +150,16 @@ def fresh_process(package: str, cases: list, work: str) -> tuple[list, dict]:
 
 
 def check_package(args, dtype, tol, cases, work, rows, kernels="triton"):
-    """Build the package, run it in a fresh process, compare with the eager compiled model (rows appended)."""
-    compiled = build(args.layers, dtype)
+    """Build the package, run it in a fresh process, compare (rows appended).
+
+    float32: against the eager compiled model, max |diff| / max |ref| below `tol`.
+    bfloat16: both the package and the eager bf16 model against the float32 model with the same weights (rel L2),
+    ok when the package is no further from it than the eager model is (x1.5 + 2e-3). bf16 models are built with
+    unscaled q/k here: with the x8 peaking of the decode check, this model's own bf16 noise is 12% (T = 77) to 51%
+    (T = 1000) rel L2 against float32 (measured on the CPU with the plain HF model), which hides any package error;
+    unscaled it is 1.0-1.6%."""
+    bf16 = dtype == torch.bfloat16
+    compiled = build(args.layers, dtype, qk_scale=1.0 if bf16 else 8.0)
     t0 = time.perf_counter()
     package = os.path.join(work, f"llama_{str(dtype)[6:]}_{kernels}.pt2")
     result = to_aoti(compiled, cases[0].cuda(), package, kernels=kernels, check=False,
@@ -159,15 +170,27 @@ def check_package(args, dtype, tol, cases, work, rows, kernels="triton"):
           f"{hysparse_ops or 'none (decomposed)'}; {result.check}", flush=True)
     outs, timing = fresh_process(package, cases, work)
     with torch.no_grad():
-        refs = [logits(compiled(ids.cuda())).float().cpu() for ids in cases]
-    for ids, got, ref in zip(cases, outs, refs):
-        err = rel_l2(got, ref) if dtype == torch.bfloat16 else rel_max(got, ref)
-        row = {"dtype": str(dtype), "kernels": kernels, "shape": list(ids.shape), "err": err,
-               "metric": "rel_l2" if dtype == torch.bfloat16 else "max_rel",
-               "ok": err < tol and bool(torch.isfinite(got).all()), "package_ms": timing["package_ms"]}
+        eager = [logits(compiled(ids.cuda())).float().cpu() for ids in cases]
+    refs32 = eager
+    if bf16:
+        model32 = build(args.layers, torch.float32, qk_scale=1.0)
+        with torch.no_grad():
+            refs32 = [logits(model32(ids.cuda())).float().cpu() for ids in cases]
+        del model32
+    for ids, got, ref, ref32 in zip(cases, outs, eager, refs32):
+        row = {"dtype": str(dtype), "kernels": kernels, "shape": list(ids.shape), "package_ms": timing["package_ms"]}
+        if bf16:
+            row.update(metric="rel_l2 vs float32", package_err=rel_l2(got, ref32), eager_err=rel_l2(ref, ref32),
+                       package_vs_eager=rel_l2(got, ref))
+            row["ok"] = row["package_err"] <= 1.5 * row["eager_err"] + 2e-3 and bool(torch.isfinite(got).all())
+            text = (f"rel L2 vs the float32 model: package {row['package_err']:.2e}, eager bf16 {row['eager_err']:.2e}"
+                    f" (package vs eager {row['package_vs_eager']:.2e})")
+        else:
+            row.update(metric="max_rel", err=rel_max(got, ref))
+            row["ok"] = row["err"] < tol and bool(torch.isfinite(got).all())
+            text = f"max_rel {row['err']:.2e} (tol {tol:g})"
         rows.append(row)
-        print(f"{'ok  ' if row['ok'] else 'FAIL'} {dtype} {kernels} package vs eager at {tuple(ids.shape)}: {row['metric']} "
-              f"{err:.2e} (tol {tol:g})", flush=True)
+        print(f"{'ok  ' if row['ok'] else 'FAIL'} {dtype} {kernels} package at {tuple(ids.shape)}: {text}", flush=True)
     return compiled, build_s
 
 
@@ -181,6 +204,8 @@ def time_it(compiled, ids, rows, build_s, kernels):
         print(f"time at {tuple(ids.shape)}, bf16, {kernels} package {package_ms:.2f} ms, eager {eager_ms:.2f} ms "
               f"(package build {build_s:.0f} s)", flush=True)
         return
+    print(f"time at {tuple(ids.shape)}, bf16: package {package_ms:.2f} ms, eager {eager_ms:.2f} ms; torch.compile next",
+          flush=True)
     t0 = time.perf_counter()
     try:
         fast = torch.compile(compiled)
@@ -238,12 +263,52 @@ def check_decode(args, dtype, work, rows):
     return ok
 
 
-PARTS = ("bf16-triton", "bf16-aten", "fp32", "decode-fp32", "decode-bf16")
+PARTS = ("smoke", "bf16-triton", "bf16-aten", "fp32", "decode-fp32", "decode-bf16")
+
+SMOKE = textwrap.dedent("""
+    import sys, torch
+    torch.zeros(1, device="cuda")
+    runner = torch._inductor.aoti_load_package(sys.argv[1])
+    x = torch.load(sys.argv[2]).cuda()
+    y = runner(x)
+    print("smoke out", float((y.cpu() - torch.load(sys.argv[3])).abs().max()), flush=True)
+""")
+
+
+def smoke(work, rows):
+    """A two-layer MLP's CUDA package, no HySparse op anywhere: does AOTInductor run CUDA packages here at all?
+    Loaded in this process and in a fresh one; each outcome reported."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8)).cuda().eval()
+    x = torch.randn(4, 64, device="cuda")
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    package = os.path.join(work, "smoke.pt2")
+    t0 = time.perf_counter()
+    configs = link_configs(None)  # what to_aoti passes: the shared C++ runtime named for the link
+    print(f"smoke: compiler resolves libstdc++.so: {_compiler_finds('libstdc++.so')}, libstdc++.so.6: "
+          f"{_compiler_finds('libstdc++.so.6')}; inductor_configs {configs}", flush=True)
+    torch._inductor.aoti_compile_and_package(ep, package_path=package, inductor_configs=configs)
+    print(f"smoke: built {package} in {time.perf_counter() - t0:.1f} s", flush=True)
+    with torch.no_grad():
+        ref = model(x).cpu()
+    torch.save(x.cpu(), os.path.join(work, "x.pt"))
+    torch.save(ref, os.path.join(work, "ref.pt"))
+    run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", SMOKE, package, os.path.join(work, "x.pt"),
+                          os.path.join(work, "ref.pt")], capture_output=True, text=True, timeout=300)
+    print(f"smoke fresh process: {failure(run)}", flush=True)
+    fresh_ok = run.returncode == 0
+    runner = torch._inductor.aoti_load_package(package)
+    err = float((runner(x).cpu() - ref).abs().max())
+    print(f"smoke in-process: max |diff| {err:.2e}", flush=True)
+    rows.append({"smoke": True, "fresh_ok": fresh_ok, "in_process_err": err, "ok": fresh_ok and err < 1e-4})
 
 
 def run_part(part: str, args, cases, work) -> list:
     """One part of the check, in this process; its rows."""
     rows: list = []
+    if part == "smoke":
+        smoke(work, rows)
+        return rows
     if part.startswith("decode-"):
         check_decode(args, torch.float32 if part.endswith("fp32") else torch.bfloat16, work, rows)
         return rows
@@ -301,6 +366,10 @@ def main() -> int:
             print(f"FAIL {part}: the part's process ended with {code}", flush=True)
             rows.append({"part": part, "ok": False, "error": f"process ended with {code}"})
             ok = False
+        if part == "smoke" and not rows[-1].get("ok", False):
+            print("the smoke package (no HySparse op) does not run: the other parts would fail the same way; "
+                  "stopping here", flush=True)
+            break
     with open(os.path.join(args.out, "check_export_gpu.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, "ok": ok}, f, indent=1)
     print("ALL OK" if ok else "SOME CHECKS FAILED", flush=True)

@@ -17,7 +17,11 @@ Triton decode kernels' grids depend on the cache length, which a traced `triton_
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -30,6 +34,38 @@ log = logging.getLogger(__name__)
 
 
 KERNELS = ("triton", "aten")
+SHARED_CXX_RUNTIME = "libstdc++.so.6"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_finds(name: str) -> bool:
+    """Whether Inductor's C++ compiler resolves library file `name` on its own search path."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        found = subprocess.run([get_cpp_compiler(), f"-print-file-name={name}"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return os.path.isabs(found) and os.path.exists(found)  # the bare name back means: not found
+
+
+def link_configs(configs: dict | None) -> dict:
+    """`configs` plus the link flag that keeps the C++ runtime shared: `-l:libstdc++.so.6` (Linux, where the
+    compiler resolves that file).
+
+    Why: a toolchain without the `libstdc++.so` development link (the lent H200's image: g++ 13.3, Ubuntu 24.04)
+    links the static `libstdc++.a` into the package's .so without a word; loaded into a process that already has
+    the shared runtime, that second copy crashes the loader with a segmentation fault (in the locale facets behind
+    the `std::regex` of `parse_device_str`; traced with bench/diagnose_aoti.py, docs/export.md). Naming the shared
+    runtime explicitly gives the link that the default makes everywhere else, so the flag changes nothing where the
+    development link exists."""
+    configs = dict(configs or {})
+    if sys.platform.startswith("linux") and _compiler_finds(SHARED_CXX_RUNTIME):
+        libs = list(configs.get("aot_inductor.custom_op_libs") or [])
+        if f":{SHARED_CXX_RUNTIME}" not in libs:
+            configs["aot_inductor.custom_op_libs"] = libs + [f":{SHARED_CXX_RUNTIME}"]
+    return configs
 
 
 def replacements(device: torch.device, kernels: str = "triton") -> dict:
@@ -57,7 +93,7 @@ def to_aoti(compiled, example_inputs, path, *, decode: bool = False, kernels: st
     package) or "aten" (the ATen decompositions everywhere, which Inductor fuses; CPU packages always are).
     check: load the package(s) in this process and compare their outputs on the example
     inputs with the compiled model's (`result.check`). inductor_configs: passed to
-    `torch._inductor.aoti_compile_and_package`.
+    `torch._inductor.aoti_compile_and_package` (with the shared C++ runtime named for the link: `link_configs`).
     The package takes the inputs positionally in the order `input_ids, attention_mask[, position_ids]` (the names
     of the compiled model's inputs) and returns the logits [batch, seq, vocab] (with decode: then the cache).
     """
@@ -87,7 +123,7 @@ def to_aoti(compiled, example_inputs, path, *, decode: bool = False, kernels: st
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch._inductor.aoti_compile_and_package(prog.exported, package_path=str(tmp.parent / final.name),
-                                                         inductor_configs=dict(inductor_configs or {}))
+                                                         inductor_configs=link_configs(inductor_configs))
         check_text = "not checked"
         if check:
             if stage:

@@ -30,3 +30,15 @@ def test_trained_selections_become_kernel_indices_per_kv_head(tmp_path):
     idx, why = bench_kernels.trained_selection(tmp_path / "selections.npz", B=1, Hkv=2, T=400, nsel=nsel,
                                                device="cpu")
     assert idx is None and "T=400 <= 300" in why
+
+
+def test_gpu_arguments_with_a_trained_file_parse(tmp_path):
+    """The command line docs/fidelity.md gives (it failed on the GPU once: the trained flag had swallowed the GPU
+    defaults)."""
+    args = bench_kernels.parse_args(["--ops", "sparse", "--backends", "triton", "--seqlens", "4096", "--topk", "512",
+                                     "--selections", "random,tile,trained", "--trained", str(tmp_path / "s.npz"),
+                                     "--orders", "token,block"])
+    assert args.selections == ["random", "tile", "trained"] and args.topk == 512 and args.seqlens == [4096]
+    assert args.decode_batches == [1, 8] and args.stack_T == 32768 and args.base == "sdpa_cudnn"
+    args = bench_kernels.parse_args(["--trained", str(tmp_path / "s.npz")])  # the flag adds the row
+    assert args.selections[-1] == "trained"

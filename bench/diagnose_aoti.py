@@ -35,6 +35,9 @@ VARIANTS = {  # name: (device, inductor_configs)
     "cpu_no_link_libtorch": ("cpu", {"aot_inductor.link_libtorch": False}),
     "cuda_weights_off_so": ("cuda", {"aot_inductor.package_constants_in_so": False}),
     "cuda_embed_kernels": ("cuda", {"aot_inductor.embed_kernel_binary": True}),
+    # the fix to_aoti applies (export/aoti.py::link_configs): the shared C++ runtime named for the link
+    "cpu_shared_runtime": ("cpu", {"aot_inductor.custom_op_libs": [":libstdc++.so.6"]}),
+    "cuda_shared_runtime": ("cuda", {"aot_inductor.custom_op_libs": [":libstdc++.so.6"]}),
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -109,6 +112,12 @@ def build(variant: str, work: str, x: torch.Tensor, model: torch.nn.Module) -> s
     return path
 
 
+def _inductor_cxx() -> str:
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    return get_cpp_compiler()
+
+
 def environment() -> dict:
     def sh(cmd):
         try:
@@ -119,6 +128,8 @@ def environment() -> dict:
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "driver": sh("nvidia-smi --query-gpu=driver_version --format=csv,noheader"),
             "gxx": sh("g++ --version | head -1"), "gdb": shutil.which("gdb"),
+            "inductor_cxx": _inductor_cxx(), "CXX": os.environ.get("CXX"), "LDFLAGS": os.environ.get("LDFLAGS"),
+            "compiler_libstdcxx_so": sh("g++ -print-file-name=libstdc++.so"),
             "libcuda": sh("ldconfig -p | grep -E 'libcuda.so'"), "tmp_mount": sh("findmnt -T /tmp -o OPTIONS -n")}
 
 

@@ -24,6 +24,7 @@ def test_bench_e2e_smoke_writes_every_row_and_ratio(tmp_path):
     expected = [("fwd", label) for label in ("8k", "16k", "32k", "128k")]
     expected += [("fwdbwd", "8k"), ("fwdbwd", "32k"), ("stack", "32k")]
     expected += [("compile", label) for label in ("8k", "16k", "32k", "128k")]
+    expected += [("compile_fwdbwd", "8k"), ("compile_fwdbwd", "32k")]
     for section, label in expected:
         for model in ("original", "compiled"):
             row = rows.get((section, label, model))
@@ -39,6 +40,12 @@ def test_bench_e2e_smoke_writes_every_row_and_ratio(tmp_path):
     for (section, label), target in targets.items():
         assert ratios[(section, label, "eager")]["target"] == target
     assert ratios[("stack", "32k", "eager")]["moonshot"] == 3.0
+    for label in ("8k", "32k"):  # the compiled sections are judged against the faster original
+        for section, twin in (("compile", "fwd"), ("compile_fwdbwd", "fwdbwd")):
+            r = ratios[(section, label, "torch.compile")]
+            fastest = min(rows[(section, label, "original")]["ms"], rows[(twin, label, "original")]["ms"])
+            assert abs(r["vs_fastest_original"] - fastest / rows[(section, label, "compiled")]["ms"]) < 1e-9
+            assert r["met"] == (r["vs_fastest_original"] >= r["target"])
     assert data["meta"]["targets"]["memory"] == 1.05
     assert (tmp_path / "bench_e2e_profile_compiled_64.txt").read_text().strip()
     assert "speedup = original ms / compiled ms" in out

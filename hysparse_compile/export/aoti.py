@@ -37,13 +37,17 @@ KERNELS = ("triton", "aten")
 SHARED_CXX_RUNTIME = "libstdc++.so.6"
 
 
-@functools.lru_cache(maxsize=None)
 def _compiler_finds(name: str) -> bool:
     """Whether Inductor's C++ compiler resolves library file `name` on its own search path."""
     from torch._inductor.cpp_builder import get_cpp_compiler
 
+    return _resolves(get_cpp_compiler(), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolves(compiler: str, name: str) -> bool:
     try:
-        found = subprocess.run([get_cpp_compiler(), f"-print-file-name={name}"], capture_output=True, text=True,
+        found = subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True,
                                timeout=60).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return False
@@ -54,12 +58,12 @@ def link_configs(configs: dict | None) -> dict:
     """`configs` plus the link flag that keeps the C++ runtime shared: `-l:libstdc++.so.6` (Linux, where the
     compiler resolves that file).
 
-    Why: a toolchain without the `libstdc++.so` development link (the lent H200's image: g++ 13.3, Ubuntu 24.04)
-    links the static `libstdc++.a` into the package's .so without a word; loaded into a process that already has
-    the shared runtime, that second copy crashes the loader with a segmentation fault (in the locale facets behind
-    the `std::regex` of `parse_device_str`; traced with bench/diagnose_aoti.py, docs/export.md). Naming the shared
-    runtime explicitly gives the link that the default makes everywhere else, so the flag changes nothing where the
-    development link exists."""
+    Why: on the lent H200 (g++ 13.3, Ubuntu 24.04, torch 2.11) the package's .so came out with the static
+    `libstdc++.a` linked in and no `libstdc++.so.6` dependency (why that toolchain links it statically is not pinned
+    down); loaded into a process that already has the shared runtime, that second copy crashed the loader with a
+    segmentation fault (in the locale facets behind the `std::regex` of `parse_device_str`; traced with
+    bench/diagnose_aoti.py, docs/export.md). Naming the shared runtime explicitly makes the link that the default
+    makes on a usual toolchain, so the flag changes nothing there (tests/export/test_aoti_link.py)."""
     configs = dict(configs or {})
     if sys.platform.startswith("linux") and _compiler_finds(SHARED_CXX_RUNTIME):
         libs = list(configs.get("aot_inductor.custom_op_libs") or [])

@@ -315,19 +315,23 @@ def long_row_blocker(b: Bench, done: dict) -> str | None:
     return None
 
 
-def section_fwdbwd(b: Bench, model, compiled, labels):
-    params_orig = [p for p in model.parameters() if p.requires_grad]
-    params_comp = [p for p in compiled.parameters() if p.requires_grad]
+def section_fwdbwd(b: Bench, model, compiled, labels, section: str = "fwdbwd", mode: str = "eager",
+                   wrap=lambda m: m):
+    """fwd+bwd rows of both models at `labels`; `wrap` is applied to each model first (torch.compile for the
+    `compile_fwdbwd` section)."""
+    models = {"original": wrap(model), "compiled": wrap(compiled)}
+    params = {"original": [p for p in model.parameters() if p.requires_grad],
+              "compiled": [p for p in compiled.parameters() if p.requires_grad]}
+    calls = {"original": lambda ids: call_original(models["original"], ids, b.args.sdpa),
+             "compiled": lambda ids: call_compiled(models["compiled"], ids)}
     for label in labels:
         T = b.seqlens[label]
         if b.over_budget():
-            b.skip_both("fwdbwd", label, "time budget")
+            b.skip_both(section, label, "time budget")
             continue
-        b.log(f"fwd+bwd {label} (T={T}): original, then compiled")
-        b.run_row("fwdbwd", label, "original", "eager",
-                  lambda: fwdbwd_body(b, lambda ids: call_original(model, ids, b.args.sdpa), T, params_orig))
-        b.run_row("fwdbwd", label, "compiled", "eager",
-                  lambda: fwdbwd_body(b, lambda ids: call_compiled(compiled, ids), T, params_comp))
+        b.log(f"{'' if mode == 'eager' else mode + ' '}fwd+bwd {label} (T={T}): original, then compiled")
+        for name in ("original", "compiled"):
+            b.run_row(section, label, name, mode, lambda: fwdbwd_body(b, calls[name], T, params[name]))
 
 
 def stack_inputs(b: Bench, T: int, sets: int = 2):
@@ -421,22 +425,9 @@ def section_compile_fwdbwd(b: Bench, model, compiled, labels):
     """fwd+bwd under torch.compile, both models compiled the same way (peak memory too)."""
     backend = b.args.compile_backend or ("eager" if b.smoke else "inductor")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-    fns = {"original": torch.compile(model, dynamic=True, backend=backend),
-           "compiled": torch.compile(compiled, dynamic=True, backend=backend)}
-    params = {"original": [p for p in model.parameters() if p.requires_grad],
-              "compiled": [p for p in compiled.parameters() if p.requires_grad]}
-    calls = {"original": lambda ids: call_original(fns["original"], ids, b.args.sdpa),
-             "compiled": lambda ids: call_compiled(fns["compiled"], ids)}
     try:
-        for label in labels:
-            T = b.seqlens[label]
-            if b.over_budget():
-                b.skip_both("compile_fwdbwd", label, "time budget")
-                continue
-            b.log(f"torch.compile[{backend}] fwd+bwd {label} (T={T}): original, then compiled")
-            for name in ("original", "compiled"):
-                b.run_row("compile_fwdbwd", label, name, f"torch.compile[{backend}]",
-                          lambda: fwdbwd_body(b, calls[name], T, params[name]))
+        section_fwdbwd(b, model, compiled, labels, "compile_fwdbwd", f"torch.compile[{backend}]",
+                       lambda m: torch.compile(m, dynamic=True, backend=backend))
     finally:
         torch._dynamo.reset()
 

@@ -166,15 +166,17 @@ def reference_ops() -> list:
                                                               int(topk), float(scale), False)
             return out.numpy(), indices.numpy()
 
-    class SparseAttention(OpRun):
-        op_domain = DOMAIN
-
+    def sparse_op(name, run):
+        """The two sparse nodes share their attributes; only the function behind them differs."""
         def _run(self, *inputs, block_size=None, window=None, scale=None, merge=None, has_gate_sparse=None,
                  has_gate_swa=None, has_sinks=None, **plugin_fields):
-            out = run_sparse_attention(*(tensor(x) for x in inputs), block_size=block_size, window=window,
-                                       scale=scale, merge=merge, has_gate_sparse=has_gate_sparse,
-                                       has_gate_swa=has_gate_swa, has_sinks=has_sinks)
+            out = run(*(tensor(x) for x in inputs), block_size=block_size, window=window, scale=scale, merge=merge,
+                      has_gate_sparse=has_gate_sparse, has_gate_swa=has_gate_swa, has_sinks=has_sinks)
             return (out.numpy(),)
+
+        return type(name, (OpRun,), {"op_domain": DOMAIN, "_run": _run})
+
+    SparseAttention = sparse_op("SparseAttention", run_sparse_attention)
 
     class FullAttentionDecode(OpRun):
         op_domain = DOMAIN
@@ -185,15 +187,7 @@ def reference_ops() -> list:
                                                            float(scale))
             return out.numpy(), indices.numpy()
 
-    class SparseAttentionDecode(OpRun):
-        op_domain = DOMAIN
-
-        def _run(self, *inputs, block_size=None, window=None, scale=None, merge=None, has_gate_sparse=None,
-                 has_gate_swa=None, has_sinks=None, **plugin_fields):
-            out = run_sparse_attention_decode(*(tensor(x) for x in inputs), block_size=block_size, window=window,
-                                              scale=scale, merge=merge, has_gate_sparse=has_gate_sparse,
-                                              has_gate_swa=has_gate_swa, has_sinks=has_sinks)
-            return (out.numpy(),)
+    SparseAttentionDecode = sparse_op("SparseAttentionDecode", run_sparse_attention_decode)
 
     return [FullAttention, SparseAttention, FullAttentionDecode, SparseAttentionDecode]
 

@@ -40,6 +40,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: diagnose_aoti's probe for the smoke part
 
 import hysparse_compile as hs  # noqa: E402
 from hysparse_compile.export import to_aoti  # noqa: E402
@@ -265,42 +266,26 @@ def check_decode(args, dtype, work, rows):
 
 PARTS = ("smoke", "bf16-triton", "bf16-aten", "fp32", "decode-fp32", "decode-bf16")
 
-SMOKE = textwrap.dedent("""
-    import sys, torch
-    torch.zeros(1, device="cuda")
-    runner = torch._inductor.aoti_load_package(sys.argv[1])
-    x = torch.load(sys.argv[2]).cuda()
-    y = runner(x)
-    print("smoke out", float((y.cpu() - torch.load(sys.argv[3])).abs().max()), flush=True)
-""")
-
-
 def smoke(work, rows):
-    """A two-layer MLP's CUDA package, no HySparse op anywhere: does AOTInductor run CUDA packages here at all?
-    Loaded in this process and in a fresh one; each outcome reported."""
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8)).cuda().eval()
-    x = torch.randn(4, 64, device="cuda")
-    batch = torch.export.Dim("batch", min=1, max=64)
-    ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
-    package = os.path.join(work, "smoke.pt2")
-    t0 = time.perf_counter()
-    configs = link_configs(None)  # what to_aoti passes: the shared C++ runtime named for the link
+    """A two-layer MLP's CUDA package, no HySparse op anywhere, built with the configs to_aoti passes (the shared
+    C++ runtime named for the link): does AOTInductor run CUDA packages here at all? Loaded in a fresh process
+    (bench/diagnose_aoti.py's probe and loader)."""
+    import diagnose_aoti as diag
+
+    model, x = diag.mlp()
+    configs = link_configs(None)
     print(f"smoke: compiler resolves libstdc++.so: {_compiler_finds('libstdc++.so')}, libstdc++.so.6: "
           f"{_compiler_finds('libstdc++.so.6')}; inductor_configs {configs}", flush=True)
-    torch._inductor.aoti_compile_and_package(ep, package_path=package, inductor_configs=configs)
-    print(f"smoke: built {package} in {time.perf_counter() - t0:.1f} s", flush=True)
+    path = diag.package(model, x, "cuda", configs, os.path.join(work, "smoke.pt2"))
+    x_path, ref_path = os.path.join(work, "x.pt"), os.path.join(work, "ref.pt")
+    torch.save(x.cpu(), x_path)
     with torch.no_grad():
-        ref = model(x).cpu()
-    torch.save(x.cpu(), os.path.join(work, "x.pt"))
-    torch.save(ref, os.path.join(work, "ref.pt"))
-    run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", SMOKE, package, os.path.join(work, "x.pt"),
-                          os.path.join(work, "ref.pt")], capture_output=True, text=True, timeout=300)
-    print(f"smoke fresh process: {failure(run)}", flush=True)
-    fresh_ok = run.returncode == 0
-    runner = torch._inductor.aoti_load_package(package)
-    err = float((runner(x).cpu() - ref).abs().max())
-    print(f"smoke in-process: max |diff| {err:.2e}", flush=True)
-    rows.append({"smoke": True, "fresh_ok": fresh_ok, "in_process_err": err, "ok": fresh_ok and err < 1e-4})
+        torch.save(model(x.cuda()).cpu(), ref_path)
+    result = diag.finish(diag.start(diag.LOAD, path, "cuda", x_path, ref_path, "0"))
+    diag.show("smoke, fresh process", result)
+    lines = [line for line in result["stdout"].splitlines() if line.startswith("ran, max |diff|")]
+    err = float(lines[-1].split()[-1]) if lines else float("nan")
+    rows.append({"smoke": True, "rc": result["rc"], "err": err, "ok": result["rc"] == 0 and err < 1e-4})
 
 
 def run_part(part: str, args, cases, work) -> list:

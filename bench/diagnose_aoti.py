@@ -101,15 +101,27 @@ def show(name: str, result: dict) -> None:
         print("   ", line[:400], flush=True)
 
 
-def build(variant: str, work: str, x: torch.Tensor, model: torch.nn.Module) -> str:
-    device, configs = VARIANTS[variant]
+def mlp() -> tuple[torch.nn.Module, torch.Tensor]:
+    """The probe: a two-layer MLP (no HySparse op anywhere) and an input batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8)).eval()
+    return model, torch.randn(4, 64)
+
+
+def package(model: torch.nn.Module, x: torch.Tensor, device: str, configs: dict, path: str) -> str:
+    """`model` on `device` as an AOTI package at `path` (dynamic batch), built with `configs`."""
     m, xd = model.to(device), x.to(device)
     ep = torch.export.export(m, (xd,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
-    path = os.path.join(work, f"{variant}.pt2")
     t0 = time.perf_counter()
     torch._inductor.aoti_compile_and_package(ep, package_path=path, inductor_configs=configs)
-    print(f"built {variant} in {time.perf_counter() - t0:.1f} s, {os.path.getsize(path) / 2**10:.0f} KiB", flush=True)
+    print(f"built {os.path.basename(path)} in {time.perf_counter() - t0:.1f} s, {os.path.getsize(path) / 2**10:.0f} KiB",
+          flush=True)
     return path
+
+
+def build(variant: str, work: str, x: torch.Tensor, model: torch.nn.Module) -> str:
+    device, configs = VARIANTS[variant]
+    return package(model, x, device, configs, os.path.join(work, f"{variant}.pt2"))
 
 
 def _inductor_cxx() -> str:
@@ -141,9 +153,7 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     env = environment()
     print(json.dumps(env, indent=1), flush=True)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8)).eval()
-    x = torch.randn(4, 64)
+    model, x = mlp()
     results: dict = {"env": env}
     with tempfile.TemporaryDirectory() as work, torch.no_grad():
         handler = os.path.join(work, "segv_backtrace.so")

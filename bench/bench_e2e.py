@@ -83,7 +83,7 @@ def schedule_options(smoke: bool) -> dict:
     return dict(block_size=16, topk=32, window=16) if smoke else {}  # GPU: the defaults (64, 1024, 128)
 
 
-def build(smoke: bool, device, dtype, backend: str):
+def build(smoke: bool, device, dtype, backend: str, save_branches: bool = False):
     import transformers as tf
 
     config = tf.LlamaConfig(**model_config(smoke), max_position_embeddings=1 << 18, attn_implementation="sdpa",
@@ -93,7 +93,8 @@ def build(smoke: bool, device, dtype, backend: str):
         model = tf.LlamaForCausalLM(config).to(dtype).eval()
     t0 = time.perf_counter()
     layers = config.num_hidden_layers  # 8 (F S S S F S S F); 4 in --smoke (F S S F)
-    compiled = hs.compile(model, hs.Schedule.hybrid(layers, 3, **schedule_options(smoke)), backend=backend)
+    compiled = hs.compile(model, hs.Schedule.hybrid(layers, 3, **schedule_options(smoke)), backend=backend,
+                          save_branches=save_branches)
     return model, compiled, time.perf_counter() - t0
 
 
@@ -460,16 +461,28 @@ def _compile_rows(b, labels, backend, variants, comp_state, compiled, graph_modu
                     comp_state["failed"] = True
 
 
-def section_profile(b: Bench, model, compiled, T: int, rows: int = 20) -> dict:
-    """Top kernels by self device time for one forward of each model (after a warm-up call)."""
+def section_profile(b: Bench, model, compiled, T: int, rows: int = 20, backward: bool = False) -> dict:
+    """Top kernels by self device time for one forward (backward: one forward + backward) of each model, after a
+    warm-up call."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.device.type == "cuda" else [])
     ids = b.ids(T)
     tables = {}
-    for name, fn in (("compiled", lambda: call_compiled(compiled, ids)),
-                     ("original", lambda: call_original(model, ids, b.args.sdpa))):
-        with torch.no_grad():
+    what = "forward+backward" if backward else "forward"
+    for name, call in (("compiled", lambda: call_compiled(compiled, ids)),
+                       ("original", lambda: call_original(model, ids, b.args.sdpa))):
+        params = list((compiled if name == "compiled" else model).parameters())
+
+        def fn():
+            if backward:
+                call().sum().backward()
+                for p in params:
+                    p.grad = None
+            else:
+                call()
+
+        with torch.set_grad_enabled(backward):
             fn()
             with profile(activities=acts) as prof:
                 fn()
@@ -485,8 +498,8 @@ def section_profile(b: Bench, model, compiled, T: int, rows: int = 20) -> dict:
             except Exception:
                 continue
         tables[name] = text
-        print(f"\n=== profile: {name} forward, T={T} (top {rows} by self device time) ===\n{text}", flush=True)
-        (b.out_dir / f"bench_e2e_profile_{name}_{T}.txt").write_text(text or "")
+        print(f"\n=== profile: {name} {what}, T={T} (top {rows} by self device time) ===\n{text}", flush=True)
+        (b.out_dir / f"bench_e2e_profile_{name}_{'fwdbwd_' if backward else ''}{T}.txt").write_text(text or "")
         free_memory(b.device)
     return tables
 
@@ -600,6 +613,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=220.0, help="no new row starts after this many seconds")
     ap.add_argument("--profile", type=int, default=None, metavar="T", help="print the top kernels of one forward "
                                                                           "of each model at length T")
+    ap.add_argument("--profile-fwdbwd", type=int, default=None, metavar="T", help="the same for one forward + "
+                                                                                  "backward")
+    ap.add_argument("--save-branches", action="store_true", help="compile with save_branches=True (the sparse "
+                    "layers keep both branch outputs for the backward instead of recomputing them)")
     ap.add_argument("--sdpa", default="cudnn", choices=("cudnn", "flash", "default"),
                     help="SDPA backend order of the original (default: cuDNN first, as the issue measured)")
     ap.add_argument("--backend", default=None, help="HySparse backend (default triton; reference in --smoke)")
@@ -640,7 +657,8 @@ def main(argv=None) -> int:
         b.meta["cudnn"] = torch.backends.cudnn.version()
     b.meta["sdpa_probe"] = sdpa_probe(b.device, b.dtype, cfg, args.sdpa)
     b.log(json.dumps(b.meta))
-    model, compiled, compile_s = build(b.smoke, b.device, b.dtype, b.backend)
+    b.meta["save_branches"] = args.save_branches
+    model, compiled, compile_s = build(b.smoke, b.device, b.dtype, b.backend, args.save_branches)
     b.meta["hs_compile_s"] = compile_s
     b.log(f"built and compiled ({compiled.schedule.pattern}) in {compile_s:.1f}s")
     b.save()
@@ -656,6 +674,8 @@ def main(argv=None) -> int:
         section_compile_fwdbwd(b, model, compiled, bwd_labels)
     if args.profile:
         section_profile(b, model, compiled, args.profile)
+    if args.profile_fwdbwd:
+        section_profile(b, model, compiled, args.profile_fwdbwd, backward=True)
     b.meta["total_s"] = b.elapsed()
     b.save()
     print_tables(b.rows, b.meta)

@@ -14,6 +14,7 @@ layer is checked with its default loop order ("auto") and again with each order 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,8 +31,6 @@ ORDERS: list[str] = []  # Triton sparse-layer loop orders checked on top of the 
 
 def forced_orders(backend):
     """(suffix, context manager) per loop order to check for this backend: the default first."""
-    import contextlib
-
     yield "", contextlib.nullcontext()
     if backend == "triton":
         from hysparse_compile.kernels.triton.sparse_attention import forward_order
@@ -86,12 +85,12 @@ def check_forward(x, shape, T, backends, bs, topk, w):
 
 
 def check_backward(x, shape, T, backends, bs, topk, w):
-    def run(X, b):
+    def run(X, b, save_branches=False):
         leaves = {k: X[k].detach().requires_grad_() for k in ("q", "k", "v", "k_own", "v_own", "gs", "gw", "sinks")}
         out, idx = F.full_attention(leaves["q"], leaves["k"], leaves["v"], block_size=bs, topk=topk, backend=b)
         y = F.sparse_attention(leaves["q"], leaves["k_own"], leaves["v_own"], leaves["k"], leaves["v"], idx_fixed,
                                block_size=bs, window=w, gate_sparse=leaves["gs"], gate_swa=leaves["gw"],
-                               sinks=leaves["sinks"], backend=b)
+                               sinks=leaves["sinks"], save_branches=save_branches, backend=b)
         torch.autograd.backward([out, y], [X["dout"], X["dout"]])
         return {k: v.grad for k, v in leaves.items()}
 
@@ -99,9 +98,11 @@ def check_backward(x, shape, T, backends, bs, topk, w):
     _, idx_fixed = F.full_attention(f32["q"], f32["k"], f32["v"], block_size=bs, topk=topk, backend="reference")
     ref = run(f32, "reference")
     for b in backends:
-        for sfx, ctx in forced_orders(b):
+        # default: the backward recomputes the branch outputs; "[saved]": save_branches=True keeps them
+        for sfx, ctx, save in [*((sfx, ctx, False) for sfx, ctx in forced_orders(b)),
+                               ("[saved]", contextlib.nullcontext(), True)]:
             with ctx:
-                got = run(x, b)
+                got = run(x, b, save)
             for name in ("q", "k", "v", "k_own", "v_own", "gs", "gw", "sinks"):
                 record(f"grad.{name}{sfx}", shape, T, b, errors(got[name], ref[name]))
             del got

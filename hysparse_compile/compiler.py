@@ -268,7 +268,10 @@ def compile(model: nn.Module, schedule, *, example_inputs=None, backend: str = "
     example_inputs: token ids [B, T] (or a tuple / dict of the model's inputs) to capture with; made from the
     model's config when None. backend: "auto" (picked at run time from the inputs' device), "reference", "flex" or
     "triton". debug_dir: write every pass's graph and the report there. options: `gate_init` (float or an in-place
-    initializer, default 0.0 -> both gates 0.5), `sink_init` (float, default 0.0).
+    initializer, default 0.0 -> both gates 0.5), `sink_init` (float, default 0.0), `save_branches` (bool, default
+    False: in training the sparse layers keep only out and the log-sum-exp, like SDPA, and the backward recomputes
+    the two branch outputs; True keeps them, two more [B, Hq, T, d] activations per sparse layer for a backward
+    without that recomputation; docs/kernels_sparse.md, "Activation memory").
     The original model is not modified; its parameters are shared with the result.
     """
     from .schedule import Schedule
@@ -285,10 +288,12 @@ def compile(model: nn.Module, schedule, *, example_inputs=None, backend: str = "
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a hysparse_compile.Schedule (e.g. Schedule.from_pattern('FSSS')), got "
                         f"{type(schedule).__name__}")
-    unknown = sorted(set(options) - {"gate_init", "sink_init"})
+    unknown = sorted(set(options) - {"gate_init", "sink_init", "save_branches"})
     if unknown:
-        raise TypeError(f"unknown compile option(s) {unknown}; valid options: gate_init, sink_init, debug_dir, "
-                        f"example_inputs, backend")
+        raise TypeError(f"unknown compile option(s) {unknown}; valid options: gate_init, sink_init, save_branches, "
+                        f"debug_dir, example_inputs, backend")
+    if not isinstance(options.get("save_branches", False), bool):
+        raise TypeError(f"save_branches must be True or False, got {options['save_branches']!r}")
     state = passes.CompileState(model=model, schedule=schedule, backend=backend, options=dict(options),
                                 example_inputs=example_inputs)
     state = passes.run_pipeline(state)

@@ -165,11 +165,14 @@ def full_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int = 64, top
 
 def sparse_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_shared: Tensor, indices: Tensor,
                      *, block_size: int = 64, window: int | None = 128, gate_sparse=None, gate_swa=None, sinks=None,
-                     scale=None, merge: bool = False, backend: str = "auto") -> Tensor:
+                     scale=None, merge: bool = False, save_branches: bool = False, backend: str = "auto") -> Tensor:
     """The sparse layer (SPEC §2.2): sparse branch over `k_shared/v_shared` at the selected blocks, SWA branch over
     `k_own/v_own` in the last `window` positions (`window=None`: no SWA branch), sinks in each denominator, gates on
     the branch outputs. `merge=True` (training-free, SPEC §2.4): one softmax over selected blocks ∪ window of
     `k_shared/v_shared` (pass the layer's own K/V there; `k_own/v_own` are not read), no gates.
+    save_branches: under autograd, keep both ungated branch outputs for the backward (two more [B, Hq, T, d]
+    activations; the Triton backward then skips recomputing the forward). Default False: like SDPA, only the
+    log-sum-exp is kept and the backward recomputes the branches (docs/kernels_sparse.md, "Activation memory").
 
     q [B, Hq, T, d]; k_*/v_* [B, Hkv, T, d]; indices int32 [B, Hkv, T, nsel]; gates broadcastable to
     [B, Hq, T, 1] or [B, Hq, T, d]; sinks [Hq] -> out [B, Hq, T, d]
@@ -189,7 +192,9 @@ def sparse_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, 
     sinks = _sinks(sinks, Hq, q)
     scale = _scale(scale, d)
     backend = _backend(backend, "sparse_attention", q, Hkv, block_size=block_size, nsel=nsel)
-    save = _needs_grad(q, k_own, v_own, k_shared, v_shared, gate_sparse, gate_swa, sinks)
+    if not isinstance(save_branches, bool):
+        raise TypeError(f"save_branches must be True or False, got {save_branches!r}")
+    save = save_branches and _needs_grad(q, k_own, v_own, k_shared, v_shared, gate_sparse, gate_swa, sinks)
     out, _, _ = torch.ops.hysparse.sparse_attention(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse,
                                                     gate_swa, sinks, block_size, window or 0, scale, bool(merge),
                                                     save, backend)

@@ -200,7 +200,8 @@ def test_save_pretrained_writes_config_schedule_options_and_every_weight(saved_l
     assert config["architectures"] == ["LlamaForCausalLM"] and config["hidden_size"] == 64
     assert hs.Schedule.load(directory / "schedule.json") == compiled.schedule
     meta = json.loads((directory / "hysparse.json").read_text())
-    assert meta["backend"] == "auto" and meta["options"] == {"gate_init": 0.0, "sink_init": 0.0}
+    assert meta["backend"] == "auto" and meta["options"] == {"gate_init": 0.0, "sink_init": 0.0,
+                                                          "save_branches": False}
     assert meta["dtype"] == "float32" and meta["aliases"] == {}
     weights = load_file(directory / "model.safetensors")
     state = compiled.state_dict()

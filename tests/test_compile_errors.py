@@ -104,6 +104,11 @@ def test_unknown_option_is_rejected():
     _fails(nano_gpt(layers=2), _schedule(), "unknown compile option", exc=TypeError, gate_scale=1.0)
 
 
+def test_save_branches_must_be_a_bool():
+    _fails(nano_gpt(layers=2), _schedule(), "save_branches must be True or False, got 'yes'", exc=TypeError,
+           save_branches="yes")
+
+
 def test_schedule_must_be_a_schedule():
     _fails(nano_gpt(layers=2), "FS", "schedule must be a hysparse_compile.Schedule", exc=TypeError)
 

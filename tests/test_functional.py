@@ -60,6 +60,8 @@ def test_sparse_attention_rejects_bad_indices_and_gates():
         F.sparse_attention(q, k, v, k, v, idx, block_size=16, window=0)
     with pytest.raises(ValueError, match="k_shared has shape"):
         F.sparse_attention(q, k, v, k[:, :, :10], v, idx, block_size=16, window=4)
+    with pytest.raises(TypeError, match="save_branches must be True or False, got 1"):
+        F.sparse_attention(q, k, v, k, v, idx, block_size=16, window=4, save_branches=1)
 
 
 def test_decode_rejects_bad_cache_len():

@@ -83,7 +83,8 @@ def _rewrite_full(em: _Emitter, site, spec, backend) -> dict:
     return dict(out=em.unroll(out), k=k, v=v, indices=indices)
 
 
-def _rewrite_sparse(em: _Emitter, gm, site, spec, full: dict, params: str | None, backend) -> tuple[Node, list]:
+def _rewrite_sparse(em: _Emitter, gm, site, spec, full: dict, params: str | None, backend,
+                    save_branches: bool = False) -> tuple[Node, list]:
     q, k_own, v_own = em.roll(site.q), em.roll(site.k), em.roll(site.v)
     edges = ["indices"]
     if spec.merge:  # training-free: one softmax over selected blocks ∪ window of the layer's own K/V
@@ -109,7 +110,7 @@ def _rewrite_sparse(em: _Emitter, gm, site, spec, full: dict, params: str | None
             sinks = em.graph.get_attr(f"{params}.sinks")
     out = em.call(runtime_layers.sparse_layer, q, k_own_, v_own_, k_shared, v_shared, full["indices"],
                   layer=site.index, block_size=spec.block_size, window=spec.window, gate_sparse=gates[0], gate_swa=gates[1],
-                  sinks=sinks, scale=site.scale, merge=spec.merge, backend=backend)
+                  sinks=sinks, scale=site.scale, merge=spec.merge, save_branches=save_branches, backend=backend)
     return em.unroll(out), edges
 
 
@@ -174,7 +175,8 @@ def run(state):
                          site.index, site.module, site.out.target, spec.block_size, spec.topk, site.scale)
             else:
                 new_out, kinds = _rewrite_sparse(em, gm, site, spec, full_outputs[spec.kv_source],
-                                                 new_mods.get(site.index), state.backend)
+                                                 new_mods.get(site.index), state.backend,
+                                                 bool(state.options.get("save_branches", False)))
                 edges += [(spec.kv_source, site.index, kind) for kind in kinds]
                 log.info("rewrite: layer %d (%s): %s -> sparse_attention(window=%s, merge=%s) reading %s of layer %d",
                          site.index, site.module, site.out.target, spec.window, spec.merge, "/".join(kinds),

@@ -137,14 +137,16 @@ def _decode_window(window: int | None, slots: int) -> int | None:
 
 def sparse_layer(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_shared: Tensor, indices: Tensor, *,
                  layer: int, block_size: int, window: int | None, gate_sparse=None, gate_swa=None, sinks=None,
-                 scale: float | None = None, merge: bool = False, backend: str = "auto") -> Tensor:
+                 scale: float | None = None, merge: bool = False, save_branches: bool = False,
+                 backend: str = "auto") -> Tensor:
     """A sparse layer: q [B, Hq, R, d], this call's K/V as the compiler wired them (see rewrite.py), the full
     layer's indices int32 [B, Hkv, R, nsel] -> out [B, Hq, R, d]."""
     s = _ACTIVE[0]
     kwargs = dict(block_size=block_size, window=window, gate_sparse=gate_sparse, gate_swa=gate_swa, sinks=sinks,
                   scale=scale, merge=merge, backend=backend)
     if s is None or s.mode == "prefill":
-        out = functional.sparse_attention(q, k_own, v_own, k_shared, v_shared, indices, **kwargs)
+        out = functional.sparse_attention(q, k_own, v_own, k_shared, v_shared, indices, save_branches=save_branches,
+                                          **kwargs)
         if s is not None:
             store = s.cache.specs[layer].store
             if store == "full":

@@ -15,7 +15,7 @@ def test_bench_e2e_smoke_writes_every_row_and_ratio(tmp_path):
                HF_HUB_OFFLINE="1", COLUMNS="200")
     env.pop("OUT", None)
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_e2e.py"), "--smoke", "--budget-s", "1e9",
-                             "--out", str(tmp_path), "--profile", "64"],
+                             "--out", str(tmp_path), "--profile", "64", "--profile-fwdbwd", "64"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
@@ -48,4 +48,6 @@ def test_bench_e2e_smoke_writes_every_row_and_ratio(tmp_path):
             assert r["met"] == (r["vs_fastest_original"] >= r["target"])
     assert data["meta"]["targets"]["memory"] == 1.05
     assert (tmp_path / "bench_e2e_profile_compiled_64.txt").read_text().strip()
+    assert "Backward" in (tmp_path / "bench_e2e_profile_compiled_fwdbwd_64.txt").read_text()
+    assert data["meta"]["save_branches"] is False
     assert "speedup = original ms / compiled ms" in out

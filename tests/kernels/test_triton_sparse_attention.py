@@ -20,7 +20,7 @@ from hysparse_compile.kernels.triton.block_union import (  # noqa: E402
     choose_tokens_per_tile, tile_block_union, tile_block_union_torch)
 from hysparse_compile.kernels.triton.sparse_attention import (  # noqa: E402
     sparse_attention_fwd, sparse_attention_supports)
-from hysparse_compile.kernels.triton.sparse_attention_bwd import sparse_attention_bwd  # noqa: E402
+from hysparse_compile.kernels.triton.sparse_attention_bwd import inverse_union, sparse_attention_bwd  # noqa: E402
 from hysparse_compile.kernels.triton.sparse_attention_decode import sparse_attention_decode  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,14 +108,14 @@ def bwd_both(case, bs, window, merge=False, save=True):
 NAMES = ["dq", "dk_own", "dv_own", "dk_shared", "dv_shared", "dgate_sparse", "dgate_swa", "dsinks"]
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,T,gates,sinks,window", [
-    (1, 8, 2, 45, "channel", True, 20),  # G = 4, per-channel gates, sinks
-    (1, 16, 1, 33, "head", False, 50),  # G = 16, per-head gates, T < window
-    (2, 2, 2, 40, None, True, 0),  # G = 1, batch 2, no SWA branch
+@pytest.mark.parametrize("B,Hq,Hkv,T,gates,sinks,window,save", [
+    (1, 8, 2, 45, "channel", True, 20, False),  # G = 4, per-channel gates, sinks; branches recomputed (the default)
+    (1, 16, 1, 33, "head", False, 50, True),  # G = 16, per-head gates, T < window; saved branches
+    (2, 2, 2, 40, None, True, 0, True),  # G = 1, batch 2, no SWA branch
 ])
-def test_gradients_match_reference(gen, B, Hq, Hkv, T, gates, sinks, window):
+def test_gradients_match_reference(gen, B, Hq, Hkv, T, gates, sinks, window, save):
     case = make_case(gen, B=B, Hq=Hq, Hkv=Hkv, T=T, gates=gates, sinks=sinks)
-    got, ref = bwd_both(case, 16, window)
+    got, ref = bwd_both(case, 16, window, save=save)
     for name, g, r in zip(NAMES, got, ref):
         assert (g is None) == (r is None), name
         if g is not None:
@@ -159,6 +159,24 @@ def test_decode_equals_prefill_row(gen, merge, gates, Hq, n_split, fused):
     assert dec.shape == (B, Hq, 1, 32) and dec.dtype == case["q"].dtype
     assert rel(dec, rows(out)) < TOL[torch.float32]
     assert rel(dec, reference.sparse_attention_decode(*args)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("B,Hkv,T,bs,nsel,m_tok", [(2, 2, 45, 16, 3, 8), (1, 3, 100, 8, 4, 16)])
+def test_inverse_union_lists_each_blocks_tiles_in_order(gen, B, Hkv, T, bs, nsel, m_tok):
+    """The dK/dV pass's CSR (block -> the tiles whose union holds it, with their member bits) against a brute-force
+    inversion of the tile unions; unused union slots must not appear (they sort past start[-1])."""
+    union, bits, count = tile_block_union(random_indices(B, Hkv, T, bs, nsel, gen), m_tok)
+    n_blocks = -(-T // bs)
+    tile_of, bits_of, start = inverse_union(union, bits, count, n_blocks)
+    assert start.shape == (B * Hkv * n_blocks + 1,) and int(start[-1]) == int(count.sum())
+    for b in range(B):
+        for g in range(Hkv):
+            for j in range(n_blocks):
+                k = (b * Hkv + g) * n_blocks + j
+                got = [(int(tile_of[e]), int(bits_of[e])) for e in range(int(start[k]), int(start[k + 1]))]
+                want = [(t, int(bits[b, g, t, u])) for t in range(union.shape[2]) for u in range(int(count[b, g, t]))
+                        if int(union[b, g, t, u]) == j]
+                assert got == want, (b, g, j)
 
 
 def test_block_union_lists_each_tiles_blocks_once(gen):

@@ -202,17 +202,20 @@ def _sparse_bwd_dkdv_kernel(
 
 def inverse_union(union, bits, count, n_blocks):
     """CSR of the query tiles that read each key block: (tile_of [E] int32, bits_of [E] int64, start
-    [B*Hkv*n_blocks + 1] int32), entries of block (b, g, j) at start[(b*Hkv+g)*n_blocks + j] .. next start."""
+    [B*Hkv*n_blocks + 1] int32), entries of block (b, g, j) at start[(b*Hkv+g)*n_blocks + j] .. next start.
+
+    No host sync (a boolean-mask compaction or `bincount` would wait for the GPU, which then idles while the rest of
+    the backward is launched): the unused union slots get the key `B*Hkv*n_blocks` and sort last, so E is the full
+    union size and only the first `start[-1]` entries are read."""
     B, Hkv, n_tiles, U = union.shape
+    n_keys = B * Hkv * n_blocks
     valid = torch.arange(U, device=union.device) < count[..., None]  # [B, Hkv, nT, U]
-    bg = torch.arange(B * Hkv, device=union.device).view(B, Hkv, 1, 1).expand_as(union)
-    tile = torch.arange(n_tiles, device=union.device).view(1, 1, n_tiles, 1).expand_as(union)
-    key = (bg * n_blocks + union.long())[valid]
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=B * Hkv * n_blocks)
-    start = torch.zeros(B * Hkv * n_blocks + 1, dtype=torch.int32, device=union.device)
-    start[1:] = counts.cumsum(0).to(torch.int32)
-    return tile[valid][order].to(torch.int32).contiguous(), bits[valid][order].contiguous(), start
+    bg = torch.arange(B * Hkv, device=union.device).view(B, Hkv, 1, 1)
+    key = torch.where(valid, bg * n_blocks + union.long(), n_keys).flatten()
+    key, order = torch.sort(key, stable=True)
+    start = torch.searchsorted(key, torch.arange(n_keys + 1, device=union.device)).to(torch.int32)
+    tile = torch.arange(n_tiles, device=union.device, dtype=torch.int32).view(1, 1, n_tiles, 1).expand_as(union)
+    return tile.flatten()[order].contiguous(), bits.flatten()[order].contiguous(), start
 
 
 @triton.jit

@@ -37,6 +37,48 @@ def _row_selected(sel, j):
 
 
 @triton.jit
+def _row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2: tl.constexpr):
+    """[M, NSEL_P2] the selected blocks of each row's token (-1 padded)."""
+    i_off = b.to(tl.int64) * sib + g.to(tl.int64) * sih + tpos.to(tl.int64) * sit
+    slots = tl.arange(0, NSEL_P2)
+    return tl.load(IDX + i_off[:, None] + slots[None, :], mask=row_ok[:, None] & (slots[None, :] < NSEL), other=-1)
+
+
+@triton.jit
+def _kv_block(k_base, v_base, j, skt, svt, T, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Key block j of one KV head: positions [BLOCK_N] and k, v [BLOCK_N, D] (zeros past T)."""
+    kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    kmask = (kpos < T)[:, None]
+    dd = tl.arange(0, D)
+    k = tl.load(k_base + kpos.to(tl.int64)[:, None] * skt + dd[None, :], mask=kmask, other=0.0)
+    v = tl.load(v_base + kpos.to(tl.int64)[:, None] * svt + dd[None, :], mask=kmask, other=0.0)
+    return kpos, k, v
+
+
+@triton.jit
+def _window_blocks(t0, T, window, M_TOK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First and last own-K/V block that the SWA windows of tokens t0 .. t0 + M_TOK - 1 reach."""
+    return tl.maximum(t0 - window + 1, 0) // BLOCK_N, tl.minimum(t0 + M_TOK - 1, T - 1) // BLOCK_N
+
+
+@triton.jit
+def _in_window(kpos, tpos, row_ok, window):
+    """[M, BLOCK_N] keys at or before each row's token and within its last `window` positions."""
+    return row_ok[:, None] & (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - window)
+
+
+@triton.jit
+def _gate_offsets(b, heads, tpos, sgb, sgh, sgt, sgd, MODE: tl.constexpr, D: tl.constexpr):
+    """[M, D] element offsets of a gate's rows: per channel (MODE 2) or one value per head, repeated over d (1)."""
+    off = b.to(tl.int64) * sgb + heads.to(tl.int64) * sgh + tpos.to(tl.int64) * sgt
+    if MODE == 2:
+        step = sgd
+    else:
+        step = 0
+    return off[:, None] + tl.arange(0, D)[None, :] * step
+
+
+@triton.jit
 def _swa_branch(q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok,
                 skob, skoh, skot, svob, svoh, svot, sib, sih, sit, T, NSEL, qk_scale2, window,
                 M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
@@ -48,22 +90,15 @@ def _swa_branch(q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok,
     l_w = tl.zeros([BLOCK_M], tl.float32)
     acc_w = tl.zeros([BLOCK_M, D], tl.float32)
     if HAS_SWA:
-        dd = tl.arange(0, D)
-        cols = tl.arange(0, BLOCK_N)
         if MERGE:
-            i_off = b.to(tl.int64) * sib + g.to(tl.int64) * sih + tpos.to(tl.int64) * sit
-            sel = tl.load(IDX + i_off[:, None] + tl.arange(0, NSEL_P2)[None, :],
-                          mask=row_ok[:, None] & (tl.arange(0, NSEL_P2)[None, :] < NSEL), other=-1)
+            sel = _row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2)
         ko_base = KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh
         vo_base = VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh
-        lo = tl.maximum(t0 - window + 1, 0) // BLOCK_N
-        hi = tl.minimum(t0 + M_TOK - 1, T - 1) // BLOCK_N
+        lo, hi = _window_blocks(t0, T, window, M_TOK, BLOCK_N)
         for j in range(lo, hi + 1):
-            kpos = j * BLOCK_N + cols
-            k = tl.load(ko_base + kpos.to(tl.int64)[:, None] * skot + dd[None, :], mask=(kpos < T)[:, None], other=0.0)
-            v = tl.load(vo_base + kpos.to(tl.int64)[:, None] * svot + dd[None, :], mask=(kpos < T)[:, None], other=0.0)
+            kpos, k, v = _kv_block(ko_base, vo_base, j, skot, svot, T, BLOCK_N, D)
             s = tl.dot(q, tl.trans(k)) * qk_scale2
-            ok = row_ok[:, None] & (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - window)
+            ok = _in_window(kpos, tpos, row_ok, window)
             if MERGE:
                 ok = ok & (~_row_selected(sel, j))[:, None]
                 s = tl.where(ok, s, float("-inf"))
@@ -99,18 +134,10 @@ def _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, 
         tl.store(BR + o_off[:, None] * D + dd[None, :], o_s.to(BR.dtype.element_ty), mask=row_ok[:, None])
         tl.store(BR + (n_rows + o_off)[:, None] * D + dd[None, :], o_w.to(BR.dtype.element_ty), mask=row_ok[:, None])
     if GS_MODE > 0:  # 1: per head [.., 1], 2: per channel [.., d]
-        gs_off = b.to(tl.int64) * sgsb + heads.to(tl.int64) * sgsh + tpos.to(tl.int64) * sgst
-        if GS_MODE == 2:
-            gs_off = gs_off[:, None] + dd[None, :] * sgsd
-        else:
-            gs_off = gs_off[:, None] + dd[None, :] * 0
+        gs_off = _gate_offsets(b, heads, tpos, sgsb, sgsh, sgst, sgsd, GS_MODE, D)
         o_s = o_s * tl.load(GS + gs_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
     if GW_MODE > 0:
-        gw_off = b.to(tl.int64) * sgwb + heads.to(tl.int64) * sgwh + tpos.to(tl.int64) * sgwt
-        if GW_MODE == 2:
-            gw_off = gw_off[:, None] + dd[None, :] * sgwd
-        else:
-            gw_off = gw_off[:, None] + dd[None, :] * 0
+        gw_off = _gate_offsets(b, heads, tpos, sgwb, sgwh, sgwt, sgwd, GW_MODE, D)
         o_w = o_w * tl.load(GW + gw_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
     tl.store(OUT + o_off[:, None] * D + dd[None, :], (o_s + o_w).to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
@@ -138,7 +165,6 @@ def _sparse_fwd_kernel(
     tpos = t0 + row_tok  # [BLOCK_M] token position
     row_ok = (rows < M_TOK * G) & (tpos < T)
     dd = tl.arange(0, D)
-    cols = tl.arange(0, BLOCK_N)
 
     q_off = b.to(tl.int64) * sqb + heads.to(tl.int64) * sqh + tpos.to(tl.int64) * sqt
     q = tl.load(Q + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
@@ -174,11 +200,7 @@ def _sparse_fwd_kernel(
     else:
         for u in range(0, n_union):
             j = tl.load(UNION + u_base + u)
-            kpos = j * BLOCK_N + cols  # [BLOCK_N]
-            k = tl.load(ks_base + kpos.to(tl.int64)[:, None] * skst + dd[None, :], mask=(kpos < T)[:, None],
-                        other=0.0)
-            v = tl.load(vs_base + kpos.to(tl.int64)[:, None] * svst + dd[None, :], mask=(kpos < T)[:, None],
-                        other=0.0)
+            kpos, k, v = _kv_block(ks_base, vs_base, j, skst, svst, T, BLOCK_N, D)
             bits = tl.load(BITS + u_base + u)
             s = tl.dot(q, tl.trans(k)) * qk_scale2  # [BLOCK_M, BLOCK_N], log2 domain
             ok = (_row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])

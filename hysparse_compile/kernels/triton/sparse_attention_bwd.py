@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 
 from .block_union import tile_block_union
-from .sparse_attention import (LOG2E, _gate_mode, _gate_strides, _last_dim_unit, launch_config,
-                               sparse_attention_fwd)
+from .sparse_attention import (LOG2E, _gate_mode, _gate_offsets, _gate_strides, _in_window, _kv_block,
+                               _last_dim_unit, _row_member, _row_selected, _row_selection, _window_blocks,
+                               launch_config, sparse_attention_fwd)
 
 
 @triton.jit
@@ -48,7 +49,6 @@ def _sparse_bwd_kernel(
     tpos = t0 + row_tok
     row_ok = (rows < M_TOK * G) & (tpos < T)
     dd = tl.arange(0, D)
-    cols = tl.arange(0, BLOCK_N)
 
     q_off = b.to(tl.int64) * sqb + heads.to(tl.int64) * sqh + tpos.to(tl.int64) * sqt
     q = tl.load(Q + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
@@ -66,16 +66,13 @@ def _sparse_bwd_kernel(
     for u in range(0, n_union):
         j = tl.load(UNION + u_base + u)
         bits = tl.load(BITS + u_base + u)
-        kpos = j * BLOCK_N + cols
-        kmask = (kpos < T)[:, None]
-        k = tl.load(ks_base + kpos.to(tl.int64)[:, None] * skst + dd[None, :], mask=kmask, other=0.0)
-        v = tl.load(vs_base + kpos.to(tl.int64)[:, None] * svst + dd[None, :], mask=kmask, other=0.0)
-        member = ((bits >> row_tok.to(tl.int64)) & 1) != 0
-        ok = (member & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
+        kpos, k, v = _kv_block(ks_base, vs_base, j, skst, svst, T, BLOCK_N, D)
+        ok = (_row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
         ds, p = _block_grads(q, do_s, k, v, ok, l2_s, delta_s, qk_scale2)
         dq += tl.dot(ds.to(k.dtype), k)
         if ATOMIC_KV:
             g_off = (kv_row + kpos)[:, None] * D + dd[None, :]
+            kmask = (kpos < T)[:, None]
             tl.atomic_add(DKS + g_off, tl.dot(tl.trans(ds.to(q.dtype)), q) * scale, mask=kmask)
             tl.atomic_add(DVS + g_off, tl.dot(tl.trans(p.to(do_s.dtype)), do_s), mask=kmask)
 
@@ -84,29 +81,24 @@ def _sparse_bwd_kernel(
             do_w = do_s
             l2_w = l2_s
             delta_w = delta_s
-            i_off = b.to(tl.int64) * sib + g.to(tl.int64) * sih + tpos.to(tl.int64) * sit
-            sel = tl.load(IDX + i_off[:, None] + tl.arange(0, NSEL_P2)[None, :],
-                          mask=row_ok[:, None] & (tl.arange(0, NSEL_P2)[None, :] < NSEL), other=-1)
+            sel = _row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2)
         else:
             do_w = tl.load(DOW + r_off[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
             l2_w = tl.load(LW + r_off, mask=row_ok, other=0.0)
             delta_w = tl.load(DW + r_off, mask=row_ok, other=0.0)
         ko_base = KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh
         vo_base = VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh
-        lo = tl.maximum(t0 - window + 1, 0) // BLOCK_N
-        hi = tl.minimum(t0 + M_TOK - 1, T - 1) // BLOCK_N
+        lo, hi = _window_blocks(t0, T, window, M_TOK, BLOCK_N)
         for j in range(lo, hi + 1):
-            kpos = j * BLOCK_N + cols
-            kmask = (kpos < T)[:, None]
-            k = tl.load(ko_base + kpos.to(tl.int64)[:, None] * skot + dd[None, :], mask=kmask, other=0.0)
-            v = tl.load(vo_base + kpos.to(tl.int64)[:, None] * svot + dd[None, :], mask=kmask, other=0.0)
-            ok = row_ok[:, None] & (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - window)
+            kpos, k, v = _kv_block(ko_base, vo_base, j, skot, svot, T, BLOCK_N, D)
+            ok = _in_window(kpos, tpos, row_ok, window)
             if MERGE:
-                ok = ok & (tl.sum((sel == j).to(tl.int32), axis=1) == 0)[:, None]
+                ok = ok & (~_row_selected(sel, j))[:, None]
             ds, p = _block_grads(q, do_w, k, v, ok, l2_w, delta_w, qk_scale2)
             dq += tl.dot(ds.to(k.dtype), k)
             if ATOMIC_KV:
                 g_off = (kv_row + kpos)[:, None] * D + dd[None, :]
+                kmask = (kpos < T)[:, None]
                 tl.atomic_add(DKO + g_off, tl.dot(tl.trans(ds.to(q.dtype)), q) * scale, mask=kmask)
                 tl.atomic_add(DVO + g_off, tl.dot(tl.trans(p.to(do_w.dtype)), do_w), mask=kmask)
 
@@ -148,13 +140,10 @@ def _sparse_bwd_dkdv_kernel(
     b = bg // HKV
     g = bg % HKV
     dd = tl.arange(0, D)
-    kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    kpos, k, v = _kv_block(KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh,
+                           VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh, j, skst, svst, T, BLOCK_N, D)
     kmask = (kpos < T)[:, None]
     g_off = ((bg.to(tl.int64) * T + kpos)[:, None] * D + dd[None, :])  # rows of contiguous [B, Hkv, T, D]
-    k = tl.load(KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh + kpos.to(tl.int64)[:, None] * skst + dd[None, :],
-                mask=kmask, other=0.0)
-    v = tl.load(VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh + kpos.to(tl.int64)[:, None] * svst + dd[None, :],
-                mask=kmask, other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     n_blocks = tl.cdiv(T, BLOCK_N)
@@ -165,18 +154,15 @@ def _sparse_bwd_dkdv_kernel(
         bits = tl.load(BITS_OF + e)
         q, do, l2, delta, tpos, row_ok, row_tok = _tile_rows(tile, b, g, HKV, T, Q, sqb, sqh, sqt, DOS, LS, DS,
                                                              G, M_TOK, BLOCK_M, D)
-        member = ((bits >> row_tok.to(tl.int64)) & 1) != 0
-        ok = (member & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
+        ok = (_row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
         ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
     tl.store(DKS + g_off, (dk * scale).to(DKS.dtype.element_ty), mask=kmask)
     tl.store(DVS + g_off, dv.to(DVS.dtype.element_ty), mask=kmask)
     if HAS_SWA:
-        k = tl.load(KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh + kpos.to(tl.int64)[:, None] * skot
-                    + dd[None, :], mask=kmask, other=0.0)
-        v = tl.load(VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh + kpos.to(tl.int64)[:, None] * svot
-                    + dd[None, :], mask=kmask, other=0.0)
+        _, k, v = _kv_block(KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh,
+                            VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh, j, skot, svot, T, BLOCK_N, D)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         tile_lo = (j * BLOCK_N) // M_TOK
@@ -185,14 +171,12 @@ def _sparse_bwd_dkdv_kernel(
             if MERGE:
                 q, do, l2, delta, tpos, row_ok, row_tok = _tile_rows(tile, b, g, HKV, T, Q, sqb, sqh, sqt, DOS, LS,
                                                                      DS, G, M_TOK, BLOCK_M, D)
-                i_off = b.to(tl.int64) * sib + g.to(tl.int64) * sih + tpos.to(tl.int64) * sit
-                sel = tl.load(IDX + i_off[:, None] + tl.arange(0, NSEL_P2)[None, :],
-                              mask=row_ok[:, None] & (tl.arange(0, NSEL_P2)[None, :] < NSEL), other=-1)
-                row_ok = row_ok & (tl.sum((sel == j).to(tl.int32), axis=1) == 0)
+                sel = _row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2)
+                row_ok = row_ok & ~_row_selected(sel, j)
             else:
                 q, do, l2, delta, tpos, row_ok, row_tok = _tile_rows(tile, b, g, HKV, T, Q, sqb, sqh, sqt, DOW, LW,
                                                                      DW, G, M_TOK, BLOCK_M, D)
-            ok = row_ok[:, None] & (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - window)
+            ok = _in_window(kpos, tpos, row_ok, window)
             ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
@@ -241,23 +225,19 @@ def _bwd_preprocess_kernel(
     o_w = tl.load(BR + n_rows.to(tl.int64) * D + off, mask=ok[:, None], other=0.0).to(tl.float32)
     do_s = dout
     if GS_MODE > 0:
-        g_off = b * sgsb + h * sgsh + t * sgst
         if GS_MODE == 2:
-            g_off = g_off[:, None] + dd[None, :] * sgsd
             tl.store(DGS + off, (dout * o_s).to(DGS.dtype.element_ty), mask=ok[:, None])
         else:
-            g_off = g_off[:, None] + dd[None, :] * 0
             tl.store(DGS + rr, tl.sum(dout * o_s, axis=1).to(DGS.dtype.element_ty), mask=ok)
+        g_off = _gate_offsets(b, h, t, sgsb, sgsh, sgst, sgsd, GS_MODE, D)
         do_s = dout * tl.load(GS + g_off, mask=ok[:, None], other=0.0).to(tl.float32)
     do_w = dout
     if GW_MODE > 0:
-        g_off = b * sgwb + h * sgwh + t * sgwt
         if GW_MODE == 2:
-            g_off = g_off[:, None] + dd[None, :] * sgwd
             tl.store(DGW + off, (dout * o_w).to(DGW.dtype.element_ty), mask=ok[:, None])
         else:
-            g_off = g_off[:, None] + dd[None, :] * 0
             tl.store(DGW + rr, tl.sum(dout * o_w, axis=1).to(DGW.dtype.element_ty), mask=ok)
+        g_off = _gate_offsets(b, h, t, sgwb, sgwh, sgwt, sgwd, GW_MODE, D)
         do_w = dout * tl.load(GW + g_off, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DOS + off, do_s.to(DOS.dtype.element_ty), mask=ok[:, None])
     tl.store(DOW + off, do_w.to(DOW.dtype.element_ty), mask=ok[:, None])

@@ -201,3 +201,55 @@ def test_triton_full_layer_output_keeps_q_layout_so_the_reshape_before_o_proj_is
     assert out.stride() == q.stride()
     flat = out.transpose(1, 2).reshape(B, T, Hq * d)
     assert flat.data_ptr() == out.data_ptr() and flat._base is not None  # a view, not a copy
+
+
+def _saved_activation_bytes(model, ids) -> int:
+    """Bytes of the distinct storages autograd keeps for backward (parameters excluded) in one forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits(model(ids))
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("save_branches", [False, True])
+def test_sparse_layers_keep_only_their_gates_unless_branches_are_saved(save_branches):
+    """Training memory: by default a sparse layer adds only its gate activations to what the original keeps (the
+    branch outputs are recomputed in the backward, as SDPA recomputes its probabilities); save_branches=True also
+    keeps the two ungated branch outputs, [2, B, Hq, T, d]."""
+    options = {"save_branches": True} if save_branches else {}
+    model, compiled = compiled_pair("llama-sdpa", mode="paper", pattern="FSSS", **options)
+    B, T = 2, 48
+    ids = torch.randint(0, 100, (B, T), generator=torch.Generator().manual_seed(5))
+    cfg = model.config
+    q_bytes = B * T * cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4  # fp32 model
+    n_sparse = 3
+    extra = _saved_activation_bytes(compiled, ids) - _saved_activation_bytes(model, ids)
+    gates = n_sparse * 2 * q_bytes  # per-channel sparse and SWA gates
+    if save_branches:
+        assert extra >= gates + n_sparse * 2 * q_bytes, extra
+    else:
+        assert gates <= extra < gates + n_sparse * q_bytes // 2, (extra, gates, q_bytes)
+    compiled.train()
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in compiled.named_parameters() if p.grad is not None}
+    compiled.zero_grad()
+    compiled.eval()
+    _, other = compiled_pair("llama-sdpa", mode="paper", pattern="FSSS",
+                             **({} if save_branches else {"save_branches": True}))
+    other.train()
+    other(input_ids=ids, labels=ids).loss.backward()
+    for n, p in other.named_parameters():
+        if n in grads:
+            assert torch.allclose(p.grad, grads[n], rtol=1e-5, atol=1e-7), n
+    other.zero_grad()
+    other.eval()
+

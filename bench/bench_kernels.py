@@ -443,7 +443,7 @@ def sparse_call(impl, rotor, idx_sets, args, bwd, okw=None):
         a = sparse_args(s, idx_sets[i], args)
         out, lse, br = impl.sparse_attention_fwd(*a, bwd, **okw)
         if bwd:
-            impl.sparse_attention_bwd(s["dout"], *a[:9], out, lse, br, *a[9:])
+            impl.sparse_attention_bwd(s["dout"], *a[:9], out, lse, br, *a[9:], **okw)
 
     return fwd_bwd, None
 

@@ -108,6 +108,15 @@ def bwd_both(case, bs, window, merge=False, save=True):
 NAMES = ["dq", "dk_own", "dv_own", "dk_shared", "dv_shared", "dgate_sparse", "dgate_swa", "dsinks"]
 
 
+def assert_grads_match(got, ref, tol=1e-4):
+    """Every gradient of `sparse_attention_bwd` present in both or neither, same shape and dtype, within tol."""
+    for name, g, r in zip(NAMES, got, ref):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            assert g.shape == r.shape and g.dtype == r.dtype, name
+            assert rel(g, r) < tol or (r.abs().max() == 0 and g.abs().max() == 0), f"{name}: {rel(g, r):.2e}"
+
+
 @pytest.mark.parametrize("B,Hq,Hkv,T,gates,sinks,window,save", [
     (1, 8, 2, 45, "channel", True, 20, False),  # G = 4, per-channel gates, sinks; branches recomputed (the default)
     (1, 16, 1, 33, "head", False, 50, True),  # G = 16, per-head gates, T < window; saved branches
@@ -116,11 +125,46 @@ NAMES = ["dq", "dk_own", "dv_own", "dk_shared", "dv_shared", "dgate_sparse", "dg
 def test_gradients_match_reference(gen, B, Hq, Hkv, T, gates, sinks, window, save):
     case = make_case(gen, B=B, Hq=Hq, Hkv=Hkv, T=T, gates=gates, sinks=sinks)
     got, ref = bwd_both(case, 16, window, save=save)
-    for name, g, r in zip(NAMES, got, ref):
-        assert (g is None) == (r is None), name
-        if g is not None:
-            assert g.shape == r.shape and g.dtype == r.dtype, name
-            assert rel(g, r) < 1e-4 or (r.abs().max() == 0 and g.abs().max() == 0), f"{name}: {rel(g, r):.2e}"
+    assert_grads_match(got, ref)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,gates,sinks,window,knobs", [
+    (2, 8, 2, 45, "channel", True, 20, dict(tok=2, chunk=4)),  # G = 4, batch 2; busy blocks split over programs
+    (1, 16, 1, 40, "head", False, 0, None),  # G = 16, no SWA branch, default knobs
+])
+def test_block_major_gradients_match_reference(gen, B, Hq, Hkv, T, gates, sinks, window, knobs):
+    """order='block' (the default from BWD_AUTO_MIN_T tokens on): K/V-block-major sparse branch, dq by atomics."""
+    case = make_case(gen, B=B, Hq=Hq, Hkv=Hkv, T=T, gates=gates, sinks=sinks, nsel=3)
+    scale = case["q"].shape[-1] ** -0.5
+    out, lse, br = sparse_attention_fwd(*case.values(), 16, window, scale, False, False)
+    dout = torch.randn(out.shape, generator=gen).to(out)
+    got = sparse_attention_bwd(dout, *case.values(), out, lse, br, 16, window, scale, False, order="block",
+                               block_major=knobs)
+    ref = reference.sparse_attention_bwd(dout, *case.values(), out, lse, br, 16, window, scale, False)
+    assert_grads_match(got, ref)
+
+
+def small_backward(gen):
+    """`sparse_attention_bwd` of one small case (G = 4, per-head gates, window 12) as a function of its knobs."""
+    case = make_case(gen, Hq=8, Hkv=2, T=40, gates="head")
+    scale = 32 ** -0.5
+    out, lse, br = sparse_attention_fwd(*case.values(), 16, 12, scale, False, True)
+    dout = torch.randn(out.shape, generator=gen).to(out)
+    return lambda **kw: sparse_attention_bwd(dout, *case.values(), out, lse, br, 16, 12, scale, False, **kw)
+
+
+def test_deterministic_mode_keeps_the_token_major_backward(gen):
+    """Under torch.use_deterministic_algorithms the block-major order (fp32 atomics) is not taken."""
+    backward = small_backward(gen)
+    token = backward(order="token")
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        block = backward(order="block")
+    finally:
+        torch.use_deterministic_algorithms(old)
+    for name, x, y in zip(NAMES, token, block):
+        assert (x is None and y is None) or torch.equal(x, y), name
 
 
 @pytest.mark.parametrize("merge", [False, True])
@@ -243,12 +287,8 @@ def test_supports_names_the_unsupported_value():
 
 def test_atomic_backward_matches_kv_major(gen):
     """The fp32-atomic dK/dV path (kv_mode='atomic') gives the same gradients as the K/V-major one."""
-    case = make_case(gen, Hq=8, Hkv=2, T=40, gates="head")
-    scale = 32 ** -0.5
-    out, lse, br = sparse_attention_fwd(*case.values(), 16, 12, scale, False, True)
-    dout = torch.randn(out.shape, generator=gen).to(out)
-    a = sparse_attention_bwd(dout, *case.values(), out, lse, br, 16, 12, scale, False, kv_mode="atomic")
-    b = sparse_attention_bwd(dout, *case.values(), out, lse, br, 16, 12, scale, False, kv_mode="kv_major")
+    backward = small_backward(gen)
+    a, b = backward(kv_mode="atomic"), backward(kv_mode="kv_major", order="token")
     for name, x, y in zip(NAMES, a, b):
         assert rel(x, y) < 1e-5, name
 

@@ -16,12 +16,49 @@ union is ~`m_tok * nsel` blocks and every K/V block is re-read for a few tokens.
    same epilogue as the token-major kernel, so `out`, `lse` and `branch_out` mean exactly the same.
 
 Partials take `B * Hq * T_chunk * nsel * (d * elt + 4)` bytes; the driver (`sparse_attention_fwd`) processes the
-sequence in chunks of tokens so that this stays under `max_partial_bytes`. Design notes: docs/kernels_sparse.md.
+sequence in chunks of tokens so that this stays under `max_partial_bytes`.
+
+The backward's sparse branch has the same loop order (`_block_grads_kernel`, `block_grads`): a program loads K_j,
+V_j once, walks the same (token, slot) lists, recomputes each row's probabilities from the forward's log-sum-exp and
+keeps dK_j, dV_j in registers; each step's dq rows are added with fp32 atomics (every (row, block) pair is visited by
+one program only, so the only contention is between blocks of one row), and the block's dK/dV are added once per
+program (a busy block's list is split over several programs). No partials, no second pass. Design notes:
+docs/kernels_sparse.md.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _work_item(ITEM_BUCKET, ITEM_CHUNK, START, NB, HKV, CHUNK: tl.constexpr):
+    """This program's work item: (live, bg, j, b, g, lo, hi) = whether it has one, its (batch * Hkv + group), key
+    block, batch, group and the entries [lo, hi) of the block's (token, slot) list (lo == hi when idle)."""
+    item = tl.program_id(0)
+    bucket = tl.load(ITEM_BUCKET + item)  # group * NB + block, -1 past the last work item
+    c = tl.load(ITEM_CHUNK + item)
+    live = bucket >= 0
+    bucket = tl.maximum(bucket, 0)
+    bg = bucket // NB
+    j = bucket % NB
+    lo = tl.load(START + bucket).to(tl.int64) + c.to(tl.int64) * CHUNK
+    hi = tl.minimum(tl.load(START + bucket + 1).to(tl.int64), lo + CHUNK)
+    return live, bg, j, bg // HKV, bg % HKV, lo, tl.where(live, hi, lo)
+
+
+@triton.jit
+def _block_kv(KS, VS, b, g, j, live, T, sksb, sksh, skst, svsb, svsh, svst, BLOCK_N: tl.constexpr,
+              D: tl.constexpr):
+    """Key positions [BLOCK_N], their validity [BLOCK_N, 1] (none for an idle program) and K_j, V_j [BLOCK_N, D]."""
+    dd = tl.arange(0, D)
+    kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    kv_ok = (kpos < tl.where(live, T, 0))[:, None]  # no load for an idle program
+    k = tl.load(KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh + kpos.to(tl.int64)[:, None] * skst + dd[None, :],
+                mask=kv_ok, other=0.0)
+    v = tl.load(VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh + kpos.to(tl.int64)[:, None] * svst + dd[None, :],
+                mask=kv_ok, other=0.0)
+    return kpos, kv_ok, k, v
 
 
 @triton.jit
@@ -32,27 +69,9 @@ def _block_partials_kernel(
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    item = tl.program_id(0)
-    bucket = tl.load(ITEM_BUCKET + item)  # group * NB + block, -1 past the last work item
-    c = tl.load(ITEM_CHUNK + item)
-    live = bucket >= 0
-    bucket = tl.maximum(bucket, 0)
-    bg = bucket // NB
-    j = bucket % NB
-    b = bg // HKV
-    g = bg % HKV
-    lo = tl.load(START + bucket).to(tl.int64) + c.to(tl.int64) * CHUNK
-    hi = tl.minimum(tl.load(START + bucket + 1).to(tl.int64), lo + CHUNK)
-    hi = tl.where(live, hi, lo)
-
+    live, bg, j, b, g, lo, hi = _work_item(ITEM_BUCKET, ITEM_CHUNK, START, NB, HKV, CHUNK)
     dd = tl.arange(0, D)
-    cols = tl.arange(0, BLOCK_N)
-    kpos = j * BLOCK_N + cols  # [BLOCK_N] key positions of block j
-    kv_ok = (kpos < tl.where(live, T, 0))[:, None]  # no load for an idle program
-    k = tl.load(KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh + kpos.to(tl.int64)[:, None] * skst + dd[None, :],
-                mask=kv_ok, other=0.0)
-    v = tl.load(VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh + kpos.to(tl.int64)[:, None] * svst + dd[None, :],
-                mask=kv_ok, other=0.0)
+    kpos, kv_ok, k, v = _block_kv(KS, VS, b, g, j, live, T, sksb, sksh, skst, svsb, svsh, svst, BLOCK_N, D)
 
     rows = tl.arange(0, BLOCK_M)
     row_tok = rows // G  # entry of the row inside the current tile of TOK entries
@@ -82,6 +101,50 @@ def _block_partials_kernel(
         tl.store(LP + prow, lse2, mask=ok)
         tl.store(OP + prow[:, None] * D + dd[None, :], (acc * inv[:, None]).to(OP.dtype.element_ty),
                  mask=ok[:, None])
+
+
+@triton.jit
+def _block_grads_kernel(
+    Q, KS, VS, DO, L2, DELTA, LIST, START, ITEM_BUCKET, ITEM_CHUNK, DQ, DK, DV,
+    sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst,
+    T, HKV, NB, NSEL, qk_scale2, scale,
+    G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Sparse-branch gradients of one work item (key block j of one KV group, one chunk of its list): dq rows / scale
+    added to DQ (fp32 [B, Hq, T, D]), dK_j/dV_j to DK/DV (fp32 [B, Hkv, T, D]). DO/L2/DELTA are contiguous [B, Hq, T, *]
+    (do of the sparse branch, its log2-sum-exp with sinks folded in, do . o)."""
+    live, bg, j, b, g, lo, hi = _work_item(ITEM_BUCKET, ITEM_CHUNK, START, NB, HKV, CHUNK)
+    dd = tl.arange(0, D)
+    kpos, kv_ok, k, v = _block_kv(KS, VS, b, g, j, live, T, sksb, sksh, skst, svsb, svsh, svst, BLOCK_N, D)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+
+    rows = tl.arange(0, BLOCK_M)
+    row_tok = rows // G
+    heads = g * G + rows % G
+    q_base = Q + b.to(tl.int64) * sqb + heads.to(tl.int64) * sqh
+    r_base = (b * (HKV * G) + heads).to(tl.int64) * T  # row of contiguous [B, Hq, T, *] at t = 0
+    for e0 in range(lo, hi, TOK):
+        ent = e0 + row_tok
+        ok = (row_tok < TOK) & (ent < hi)
+        t = tl.load(LIST + ent, mask=ok, other=0) // NSEL
+        q = tl.load(q_base[:, None] + t.to(tl.int64)[:, None] * sqt + dd[None, :], mask=ok[:, None], other=0.0)
+        r = r_base + t
+        do = tl.load(DO + r[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
+        l2 = tl.load(L2 + r, mask=ok, other=0.0)
+        delta = tl.load(DELTA + r, mask=ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale2
+        p = tl.where(ok[:, None] & (kpos[None, :] <= t[:, None]), tl.exp2(s - l2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        tl.atomic_add(DQ + r[:, None] * D + dd[None, :], tl.dot(ds.to(k.dtype), k), mask=ok[:, None], sem="relaxed")
+    g_off = (bg.to(tl.int64) * T + kpos)[:, None] * D + dd[None, :]
+    kmask = (kpos < tl.where(hi > lo, T, 0))[:, None]  # nothing to add for an idle program
+    tl.atomic_add(DK + g_off, dk * scale, mask=kmask, sem="relaxed")
+    tl.atomic_add(DV + g_off, dv, mask=kmask, sem="relaxed")
 
 
 def token_lists(indices, n_blocks, chunk):
@@ -161,4 +224,40 @@ def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, 
     )
 
 
-__all__ = ["token_lists", "block_partials", "default_config"]
+def grads_config(G, D, block_size, tok=None, chunk=None, num_warps=None, num_stages=None):
+    """(tok, BLOCK_M, chunk, num_warps, num_stages) of `_block_grads_kernel`; arguments that are not None override.
+
+    Default from `bench/tune_block_bwd.py --sweep` on an H200 (32/8/128, random selections; docs/kernels_sparse.md):
+    64 rows per step (`tok = 64 // G` tokens), 32 steps' entries per program, 4 warps, 1 stage (2 stages: 1.5x
+    slower at 4 warps; 128 rows with 8 warps: 7% slower)."""
+    tok = tok or max(1, 64 // G)
+    block_m = max(16, triton.next_power_of_2(tok * G))
+    chunk = chunk or 32 * tok
+    chunk = -(-chunk // tok) * tok
+    num_warps = num_warps or (4 if block_m * max(D, block_size) <= 64 * 128 else 8)
+    return tok, block_m, chunk, num_warps, num_stages or 1
+
+
+def block_grads(q, k_shared, v_shared, do, l2, delta, indices, block_size, scale, dq, dk, dv, tok=None, chunk=None,
+                num_warps=None, num_stages=None):
+    """Sparse-branch gradients in K/V-block-major order, added into dq [B, Hq, T, d] (dq / scale: the caller scales
+    it once), dk, dv [B, Hkv, T, d] (all float32, contiguous; the caller zeroes them). do, l2 (log2-sum-exp, sinks
+    folded in), delta: contiguous [B, Hq, T, *] rows of the sparse branch; indices int32 [B, Hkv, T, nsel]. Knobs:
+    `grads_config`."""
+    B, Hq, T, D = q.shape
+    Hkv = k_shared.shape[1]
+    G = Hq // Hkv
+    nsel = indices.shape[-1]
+    n_blocks = triton.cdiv(T, block_size)
+    tok, block_m, chunk, num_warps, num_stages = grads_config(G, D, block_size, tok, chunk, num_warps, num_stages)
+    lists, start, item_bucket, item_chunk = token_lists(indices, n_blocks, chunk)
+    _block_grads_kernel[(item_bucket.numel(),)](
+        q, k_shared, v_shared, do, l2, delta, lists, start, item_bucket, item_chunk, dq, dk, dv,
+        *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3],
+        T, Hkv, n_blocks, nsel, scale * 1.4426950408889634, scale,
+        G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+__all__ = ["token_lists", "block_partials", "block_grads", "default_config", "grads_config"]

@@ -300,8 +300,9 @@ MAX_PARTIAL_BYTES = 1 << 30  # block-major: partial buffers per token chunk (the
 
 @contextlib.contextmanager
 def forward_order(order):
-    """Within the block, `sparse_attention_fwd(order=None)` (so also `hysparse::sparse_attention` and the backward's
-    recomputation) runs `order` ("token", "block" or "auto"). For tests and benchmarks; not thread-safe."""
+    """Within the block, `sparse_attention_fwd(order=None)` and `sparse_attention_bwd(order=None)` (so also
+    `hysparse::sparse_attention`, its backward and the backward's recomputation) run `order` ("token", "block" or
+    "auto"). For tests and benchmarks; not thread-safe."""
     global DEFAULT_ORDER
     assert order in ("token", "block", "auto"), order
     old, DEFAULT_ORDER = DEFAULT_ORDER, order

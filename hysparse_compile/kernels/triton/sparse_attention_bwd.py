@@ -1,6 +1,11 @@
-"""Triton backward of the sparse-layer op: same tiling as the forward (tokens x G heads per program).
+"""Triton backward of the sparse-layer op.
 
-The dq program recomputes its rows' probabilities block by block (from the forward's per-branch log-sum-exp, sinks
+Two loop orders for the sparse branch (`order`; "auto" = `choose_backward_order`): K/V-block-major
+(`block_major.block_grads`: each selected key block loaded once for all the tokens that picked it, dq by fp32
+atomics; the default from 4k tokens) or token-major, the forward's tiling (tokens x G heads per program), below. The
+SWA branch is always token-major. Design and measurements: docs/kernels_sparse.md.
+
+Token-major: the dq program recomputes its rows' probabilities block by block (from the forward's per-branch log-sum-exp, sinks
 folded in) over the same per-tile union (`block_union.tile_block_union`, one Triton launch), keeps dq in registers
 and writes it once. dK/dV: one program per key block walks the query tiles whose union holds it (the inverse of the
 tile unions) and writes it once (default), or the dq pass adds them with fp32 atomics (`kv_mode="atomic"`).
@@ -12,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import sparse_attention as _fwd
+from .block_major import block_grads
 from .block_union import tile_block_union
 from .sparse_attention import (LOG2E, _gate_mode, _gate_offsets, _gate_strides, _in_window, _kv_block,
                                _last_dim_unit, _row_member, _row_selected, _row_selection, _window_blocks,
@@ -31,13 +38,16 @@ def _block_grads(q, do, k, v, ok, l2, delta, qk_scale2):
 @triton.jit
 def _sparse_bwd_kernel(
     Q, KS, VS, KO, VO, DOS, DOW, LS, LW, DS, DW, UNION, BITS, COUNT, IDX,
-    DQ, DKS, DVS, DKO, DVO,
+    DQ_ACC, DQ, DKS, DVS, DKO, DVO,
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst, skob, skoh, skot, svob, svoh, svot,
     sub, suh, sut, sib, sih, sit,
     T, HKV, NSEL, qk_scale2, scale, window,
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, ATOMIC_KV: tl.constexpr,
+    SPARSE: tl.constexpr, DQ_INIT: tl.constexpr,
 ):
+    """dq of one query tile (and dK/dV with atomics when ATOMIC_KV). SPARSE: walk the tile union (False: the sparse
+    branch is done block-major, `block_major.block_grads`, whose fp32 dq sum DQ_INIT loads and completes)."""
     tile = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // HKV
@@ -56,11 +66,16 @@ def _sparse_bwd_kernel(
     do_s = tl.load(DOS + r_off[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
     l2_s = tl.load(LS + r_off, mask=row_ok, other=0.0)
     delta_s = tl.load(DS + r_off, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    if DQ_INIT:
+        dq = tl.load(DQ_ACC + r_off[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
 
     kv_row = (b * HKV + g).to(tl.int64) * T  # first row of this group in contiguous [B, Hkv, T, D] grads
     u_base = b.to(tl.int64) * sub + g.to(tl.int64) * suh + tile.to(tl.int64) * sut
-    n_union = tl.load(COUNT + (b * HKV + g) * tl.cdiv(T, M_TOK) + tile)
+    n_union = 0
+    if SPARSE:
+        n_union = tl.load(COUNT + (b * HKV + g) * tl.cdiv(T, M_TOK) + tile)
     ks_base = KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh
     vs_base = VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh
     for u in range(0, n_union):
@@ -131,35 +146,38 @@ def _sparse_bwd_dkdv_kernel(
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
     T, HKV, NSEL, qk_scale2, scale, window,
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr,
+    NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, SPARSE: tl.constexpr,
 ):
     """dK, dV of key block j of one KV group, written once: shared K/V from the query tiles whose union holds j
-    (the inverse of the tile unions, CSR in TILE_OF/BITS_OF/START), own K/V from the tiles whose window covers j."""
+    (the inverse of the tile unions, CSR in TILE_OF/BITS_OF/START), own K/V from the tiles whose window covers j.
+    SPARSE=False: only the window part (the sparse branch is done block-major)."""
     j = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // HKV
     g = bg % HKV
     dd = tl.arange(0, D)
-    kpos, k, v = _kv_block(KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh,
-                           VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh, j, skst, svst, T, BLOCK_N, D)
+    kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
     kmask = (kpos < T)[:, None]
     g_off = ((bg.to(tl.int64) * T + kpos)[:, None] * D + dd[None, :])  # rows of contiguous [B, Hkv, T, D]
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
-    n_blocks = tl.cdiv(T, BLOCK_N)
-    e0 = tl.load(START + bg * n_blocks + j)
-    e1 = tl.load(START + bg * n_blocks + j + 1)
-    for e in range(e0, e1):
-        tile = tl.load(TILE_OF + e)
-        bits = tl.load(BITS_OF + e)
-        q, do, l2, delta, tpos, row_ok, row_tok = _tile_rows(tile, b, g, HKV, T, Q, sqb, sqh, sqt, DOS, LS, DS,
-                                                             G, M_TOK, BLOCK_M, D)
-        ok = (_row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
-        ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-    tl.store(DKS + g_off, (dk * scale).to(DKS.dtype.element_ty), mask=kmask)
-    tl.store(DVS + g_off, dv.to(DVS.dtype.element_ty), mask=kmask)
+    if SPARSE:
+        _, k, v = _kv_block(KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh,
+                            VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh, j, skst, svst, T, BLOCK_N, D)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        n_blocks = tl.cdiv(T, BLOCK_N)
+        e0 = tl.load(START + bg * n_blocks + j)
+        e1 = tl.load(START + bg * n_blocks + j + 1)
+        for e in range(e0, e1):
+            tile = tl.load(TILE_OF + e)
+            bits = tl.load(BITS_OF + e)
+            q, do, l2, delta, tpos, row_ok, row_tok = _tile_rows(tile, b, g, HKV, T, Q, sqb, sqh, sqt, DOS, LS, DS,
+                                                                 G, M_TOK, BLOCK_M, D)
+            ok = (_row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
+            ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        tl.store(DKS + g_off, (dk * scale).to(DKS.dtype.element_ty), mask=kmask)
+        tl.store(DVS + g_off, dv.to(DVS.dtype.element_ty), mask=kmask)
     if HAS_SWA:
         _, k, v = _kv_block(KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh,
                             VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh, j, skot, svot, T, BLOCK_N, D)
@@ -245,9 +263,52 @@ def _bwd_preprocess_kernel(
     tl.store(DELTA_W + rr, tl.sum(do_w * o_w, axis=1), mask=ok)
 
 
+BWD_AUTO_MIN_T = 4096  # "auto": block-major backward from this length on (2048 at G >= 16)
+
+
+def choose_backward_order(T, G):
+    """"block" or "token" for the backward. Unlike the forward (whose block-major path pays per-(row, slot)
+    partials), the block-major backward writes nothing per slot. Measured on an H200 (`bench/tune_block_bwd.py`,
+    docs/kernels_sparse.md), block-major was faster at every T >= 4096 for G = 4 and 16, random and tile-correlated
+    selections alike (32k, 32/8/128: 10.0 vs 45.2 ms random, 10.1 vs 12.9 ms tile), and at T = 2048 for G = 16
+    (1.07 vs 1.72 ms) but not G = 4 (1.03 vs 0.88 ms). So the rule is on T and G alone: no union sizes, no host
+    sync."""
+    return "block" if T >= BWD_AUTO_MIN_T or (G >= 16 and T >= BWD_AUTO_MIN_T // 2) else "token"
+
+
+def _block_major_bwd(q, k_own, v_own, k_shared, v_shared, rows, indices, dq, strides, meta, block_size, window,
+                     scale, knobs):
+    """order="block": the sparse branch block-major (`block_major.block_grads`, fp32 dq/dK/dV sums), then the
+    token-major kernels for the SWA branch only; the dq kernel adds the block-major sum and writes dq once.
+    Returns (dq, dk_own, dv_own, dk_shared, dv_shared)."""
+    B, Hq, T, D = q.shape
+    Hkv = k_shared.shape[1]
+    nsel = indices.shape[-1]
+    do_s, do_w, l2_s, l2_w, delta_s, delta_w = rows
+    dq_acc = torch.zeros(B, Hq, T, D, device=q.device, dtype=torch.float32)
+    dk_s, dv_s = (torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32) for _ in range(2))
+    block_grads(q, k_shared, v_shared, do_s, l2_s, delta_s, indices, block_size, scale, dq_acc, dk_s, dv_s,
+                **(knobs or {}))
+    dk_o, dv_o = (torch.empty(B, Hkv, T, D, device=q.device, dtype=k_own.dtype) for _ in range(2))
+    unused = indices  # union/inverse-union arguments of the token-major kernels, not read with SPARSE=False
+    _sparse_bwd_kernel[(triton.cdiv(T, meta["M_TOK"]), B * Hkv)](
+        q, k_shared, v_shared, k_own, v_own, *rows, unused, unused, unused, indices,
+        dq_acc, dq, dk_s, dv_s, dk_o, dv_o, *strides, *indices.stride()[:3], *indices.stride()[:3],
+        T, Hkv, nsel, scale * LOG2E, scale, window, ATOMIC_KV=False, SPARSE=False, DQ_INIT=True, **meta)
+    if window > 0:
+        _sparse_bwd_dkdv_kernel[(triton.cdiv(T, block_size), B * Hkv)](
+            q, k_shared, v_shared, k_own, v_own, *rows, unused, unused, unused, indices,
+            dk_s, dv_s, dk_o, dv_o, *strides, *indices.stride()[:3],
+            T, Hkv, nsel, scale * LOG2E, scale, window, SPARSE=False, **meta)
+    else:
+        dk_o.zero_(), dv_o.zero_()
+    dt = k_shared.dtype
+    return dq, dk_o, dv_o, dk_s.to(dt), dv_s.to(dt)
+
+
 def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
                          out, lse, branch_out, block_size, window, scale, merge, m_tok=None, kv_mode="kv_major",
-                         num_warps=None, num_stages=None):
+                         num_warps=None, num_stages=None, order=None, block_major=None):
     """Gradients of `sparse_attention_fwd`.
 
     dout [B, Hq, T, d]; the rest as the forward, with its out, lse [B, Hq, T, 2] and branch_out [2, B, Hq, T, d]
@@ -256,6 +317,13 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
     caller sums them); with merge every key gradient is in dk_shared/dv_shared and dk_own/dv_own are zeros.
     kv_mode: "kv_major" (default: one program per key block writes its dK/dV once, from the inverse of the tile
     unions; deterministic) or "atomic" (the dq pass also adds dK/dV with fp32 atomics).
+    order (None = the forward's DEFAULT_ORDER, see `sparse_attention.forward_order`): loop order of the sparse
+    branch. "token": the kernels above walk the tile unions. "block": K/V-block-major (`block_major.block_grads`:
+    each selected block loaded once for the tokens that picked it, dq by fp32 atomics), then the token-major kernels
+    for the SWA branch only. "auto": `choose_backward_order`. merge, kv_mode="atomic" and
+    `torch.use_deterministic_algorithms(True)` run token-major (block-major's fp32 atomics make the summation
+    order, so the last bits of dq/dK/dV, vary from run to run).
+    `block_major`: knobs of `block_grads` (tok, chunk, num_warps, num_stages).
     """
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]
@@ -297,27 +365,38 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
     q, k_own, v_own, k_shared, v_shared = (_last_dim_unit(x) for x in (q, k_own, v_own, k_shared, v_shared))
     indices = indices.contiguous()
     m_tok, block_m, num_warps, num_stages = launch_config(G, D, block_size, m_tok, num_warps, num_stages or 2)
-    union, bits, count = tile_block_union(indices, m_tok)
     atomic = kv_mode == "atomic"
+    order = order or _fwd.DEFAULT_ORDER
+    assert order in ("token", "block", "auto"), order
+    if merge or atomic or torch.are_deterministic_algorithms_enabled():
+        order = "token"
+    if order == "auto":
+        order = choose_backward_order(T, G)
     dq = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
-    new = torch.zeros if atomic else torch.empty  # atomics accumulate in fp32; kv_major writes each block once
-    acc_dt = torch.float32 if atomic else k_shared.dtype
-    dk_s, dv_s, dk_o, dv_o = (new(B, Hkv, T, D, device=q.device, dtype=acc_dt) for _ in range(4))
     strides = (*q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3], *k_own.stride()[:3],
                *v_own.stride()[:3])
     meta = dict(G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
                 MERGE=bool(merge), HAS_SWA=window > 0, num_warps=num_warps, num_stages=num_stages)
+    rows = (do_s, do_w, l2_s, l2_w, delta_s, delta_w)
+    if order == "block":
+        grads = _block_major_bwd(q, k_own, v_own, k_shared, v_shared, rows, indices, dq, strides, meta, block_size,
+                                 window, scale, block_major)
+        return (*grads, dgate_sparse, dgate_swa, dsinks)
+    union, bits, count = tile_block_union(indices, m_tok)
+    new = torch.zeros if atomic else torch.empty  # atomics accumulate in fp32; kv_major writes each block once
+    acc_dt = torch.float32 if atomic else k_shared.dtype
+    dk_s, dv_s, dk_o, dv_o = (new(B, Hkv, T, D, device=q.device, dtype=acc_dt) for _ in range(4))
     _sparse_bwd_kernel[(triton.cdiv(T, m_tok), B * Hkv)](
         q, k_shared, v_shared, k_own, v_own, do_s, do_w, l2_s, l2_w, delta_s, delta_w, union, bits, count, indices,
-        dq, dk_s, dv_s, dk_o, dv_o, *strides, *union.stride()[:3], *indices.stride()[:3],
-        T, Hkv, nsel, scale * LOG2E, scale, window, ATOMIC_KV=atomic, **meta)
+        dq, dq, dk_s, dv_s, dk_o, dv_o, *strides, *union.stride()[:3], *indices.stride()[:3],
+        T, Hkv, nsel, scale * LOG2E, scale, window, ATOMIC_KV=atomic, SPARSE=True, DQ_INIT=False, **meta)
     if not atomic:
         n_blocks = triton.cdiv(T, block_size)
         tile_of, bits_of, start = inverse_union(union, bits, count, n_blocks)
         _sparse_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
             q, k_shared, v_shared, k_own, v_own, do_s, do_w, l2_s, l2_w, delta_s, delta_w, tile_of, bits_of, start,
             indices, dk_s, dv_s, dk_o, dv_o, *strides, *indices.stride()[:3],
-            T, Hkv, nsel, scale * LOG2E, scale, window, **meta)
+            T, Hkv, nsel, scale * LOG2E, scale, window, SPARSE=True, **meta)
         if window <= 0:
             dk_o.zero_(), dv_o.zero_()
     if merge:  # every key gradient belongs to k_shared/v_shared; k_own/v_own are not read (zeros, as the reference)
@@ -328,4 +407,4 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
     return (dq, dk_o, dv_o, dk_s, dv_s, dgate_sparse, dgate_swa, dsinks)
 
 
-__all__ = ["sparse_attention_bwd"]
+__all__ = ["sparse_attention_bwd", "choose_backward_order"]

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .online_softmax import LOG2E
+
 
 @triton.jit
 def _work_item(ITEM_BUCKET, ITEM_CHUNK, START, NB, HKV, CHUNK: tl.constexpr):
@@ -254,7 +256,7 @@ def block_grads(q, k_shared, v_shared, do, l2, delta, indices, block_size, scale
     _block_grads_kernel[(item_bucket.numel(),)](
         q, k_shared, v_shared, do, l2, delta, lists, start, item_bucket, item_chunk, dq, dk, dv,
         *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3],
-        T, Hkv, n_blocks, nsel, scale * 1.4426950408889634, scale,
+        T, Hkv, n_blocks, nsel, scale * LOG2E, scale,
         G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -2,6 +2,8 @@
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634  # logits are scaled by scale * LOG2E so that exp2 gives exp
+
 
 @triton.jit
 def online_softmax_step(s, v, m, l, acc):

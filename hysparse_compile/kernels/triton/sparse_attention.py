@@ -19,9 +19,7 @@ import triton.language as tl
 
 from .block_major import block_partials
 from .block_union import choose_tokens_per_tile, tile_block_union, tokens_per_tile
-from .online_softmax import normalize_with_sink, online_softmax_step
-
-LOG2E = 1.4426950408889634
+from .online_softmax import LOG2E, normalize_with_sink, online_softmax_step
 
 
 @triton.jit

@@ -5,8 +5,8 @@ Two loop orders for the sparse branch (`order`; "auto" = `choose_backward_order`
 atomics; the default from 4k tokens) or token-major, the forward's tiling (tokens x G heads per program), below. The
 SWA branch is always token-major. Design and measurements: docs/kernels_sparse.md.
 
-Token-major: the dq program recomputes its rows' probabilities block by block (from the forward's per-branch log-sum-exp, sinks
-folded in) over the same per-tile union (`block_union.tile_block_union`, one Triton launch), keeps dq in registers
+Token-major: the dq program recomputes its rows' probabilities block by block (from the forward's per-branch
+log-sum-exp, sinks folded in) over the same per-tile union (`block_union.tile_block_union`, one Triton launch), keeps dq in registers
 and writes it once. dK/dV: one program per key block walks the query tiles whose union holds it (the inverse of the
 tile unions) and writes it once (default), or the dq pass adds them with fp32 atomics (`kv_mode="atomic"`).
 Gates and sinks get their gradients from the saved ungated branch outputs:
@@ -289,7 +289,8 @@ def _block_major_bwd(q, k_own, v_own, k_shared, v_shared, rows, indices, dq, str
     dk_s, dv_s = (torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32) for _ in range(2))
     block_grads(q, k_shared, v_shared, do_s, l2_s, delta_s, indices, block_size, scale, dq_acc, dk_s, dv_s,
                 **(knobs or {}))
-    dk_o, dv_o = (torch.empty(B, Hkv, T, D, device=q.device, dtype=k_own.dtype) for _ in range(2))
+    new = torch.empty if window > 0 else torch.zeros  # no SWA branch: the own K/V get zero gradients
+    dk_o, dv_o = (new(B, Hkv, T, D, device=q.device, dtype=k_own.dtype) for _ in range(2))
     unused = indices  # union/inverse-union arguments of the token-major kernels, not read with SPARSE=False
     _sparse_bwd_kernel[(triton.cdiv(T, meta["M_TOK"]), B * Hkv)](
         q, k_shared, v_shared, k_own, v_own, *rows, unused, unused, unused, indices,
@@ -300,8 +301,6 @@ def _block_major_bwd(q, k_own, v_own, k_shared, v_shared, rows, indices, dq, str
             q, k_shared, v_shared, k_own, v_own, *rows, unused, unused, unused, indices,
             dk_s, dv_s, dk_o, dv_o, *strides, *indices.stride()[:3],
             T, Hkv, nsel, scale * LOG2E, scale, window, SPARSE=False, **meta)
-    else:
-        dk_o.zero_(), dv_o.zero_()
     dt = k_shared.dtype
     return dq, dk_o, dv_o, dk_s.to(dt), dv_s.to(dt)
 
@@ -387,15 +386,15 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
     acc_dt = torch.float32 if atomic else k_shared.dtype
     dk_s, dv_s, dk_o, dv_o = (new(B, Hkv, T, D, device=q.device, dtype=acc_dt) for _ in range(4))
     _sparse_bwd_kernel[(triton.cdiv(T, m_tok), B * Hkv)](
-        q, k_shared, v_shared, k_own, v_own, do_s, do_w, l2_s, l2_w, delta_s, delta_w, union, bits, count, indices,
+        q, k_shared, v_shared, k_own, v_own, *rows, union, bits, count, indices,
         dq, dq, dk_s, dv_s, dk_o, dv_o, *strides, *union.stride()[:3], *indices.stride()[:3],
         T, Hkv, nsel, scale * LOG2E, scale, window, ATOMIC_KV=atomic, SPARSE=True, DQ_INIT=False, **meta)
     if not atomic:
         n_blocks = triton.cdiv(T, block_size)
         tile_of, bits_of, start = inverse_union(union, bits, count, n_blocks)
         _sparse_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
-            q, k_shared, v_shared, k_own, v_own, do_s, do_w, l2_s, l2_w, delta_s, delta_w, tile_of, bits_of, start,
-            indices, dk_s, dv_s, dk_o, dv_o, *strides, *indices.stride()[:3],
+            q, k_shared, v_shared, k_own, v_own, *rows, tile_of, bits_of, start, indices, dk_s, dv_s, dk_o, dv_o,
+            *strides, *indices.stride()[:3],
             T, Hkv, nsel, scale * LOG2E, scale, window, SPARSE=True, **meta)
         if window <= 0:
             dk_o.zero_(), dv_o.zero_()

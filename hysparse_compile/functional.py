@@ -48,6 +48,9 @@ def _qkv(q: Tensor, pairs: list[tuple[str, Tensor]], *, cache: bool = False) -> 
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     B, Hq, T, d = q.shape
+    if min(B, Hq, T, d) == 0:
+        raise ValueError(f"q has shape {tuple(q.shape)}: B, Hq, T and d must all be >= 1 (an empty batch or sequence "
+                         f"has nothing to attend to; skip the call)")
     name0, k0 = pairs[0]
     length = "S" if cache else f"T={T}"
     for name, x in pairs:
@@ -102,6 +105,65 @@ def _indices(indices, B: int, Hkv: int, T: int, q: Tensor, name: str = "indices"
     return indices.shape[3]
 
 
+def _content_checks(x: Tensor) -> bool:
+    """Whether to look at a tensor's values: eagerly, on CPU (no host sync: on CUDA it would stall every call, so
+    there the contents are not checked; `check_indices` does it on request), never while torch.compile,
+    torch.export or jit tracing run (the values are symbolic there) or on fake/meta tensors."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    return not tracing and x.device.type == "cpu" and not is_fake(x)
+
+
+def check_indices(indices: Tensor, positions: Tensor, num_blocks: int, block_size: int,
+                  name: str = "indices") -> None:
+    """Raise ValueError unless `indices` follows the selection contract (docs/design.md): in each row, distinct
+    block indices in [0, num_blocks) with `j * block_size <= position`, ascending, then -1 padding.
+
+    indices int [B, Hkv, R, nsel]; positions int [R] or [B, R] (the row's token position: t in prefill,
+    cache_len - 1 in decode). The sparse ops check this themselves on CPU; call it to check CUDA tensors (one host
+    synchronization).
+
+    >>> idx = torch.tensor([[[[0, 2], [1, -1]]]], dtype=torch.int32)
+    >>> check_indices(idx, torch.tensor([40, 12]), num_blocks=3, block_size=16)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: indices[0, 0, 1, 0] = 1 is a block in the future of its token at position 12: ... j <= 0 ...
+    """
+    B, Hkv, R, nsel = indices.shape
+    i = indices.long()
+    pos = positions.to(i.device).long().view(-1 if positions.dim() == 2 else 1, 1, R, 1).expand(B, 1, R, 1)
+    real = i >= 0
+    out_of_range = (i < -1) | (i >= num_blocks)
+    future = real & ~out_of_range & (i * block_size > pos)
+    a, b = i[..., :-1], i[..., 1:]
+    repeated = (a >= 0) & (b == a)
+    unsorted = (a >= 0) & (b >= 0) & (b < a)
+    pad_first = (a == -1) & (b >= 0)
+    if not bool((out_of_range | future).any() | (repeated | unsorted | pad_first).any()):
+        return
+
+    def first(mask):
+        return tuple(int(c) for c in mask.nonzero()[0])
+
+    if bool(out_of_range.any()):
+        at = first(out_of_range)
+        raise ValueError(f"{name}[{', '.join(map(str, at))}] = {int(i[at])} is out of range: valid entries are -1 "
+                         f"(padding) and block indices 0..{num_blocks - 1} (block_size={block_size})")
+    if bool(future.any()):
+        at = first(future)
+        t = int(pos[at[0], 0, at[2], 0])
+        raise ValueError(f"{name}[{', '.join(map(str, at))}] = {int(i[at])} is a block in the future of its token at "
+                         f"position {t}: a token selects blocks j with j * block_size <= {t}, i.e. "
+                         f"j <= {t // block_size} (block_size={block_size})")
+    for mask, what in ((repeated, "repeats a block: a row's blocks must be distinct"),
+                       (unsorted, "is not sorted: a row's blocks must ascend (as full_attention returns them)"),
+                       (pad_first, "has -1 padding before a block: the padding must come last")):
+        if bool(mask.any()):
+            row = first(mask)[:3]
+            raise ValueError(f"{name}[{', '.join(map(str, row))}] = {i[row].tolist()} {what}")
+
+
 def _gate(name: str, gate, B: int, Hq: int, T: int, d: int, q: Tensor):
     """Broadcast a gate to exactly [B, Hq, T, 1] (per head) or [B, Hq, T, d] (per channel)."""
     if gate is None:
@@ -141,6 +203,18 @@ def _backend(backend: str, op: str, q: Tensor, Hkv: int, **extra) -> str:
     return backend
 
 
+def _autocast(*tensors):
+    """Inside `torch.autocast` the ops run in the autocast dtype, as SDPA does (a lower-precision op there): their
+    floating inputs are cast to it (a model's RoPE upcast otherwise leaves q and k in float32 and v in bfloat16).
+    Outside autocast the tensors are returned as they are."""
+    device = next(t for t in tensors if isinstance(t, Tensor)).device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype else t
+                 for t in tensors)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -154,6 +228,7 @@ def full_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int = 64, top
     (the top blocks of the group-max block scores among blocks starting at or before each token, sorted ascending,
     -1 padded). With `return_scores=True` also the per-head block scores float32 [B, Hq, T, ceil(T / block_size)].
     """
+    q, k, v = _autocast(q, k, v)
     B, Hq, Hkv, T, d = _qkv(q, [("k", k), ("v", v)])
     _block_topk(block_size, topk)
     scale = _scale(scale, d)
@@ -177,6 +252,8 @@ def sparse_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, 
     q [B, Hq, T, d]; k_*/v_* [B, Hkv, T, d]; indices int32 [B, Hkv, T, nsel]; gates broadcastable to
     [B, Hq, T, 1] or [B, Hq, T, d]; sinks [Hq] -> out [B, Hq, T, d]
     """
+    q, k_own, v_own, k_shared, v_shared, gate_sparse, gate_swa = _autocast(q, k_own, v_own, k_shared, v_shared,
+                                                                            gate_sparse, gate_swa)  # sinks: any dtype
     B, Hq, Hkv, T, d = _qkv(q, [("k_own", k_own), ("v_own", v_own), ("k_shared", k_shared), ("v_shared", v_shared)])
     _block_topk(block_size)
     if window is not None:
@@ -187,6 +264,8 @@ def sparse_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, 
     if not merge and window is None and gate_swa is not None:
         raise ValueError("gate_swa was given but window=None turns the SWA branch off; drop gate_swa or set a window")
     nsel = _indices(indices, B, Hkv, T, q)
+    if _content_checks(indices):
+        check_indices(indices, torch.arange(T), -(-T // block_size), block_size)
     gate_sparse = _gate("gate_sparse", gate_sparse, B, Hq, T, d, q)
     gate_swa = _gate("gate_swa", gate_swa, B, Hq, T, d, q)
     sinks = _sinks(sinks, Hq, q)
@@ -208,7 +287,7 @@ def _cache_len(cache_len, B: int, S: int, q: Tensor) -> Tensor:
                          f"{tuple(cache_len.shape)}")
     if cache_len.device != q.device:
         raise ValueError(f"cache_len is on {cache_len.device} but q is on {q.device}")
-    if not torch.compiler.is_compiling() and cache_len.device.type == "cpu":
+    if _content_checks(cache_len):
         lo, hi = int(cache_len.min()), int(cache_len.max())
         if lo < 1 or hi > S:
             raise ValueError(f"cache_len values must be in 1..{S} (the cache length, new token included), "
@@ -266,6 +345,8 @@ def sparse_attention_decode(q: Tensor, k_win: Tensor, v_win: Tensor, k_shared: T
         raise ValueError("merge=True (training-free) takes no gates; pass gate_sparse=None and gate_swa=None")
     nsel = _indices(indices, B, Hkv, 1, q)
     cache_len = _cache_len(cache_len, B, S, q)
+    if _content_checks(indices) and _content_checks(cache_len):
+        check_indices(indices, cache_len.view(B, 1) - 1, -(-S // block_size), block_size)
     gate_sparse = _gate("gate_sparse", gate_sparse, B, Hq, 1, d, q)
     gate_swa = _gate("gate_swa", gate_swa, B, Hq, 1, d, q)
     sinks = _sinks(sinks, Hq, q)

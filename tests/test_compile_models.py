@@ -90,9 +90,9 @@ def test_weights_are_shared_not_copied():
         assert mine[name] is p, name
 
 
-def test_backward_reaches_original_and_new_weights():
+def test_backward_reaches_original_and_new_weights(train_mode):
     model, compiled = compiled_pair("llama-sdpa", mode="paper")
-    compiled.train()
+    train_mode(compiled)  # a shared model: the fixture restores eval mode even if the test fails
     ids = _ids(2, 33, seed=3)
     out = compiled(input_ids=ids, labels=ids)
     assert out.loss is not None and out.loss.ndim == 0
@@ -104,7 +104,6 @@ def test_backward_reaches_original_and_new_weights():
                  "model.embed_tokens.weight"):
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
     compiled.zero_grad()
-    compiled.eval()
 
 
 def test_labels_give_the_original_loss_in_training_free_mode():
@@ -134,12 +133,12 @@ def test_use_cache_false_returns_no_cache_and_true_returns_a_hysparse_cache():
     assert isinstance(cache, HySparseCache) and cache.get_seq_length() == 12
 
 
-def test_train_and_eval_switch_modes():
+def test_train_and_eval_switch_modes(train_mode):
     _, compiled = compiled_pair("gpt2-sdpa")
-    compiled.train()
+    train_mode(compiled)  # a shared model: the fixture restores eval mode even if the test fails
     assert compiled.training and all(m.training for m in compiled.modules())
     compiled.eval()
-    assert not compiled.training
+    assert not compiled.training and not any(m.training for m in compiled.modules())
 
 
 def test_original_model_outputs_are_bit_identical_after_compile():

@@ -1,7 +1,8 @@
 """Triton sparse-layer kernels (forward, backward, decode) against the reference backend.
 
-Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (tiny shapes: the interpreter is slow). The interpreter's bf16
-dot is wrong on CPU (Triton 3.9), so CPU cases use float32 and float16.
+Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (tiny shapes: the interpreter is slow). Cases here use float32
+and float16; bf16 runs in the oracle grid (test_grid_sparse.py), where tests/conftest.py widens the interpreter's
+bf16 `tl.dot` operands (the interpreter multiplies their bit patterns otherwise, triton-lang/triton#11584).
 """
 
 import os

@@ -220,7 +220,7 @@ def _saved_activation_bytes(model, ids) -> int:
 
 
 @pytest.mark.parametrize("save_branches", [False, True])
-def test_sparse_layers_keep_only_their_gates_unless_branches_are_saved(save_branches):
+def test_sparse_layers_keep_only_their_gates_unless_branches_are_saved(save_branches, train_mode):
     """Training memory: by default a sparse layer adds only its gate activations to what the original keeps (the
     branch outputs are recomputed in the backward, as SDPA recomputes its probabilities); save_branches=True also
     keeps the two ungated branch outputs, [2, B, Hq, T, d]."""
@@ -237,19 +237,17 @@ def test_sparse_layers_keep_only_their_gates_unless_branches_are_saved(save_bran
         assert extra >= gates + n_sparse * 2 * q_bytes, extra
     else:
         assert gates <= extra < gates + n_sparse * q_bytes // 2, (extra, gates, q_bytes)
-    compiled.train()
+    train_mode(compiled)  # shared models: the fixture restores eval mode even if the test fails
     out = compiled(input_ids=ids, labels=ids)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in compiled.named_parameters() if p.grad is not None}
     compiled.zero_grad()
-    compiled.eval()
     _, other = compiled_pair("llama-sdpa", mode="paper", pattern="FSSS",
                              **({} if save_branches else {"save_branches": True}))
-    other.train()
+    train_mode(other)
     other(input_ids=ids, labels=ids).loss.backward()
     for n, p in other.named_parameters():
         if n in grads:
             assert torch.allclose(p.grad, grads[n], rtol=1e-5, atol=1e-7), n
     other.zero_grad()
-    other.eval()
 

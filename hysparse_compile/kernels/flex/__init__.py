@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .full_attention import full_attention_bwd, full_attention_decode, full_attention_fwd
+from .full_attention import full_attention_bwd, full_attention_decode, full_attention_fwd, scoring_chunk_elems
 from .sparse_attention import sparse_attention_bwd, sparse_attention_decode, sparse_attention_fwd
 
 NAME = "flex"
@@ -50,5 +50,5 @@ def supports(op: str, **meta) -> str | None:
 __all__ = [
     "full_attention_fwd", "full_attention_bwd", "full_attention_decode",
     "sparse_attention_fwd", "sparse_attention_bwd", "sparse_attention_decode",
-    "supports", "NAME",
+    "supports", "NAME", "scoring_chunk_elems",
 ]

@@ -9,6 +9,7 @@ The backward recomputes the flex forward under autograd: a second implementation
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from functools import lru_cache
@@ -22,7 +23,7 @@ from ..reference.full_attention import full_attention_decode as _torch_full_deco
 from ..reference.select_blocks import select_blocks
 
 Q_BLOCK = 128  # flex's query tile for every block mask we build (its default sparse block size)
-_CHUNK_ELEMS = {"cuda": 1 << 27, "cpu": 1 << 23}  # float32 logits per scoring chunk (512 MiB on CUDA)
+_CHUNK_ELEMS = {"cuda": 1 << 27, "cpu": 1 << 23}  # float32 logits per scoring chunk (512 MiB on CUDA); see below
 
 _compiled = None
 
@@ -99,6 +100,26 @@ def _causal(b, h, q_idx, kv_idx):
 def causal_block_mask(T: int, device: torch.device):
     """Causal BlockMask for T queries and keys (cached per shape and device)."""
     return _fa.create_block_mask(_causal, None, None, T, T, device=device, _compile=device.type == "cuda")
+
+
+@contextlib.contextmanager
+def scoring_chunk_elems(n: int):
+    """Within the block, each block-scoring chunk of `block_scores_and_select` holds at most `n` logits on every
+    device (at least one query row). Tests force small chunks so the chunk offsets run at small T. Not thread-safe.
+
+    >>> with scoring_chunk_elems(1):
+    ...     _chunk_rows(1, 4, 100, torch.device("cpu"))
+    1
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"scoring_chunk_elems takes a positive int (logits per chunk), got {n!r}")
+    old = dict(_CHUNK_ELEMS)
+    _CHUNK_ELEMS.update({device: n for device in ("cuda", "cpu")})
+    try:
+        yield
+    finally:
+        _CHUNK_ELEMS.clear()
+        _CHUNK_ELEMS.update(old)
 
 
 def _chunk_rows(B: int, Hq: int, T: int, device: torch.device) -> int:

@@ -6,16 +6,39 @@ The backward recomputes each chunk and applies the softmax gradient analytically
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 from .select_blocks import select_blocks
 
-_CHUNK_ELEMS = 1 << 25  # logits per chunk (128 MiB in float32)
+_CHUNK_ELEMS = 1 << 25  # logits per chunk (128 MiB in float32); read at call time, see `query_chunk_elems`
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def query_chunk_elems(n: int):
+    """Within the block, every query chunk of the reference prefill ops (forward and backward) and of
+    `runtime.extend` holds at most `n` logits (at least one query row per chunk). Tests force small chunks so the
+    chunk-offset code runs at small T (by default a chunk holds 2**25 logits: one chunk up to T ~ 1k at 32 heads).
+    Not thread-safe; for tests and debugging.
+
+    >>> with query_chunk_elems(1):  # one query row per chunk
+    ...     list(query_chunks(1, 1, 3))
+    [(0, 1), (1, 2), (2, 3)]
+    """
+    global _CHUNK_ELEMS
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"query_chunk_elems takes a positive int (logits per chunk), got {n!r}")
+    old, _CHUNK_ELEMS = _CHUNK_ELEMS, n
+    try:
+        yield
+    finally:
+        _CHUNK_ELEMS = old
 
 
 def query_chunks(B: int, Hq: int, T: int, Tk: int | None = None):

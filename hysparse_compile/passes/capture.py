@@ -3,6 +3,8 @@
 The graph takes the token ids plus, when the model's forward accepts them, `attention_mask`, `position_ids` and
 `use_cache=False`, so one graph serves every call the compiled module accepts (defaults are filled in by the module,
 see `compiler.HySparseModel`). The model is captured in eval mode (its training flags are restored afterwards).
+A PEFT model (`get_peft_model(model, LoraConfig(...))`, whose forward is `*args, **kwargs`) is captured whole — its
+adapter layers trace into the graph — with the inputs of the transformers model inside it (`signature_model`).
 The graph is then made portable across dtypes and devices (`portable.prepare`: metadata asserts dropped, device
 constants marked, a parameter-free copy of the model kept for dtype checks), and the model's dropout is made to
 follow the compiled module's `.train()` / `.eval()` (`switchable_dropout`).
@@ -24,9 +26,21 @@ DEFAULT_SEQ_LEN = 32  # tokens in a generated example (small: the capture and th
 OPTIONAL_INPUTS = ("attention_mask", "position_ids")
 
 
+def is_peft(model: nn.Module) -> bool:
+    """A PEFT `PeftModel` (LoRA and other adapters): it wraps a model and forwards `*args, **kwargs` to it."""
+    return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
+
+
+def signature_model(model: nn.Module) -> nn.Module:
+    """The module whose forward names the inputs of `model`: the model itself, or for a PEFT model the model inside
+    it (`peft_model.get_base_model()`, e.g. the LlamaForCausalLM carrying the LoRA layers)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
 def forward_params(model: nn.Module) -> list[str]:
-    """Names of the model's forward parameters that can be passed by name, in order."""
-    sig = pyinspect.signature(model.forward)
+    """Names of the model's forward parameters that can be passed by name, in order (for a PEFT model, those of the
+    model inside it)."""
+    sig = pyinspect.signature(signature_model(model).forward)
     kinds = (pyinspect.Parameter.POSITIONAL_OR_KEYWORD, pyinspect.Parameter.KEYWORD_ONLY)
     return [p.name for p in sig.parameters.values() if p.kind in kinds]
 
@@ -35,8 +49,31 @@ def token_input_name(params: list[str]) -> str:
     if "input_ids" in params:
         return "input_ids"
     if not params:
-        raise ValueError("the model's forward takes no named inputs; compile needs a forward(input_ids, ...)")
+        raise ValueError("the model's forward takes no named inputs (only *args / **kwargs); compile needs a "
+                         "forward(input_ids, ...) — for a wrapper, compile the model it wraps")
     return params[0]
+
+
+def named_inputs_module(model: nn.Module, names) -> nn.Module:
+    """What torch.export captures: `model` itself, or for a PEFT model an adapter whose forward takes `names` by name
+    and calls the PEFT model (export binds keyword inputs to the forward's named parameters, and PEFT's are
+    `*args, **kwargs`). The adapter's parameters, buffers and submodules are the PEFT model's own dicts, so every path
+    in the graph (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`) is the PEFT model's."""
+    if not is_peft(model):
+        return model
+    names = list(names)
+
+    def forward(self, *args, **kwargs):
+        return self._peft_model(*args, **kwargs)
+
+    kind = pyinspect.Parameter.POSITIONAL_OR_KEYWORD
+    forward.__signature__ = pyinspect.Signature(
+        [pyinspect.Parameter("self", kind)] + [pyinspect.Parameter(n, kind) for n in names])
+    adapter = type("PeftNamedInputs", (nn.Module,), {"forward": forward, "__module__": __name__})()
+    object.__setattr__(adapter, "_peft_model", model)
+    adapter._parameters, adapter._buffers, adapter._modules = model._parameters, model._buffers, model._modules
+    adapter.training = model.training
+    return adapter
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -143,9 +180,10 @@ def run(state):
     token = token_input_name(forward_params(model))
     call, dims = _graph_inputs(model, inputs)
     flags = {m: m.training for m in model.modules()}
+    traced = named_inputs_module(model, call)
     try:
         model.eval()
-        ep = torch.export.export(model, (), call, dynamic_shapes=dims, strict=False)
+        ep = torch.export.export(traced.eval(), (), call, dynamic_shapes=dims, strict=False)
     except Exception as e:
         raise RuntimeError(f"capture: torch.export could not trace {type(model).__name__} "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); compile needs a model "
@@ -155,7 +193,7 @@ def run(state):
             m.training = flag
     gm = ep.module()
     _check_dynamic(gm, token)
-    portable.prepare(gm, model, call, model_device(model))  # dtype / device moves after compile (portable.py)
+    portable.prepare(gm, traced, call, model_device(model))  # dtype / device moves after compile (portable.py)
     switchable_dropout(gm, model)
     state.gm, state.token_name, state.call_inputs = gm, token, call
     state.example_shape = tuple(inputs[token].shape)

@@ -11,7 +11,8 @@ The directory holds:
 - `schedule.json` — the schedule (`Schedule.dump`);
 - `hysparse.json` — format version, compile options (`backend`, `gate_init` when it was a float, `sink_init`), the
   original class, the HF attention implementation, the example shape the model was captured with, the dtype of the
-  weights, and the aliases of tied weights;
+  weights, the aliases of tied weights, and the PEFT adapters (`peft`: their configs, and whether they were applied
+  before compile — the model compiled was a `PeftModel` — or injected into the compiled model; see adapters.py);
 - `model.safetensors` — every tensor of `compiled.state_dict()` (original weights, gates and sinks). Tensors that
   share storage (tied embeddings) are written once; `hysparse.json["aliases"]` maps each other name to the one
   written (safetensors refuses shared storage).
@@ -19,7 +20,13 @@ The directory holds:
 Loading builds the original model (HF: the class named in `hysparse.json` / `config.json` from the config, with the
 saved attention implementation; otherwise the `model=` instance), loads its weights, moves it to `device` and
 `dtype` (default: CPU and the saved weights' dtype), compiles it there with the saved schedule and options, and
-loads every weight of the checkpoint strictly. The result computes what the saved model computed.
+loads every weight of the checkpoint strictly. The result computes what the saved model computed. Adapters are
+re-created first: LoRA applied before compile is applied to the rebuilt original (`get_peft_model`), which is then
+compiled; adapters injected after compile are injected into the compiled model (`peft.inject_adapter_in_model`).
+
+`transformers.Trainer` treats a compiled HF model as the `PreTrainedModel` it is (runtime/hf.py) and writes its
+checkpoints (`output_dir/checkpoint-N/`) with `compiled.save_pretrained`, so `hs.from_pretrained` loads them and
+`trainer.train(resume_from_checkpoint=...)` reads their `model.safetensors` back into the compiled model.
 """
 from __future__ import annotations
 
@@ -99,18 +106,25 @@ def _unshared(state_dict: dict) -> tuple[dict, dict]:
     return {name: t.to("cpu").contiguous() for name, t in tensors.items()}, aliases
 
 
-def save_pretrained(compiled, directory) -> Path:
-    """Write `compiled` (an `hs.compile` result) to `directory` (created if needed); returns the directory."""
+def save_pretrained(compiled, directory, *, state_dict: dict | None = None) -> Path:
+    """Write `compiled` (an `hs.compile` result) to `directory` (created if needed); returns the directory.
+    state_dict: the tensors to write instead of `compiled.state_dict()` (e.g. gathered from sharded training); it
+    must have the same keys."""
     from safetensors.torch import save_file
 
-    from . import __version__
+    from . import __version__, adapters
     from .passes import portable
 
     compiled = _compiled_or_raise(compiled)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = compiled._hysparse_state
-    tensors, aliases = _unshared(compiled.state_dict())
+    own = compiled.state_dict()
+    if state_dict is not None and set(state_dict) != set(own):
+        missing, extra = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+        raise ValueError(f"save_pretrained: state_dict does not have the compiled model's keys (missing "
+                         f"{missing[:5]}, unexpected {extra[:5]})")
+    tensors, aliases = _unshared(own if state_dict is None else state_dict)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     compiled.schedule.dump(out / SCHEDULE)
     arch = _architecture(compiled)
@@ -135,6 +149,8 @@ def save_pretrained(compiled, directory) -> Path:
         "example_shape": None if state.generated_example or state.example_shape is None else list(state.example_shape),
         "dtype": _dtype_name(portable.compute_dtype(compiled)),
         "aliases": aliases,
+        "peft": adapters.peft_record(compiled),
+        "schedule": compiled.schedule.to_dict(),  # what the weights were trained for: checked against schedule.json
     }
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -142,20 +158,106 @@ def save_pretrained(compiled, directory) -> Path:
 
 def _read_meta(directory: Path) -> dict:
     path = directory / META
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a HySparse checkpoint: no such folder (write one with "
+                                f"compiled.save_pretrained({str(directory)!r}))")
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a HySparse checkpoint: {META} is missing (write one with "
                                 f"compiled.save_pretrained({str(directory)!r}))")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it is written by compiled.save_pretrained: restore it or "
+                         f"save the checkpoint again") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}; this hysparse_compile reads format "
                          f"{FORMAT}")
+    _check_meta_fields(path, meta)
     return meta
+
+
+def _check_meta_fields(path: Path, meta: dict) -> None:
+    """The fields `from_pretrained` reads have the types `save_pretrained` writes (an edited file is named)."""
+    options = meta.get("options", {})
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: options must be an object, got {options!r}")
+    for key, value in options.items():
+        if key not in ("gate_init", "sink_init", "save_branches"):
+            raise ValueError(f"{path}: unknown compile option {key!r} in options; valid: gate_init, sink_init, "
+                             f"save_branches")
+        kind = (bool,) if key == "save_branches" else (int, float)
+        if value is not None and (not isinstance(value, kind) or (kind != (bool,) and isinstance(value, bool))):
+            raise ValueError(f"{path}: options.{key} must be {'true or false' if key == 'save_branches' else 'a number'}"
+                             f" (or null), got {value!r}")
+    backend = meta.get("backend", "auto")
+    if backend not in ("auto", "reference", "flex", "triton"):
+        raise ValueError(f"{path}: backend must be one of 'auto', 'reference', 'flex', 'triton', got {backend!r}")
+    aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise ValueError(f"{path}: aliases must map weight names to weight names, got {aliases!r}")
+    try:
+        _dtype_of(meta.get("dtype"))
+    except ValueError:
+        raise ValueError(f"{path}: dtype must name a torch dtype (e.g. 'float32', 'bfloat16'), got "
+                         f"{meta.get('dtype')!r}") from None
+    shape = meta.get("example_shape")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 2
+                                  and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise ValueError(f"{path}: example_shape must be [batch, seq_len] (positive ints) or null, got {shape!r}")
+
+
+def _read_schedule(directory: Path, meta: dict, schedule):
+    """schedule.json, checked against the schedule hysparse.json says the weights were saved with; `schedule` (a
+    Schedule given to from_pretrained) overrides both deliberately."""
+    from .schedule import Schedule
+
+    if schedule is not None:
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a hysparse_compile.Schedule, got {type(schedule).__name__}")
+        return schedule
+    path = directory / SCHEDULE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a complete HySparse checkpoint: {SCHEDULE} is missing (it is "
+                                f"written by compiled.save_pretrained)")
+    loaded = Schedule.load(path)
+    saved = meta.get("schedule")
+    if saved is not None and Schedule.from_dict(saved, source=f"{META} schedule") != loaded:
+        was = Schedule.from_dict(saved).to_dict()
+        now = loaded.to_dict()
+        diff = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now))
+                         if was.get(k) != now.get(k))
+        raise ValueError(f"{path} differs from the schedule the weights were saved with ({META}: {diff}); restore "
+                         f"it, or pass the schedule deliberately: hs.from_pretrained({str(directory)!r}, "
+                         f"schedule=hs.Schedule(...))")
+    return loaded
+
+
+def _load_weights(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    path = directory / WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a complete HySparse checkpoint: {WEIGHTS} is missing (it is "
+                                f"written by compiled.save_pretrained)")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a damaged file
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); the file is truncated or not a "
+                         f"safetensors file: save the checkpoint again") from e
 
 
 def _hf_model(directory: Path, meta: dict) -> nn.Module:
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(str(directory))
+    if not (directory / CONFIG).is_file():
+        raise FileNotFoundError(f"{directory} was saved from an HF model but {CONFIG} is missing (it is written by "
+                                f"compiled.save_pretrained); restore it, or pass model= an instance of the original")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory))
+    except (ValueError, OSError, KeyError) as e:
+        raise ValueError(f"{directory / CONFIG} cannot be read as a transformers config ({e})") from e
     attn = meta.get("attn_implementation")
     name = meta.get("architecture") or next(iter(getattr(config, "architectures", None) or []), None)
     cls = getattr(transformers, name, None) if name else None
@@ -182,7 +284,8 @@ def _load_original(model: nn.Module, weights: dict, directory: Path) -> None:
     model.load_state_dict({k: weights[k] for k in own}, strict=True)
 
 
-def from_pretrained(directory, *, model: nn.Module | None = None, device=None, dtype=None, example_inputs=None):
+def from_pretrained(directory, *, model: nn.Module | None = None, device=None, dtype=None, example_inputs=None,
+                    schedule=None):
     """Rebuild a compiled HySparse model written by `compiled.save_pretrained(directory)`.
 
     model: an instance of the original module (required when the checkpoint has no HF config; for HF models the
@@ -190,17 +293,19 @@ def from_pretrained(directory, *, model: nn.Module | None = None, device=None, d
     device, dtype: where and in what dtype to build it (default: CPU and the dtype the weights were saved in); the
         model is compiled there, so no move follows.
     example_inputs: passed to `compile` (default: the example shape recorded at save, random token ids).
+    schedule: compile with this Schedule instead of the saved one (deliberately: e.g. another window for the same
+        weights); by default `schedule.json` is used, and refused if it differs from the schedule recorded with the
+        weights in `hysparse.json`.
+    Damaged or edited files are refused naming the file and what is wrong (docs/errors.md, "Checkpoints").
     """
-    from safetensors.torch import load_file
-
+    from . import adapters
     from .compiler import compile
     from .passes import capture
-    from .schedule import Schedule
 
     directory = Path(directory)
     meta = _read_meta(directory)
-    schedule = Schedule.load(directory / SCHEDULE)
-    weights = load_file(str(directory / WEIGHTS), device="cpu")
+    schedule = _read_schedule(directory, meta, schedule)
+    weights = _load_weights(directory)
     for alias, target in meta.get("aliases", {}).items():
         weights[alias] = weights[target]
     if model is None:
@@ -212,7 +317,11 @@ def from_pretrained(directory, *, model: nn.Module | None = None, device=None, d
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be an instance of the original torch.nn.Module, got {type(model).__name__}")
     dtype = _dtype_of(dtype) if dtype is not None else _dtype_of(meta.get("dtype"))
-    _load_original(model, weights, directory)
+    peft = meta.get("peft")
+    if peft is not None and peft["order"] == "before_compile" and not capture.is_peft(model):
+        model = adapters.apply(model, peft)  # LoRA then compile, as it was saved
+    if peft is None or peft["order"] == "before_compile":
+        _load_original(model, weights, directory)  # else: the compiled model with its adapters loads them below
     if device is not None or dtype is not None:
         model.to(device=torch.device(device) if device is not None else None, dtype=dtype)
     if example_inputs is None and meta.get("example_shape"):
@@ -223,6 +332,8 @@ def from_pretrained(directory, *, model: nn.Module | None = None, device=None, d
                 capture.model_device(model))
     options = {k: v for k, v in meta.get("options", {}).items() if v is not None}
     compiled = compile(model, schedule, example_inputs=example_inputs, backend=meta.get("backend", "auto"), **options)
+    if peft is not None and peft["order"] == "after_compile":
+        adapters.apply(compiled, peft)
     try:
         compiled.load_state_dict(weights, strict=True)
     except RuntimeError as e:

@@ -268,6 +268,7 @@ def export_cmd(out: Path = typer.Argument(..., help="file to write: .onnx (onnx,
                decode: bool = typer.Option(False, "--decode", help="also export the decode-step graph (onnx, aoti)"),
                seq_len: int = typer.Option(64, "--seq-len", help="tokens of the example the graph is captured "
                                                                   "with (the file serves any length)"),
+               batch: int = typer.Option(1, "--batch", help="rows of the example (the file serves any batch)"),
                opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (>= 18; default: torch's)"),
                block_size: int = typer.Option(16, "--block-size"),
                topk: int = typer.Option(64, "--topk"),
@@ -286,8 +287,10 @@ def export_cmd(out: Path = typer.Argument(..., help="file to write: .onnx (onnx,
         _fail(f"unknown --format {fmt!r}; valid formats: {', '.join(EXPORT_FORMATS)}")
     if model not in demo.MODELS:
         _fail(f"unknown model {model!r}; valid models: {', '.join(demo.MODELS)}")
-    if seq_len < 2:
-        _fail(f"--seq-len must be at least 2 tokens, got {seq_len}")
+    if seq_len < 1:
+        _fail(f"--seq-len must be at least 1 token, got {seq_len}")
+    if batch < 1:
+        _fail(f"--batch must be at least 1, got {batch}")
     console = _console()
     done: list[tuple[str, float]] = []
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -312,7 +315,7 @@ def export_cmd(out: Path = typer.Argument(..., help="file to write: .onnx (onnx,
         from hysparse_compile import export
 
         vocab = getattr(getattr(net, "config", None), "vocab_size", demo.VOCAB)
-        ids = torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
         try:
             stage(f"compile ({schedule.pattern})")
             compiled = hs.compile(net, schedule)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import fsdp, passes
+from . import adapters, checkpointing, fsdp, passes, training
 from .passes import capture
 from .runtime import layers as runtime_layers
 from .runtime import run as runtime_run
@@ -25,18 +25,21 @@ from .runtime import run as runtime_run
 log = logging.getLogger(__name__)
 
 
-class HySparseModel(nn.Module):
+class HySparseModel(training.TrainingSupport, nn.Module):
     """A compiled HySparse model: call it like the original (`input_ids`, `attention_mask`, `position_ids`,
-    `labels`, `use_cache=False`); it returns what the original returns (an HF ModelOutput or a plain tensor).
+    `labels`, `use_cache=False`, the HF loss arguments `num_items_in_batch` / `ignore_index` / `shift_labels`); it
+    returns what the original returns (an HF ModelOutput or a plain tensor).
 
     Its submodules are those of the captured graph, which hold the original model's parameter tensors (shared, not
     copied) plus the new `*.hysparse.*` gate and sink parameters. `.train()` / `.eval()` set the flags and switch the
     model's dropout (attention-probability dropout excepted: docs/compiler.md, "Dropout"). Attributes: `schedule`,
-    `kv_plan`, `config` (when the original has one).
+    `kv_plan`, `config` (when the original has one). Training tools: `gradient_checkpointing_enable()`,
+    `get_input_embeddings()`, `num_parameters()` (training.py); an HF model's class is also a `PreTrainedModel`
+    with `generate` (runtime/hf.py).
     """
 
     def __init__(self, state: passes.CompileState):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): an HF model's class is also a PreTrainedModel (runtime/hf.py)
         gm = state.gm
         object.__setattr__(self, "_graph_module", gm)  # not a child: state_dict keys stay those of the original
         object.__setattr__(self, "_hysparse_state", state)
@@ -47,17 +50,19 @@ class HySparseModel(nn.Module):
             self.register_parameter(name, p)
         self.schedule, self.kv_plan = state.schedule, state.kv_plan
         self.config = getattr(state.model, "config", None)
-        if _is_hf_generator(state.model):
-            from .runtime.hf import generation_config_of
-
-            self.generation_config = generation_config_of(state.model)
+        original = capture.signature_model(state.model)  # a PEFT model: the transformers model inside it
+        if _is_hf_generator(original):
+            self.init_hf(original)
         self._token = state.token_name
         self._captured = tuple(state.call_inputs)
         self._dtypes = {k: v.dtype for k, v in state.call_inputs.items() if isinstance(v, torch.Tensor)}
         self._arg_names = tuple(capture.forward_params(state.model))
-        loss_fn = getattr(state.model, "loss_function", None) if self.config is not None else None
+        loss_fn = getattr(original, "loss_function", None) if self.config is not None else None
         object.__setattr__(self, "_loss_function", loss_fn)
         self._vocab = getattr(self.config, "vocab_size", None)
+        object.__setattr__(self, "_gc", None)  # gradient checkpointing settings (training.py, checkpointing.py)
+        object.__setattr__(self, "_checkpointed", None)  # the derived checkpointed graph, built on first use
+        self._embeddings = training.embedding_paths(state.model, gm, state.token_name)
         self.train(state.model.training)
         self.register_forward_pre_hook(fsdp.split_sharded_regions)  # per-submodule fully_shard: see fsdp.py
 
@@ -76,6 +81,7 @@ class HySparseModel(nn.Module):
         result = super()._apply(fn, recurse)
         if target is not None and portable.retarget(gm, *target):
             object.__setattr__(self, "_runtime", None)  # graphs derived from the old constants are stale
+        object.__setattr__(self, "_checkpointed", None)  # it read the module's buffers before they moved
         return result
 
     def __deepcopy__(self, memo):
@@ -88,8 +94,8 @@ class HySparseModel(nn.Module):
         for key, value in self.__dict__.items():
             if key == "_hysparse_state":
                 value = _copied_state(value, memo)
-            elif key == "_runtime":
-                value = None
+            elif key in ("_runtime", "_checkpointed"):
+                value = None  # derived from the original's graph: rebuilt from the copy's on first use
             elif key == "_graph_module":
                 value = gm
             else:
@@ -103,19 +109,27 @@ class HySparseModel(nn.Module):
                         f"and load it with hysparse_compile.from_pretrained(directory); copy.deepcopy(compiled) "
                         f"copies it in memory; compiled.state_dict() pickles")
 
-    def save_pretrained(self, save_directory) -> Path:
+    def save_pretrained(self, save_directory, *, state_dict: dict | None = None, is_main_process: bool = True,
+                        safe_serialization: bool = True) -> Path:
         """Write the original config (HF models), `schedule.json`, `hysparse.json` (compile options) and
         `model.safetensors` (every weight of `state_dict()`, gates and sinks included) to `save_directory`;
-        `hysparse_compile.from_pretrained(save_directory)` rebuilds the model. See `hysparse_compile.checkpoint`."""
+        `hysparse_compile.from_pretrained(save_directory)` rebuilds the model. See `hysparse_compile.checkpoint`.
+        `state_dict` (the weights to write instead of `self.state_dict()`, same keys) and `is_main_process` (False
+        writes nothing) are what `transformers.Trainer` passes; only safetensors is written."""
         from .checkpoint import save_pretrained
 
-        return save_pretrained(self, save_directory)
+        if safe_serialization is not True:
+            raise ValueError("save_pretrained writes safetensors only (safe_serialization=False is not supported)")
+        if not is_main_process:
+            return Path(save_directory)
+        return save_pretrained(self, save_directory, state_dict=state_dict)
 
     def forward(self, *args, **kwargs):
         """Each compiled model's class carries the original forward's signature (see `_compiled_class`)."""
         return self._run(*args, **kwargs)
 
     def _run(self, *args, **kwargs):
+        adapters.sync(self)  # modules replaced since compile (get_peft_model on the compiled model) join the graph
         if len(args) > len(self._arg_names):
             raise TypeError(f"{type(self).__name__} takes at most {len(self._arg_names)} positional inputs "
                             f"{self._arg_names}, got {len(args)}")
@@ -125,6 +139,7 @@ class HySparseModel(nn.Module):
                 raise TypeError(f"got multiple values for argument {key!r}")
             inputs[key] = value
         labels, use_cache = inputs.pop("labels", None), inputs.pop("use_cache", None)
+        loss_kwargs = {k: v for k in training.LOSS_KWARGS if (v := inputs.pop(k, None)) is not None}
         cache, logits_to_keep = inputs.pop("past_key_values", None), inputs.pop("logits_to_keep", None)
         if inputs.get("cache") is not None or "cache" not in self._captured:  # transformers >= 5.2x names it `cache`
             cache = inputs.pop("cache", None) if cache is None else cache
@@ -135,7 +150,8 @@ class HySparseModel(nn.Module):
         if extra:
             raise TypeError(f"input(s) {extra} are not supported by the compiled module; it accepts "
                             f"{[k for k in self._captured if k != 'use_cache']} + ['labels', 'use_cache', "
-                            f"'past_key_values' (or 'cache'), 'logits_to_keep', 'cache_position']")
+                            f"'past_key_values' (or 'cache'), 'logits_to_keep', 'cache_position', "
+                            f"{', '.join(repr(k) for k in training.LOSS_KWARGS)}]")
         ids = inputs.get(self._token)
         if ids is None:
             raise TypeError(f"missing the token ids {self._token!r}")
@@ -173,19 +189,23 @@ class HySparseModel(nn.Module):
             runtime_run.finish(step, T)
             out = runtime_run.with_cache(out, cache)
         else:
+            gc = self.__dict__.get("_gc")
             with runtime_layers.unpadded(unpadded):
-                out = self._graph_module(**call)
+                if gc is not None and self.training and torch.is_grad_enabled():
+                    out = checkpointing.run(self, call, gc)  # each decoder layer under torch.utils.checkpoint
+                else:
+                    out = self._graph_module(**call)
         out = runtime_run.keep_logits(out, logits_to_keep)
         if labels is not None:
-            out = self._with_loss(out, labels)
+            out = self._with_loss(out, labels, loss_kwargs)
         return out
 
-    def _with_loss(self, out, labels):
+    def _with_loss(self, out, labels, loss_kwargs):
         logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
         if self._loss_function is None or logits is None or isinstance(out, torch.Tensor):
             raise TypeError("labels were given but the original model computes no loss of its own (it has no "
                             "loss_function); compute the loss from the returned logits")
-        loss = self._loss_function(logits=logits, labels=labels, vocab_size=self._vocab)
+        loss = self._loss_function(logits=logits, labels=labels, vocab_size=self._vocab, **loss_kwargs)
         return type(out)(**{**{k: v for k, v in out.items()}, "loss": loss})
 
     def extra_repr(self) -> str:
@@ -223,9 +243,13 @@ def _copied_state(state, memo):
     return remap(state)
 
 
-def _compiled_class(model: nn.Module) -> type:
+def _compiled_class(model: nn.Module, children=()) -> type:
     """A subclass of HySparseModel whose `forward` reports the original's signature, so callers that bind by name
-    (torch.export's `dynamic_shapes={"input_ids": ...}`, keyword calls) see the inputs they know."""
+    (torch.export's `dynamic_shapes={"input_ids": ...}`, keyword calls) see the inputs they know. A PEFT model's
+    class is named and shaped after the transformers model inside it (`HySparseLlamaForCausalLM`). `children`: the
+    names of the graph's top-level submodules; one that a base class defines as an attribute (a compiled PEFT model's
+    `base_model`, a `PreTrainedModel` property) is hidden in the class so that the submodule takes the name."""
+    model = capture.signature_model(model)
     sig = pyinspect.signature(model.forward)  # bound: no self
     self_param = pyinspect.Parameter("self", pyinspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -239,7 +263,18 @@ def _compiled_class(model: nn.Module) -> type:
         from .runtime.hf import HFGenerationSupport
 
         bases += (HFGenerationSupport,)
-    return type(f"HySparse{type(model).__name__}", bases, {"forward": forward, "__module__": HySparseModel.__module__})
+    namespace = {"forward": forward, "__module__": HySparseModel.__module__}
+    for name in children:
+        if any(name in vars(base) for cls in bases for base in cls.__mro__):
+            namespace[name] = property(_submodule_only(name))
+    return type(f"HySparse{type(model).__name__}", bases, namespace)
+
+
+def _submodule_only(name: str):
+    def missing(self):
+        raise AttributeError(name)  # nn.Module.__getattr__ then finds the submodule of that name
+
+    return missing
 
 
 def _is_hf_generator(model: nn.Module) -> bool:
@@ -259,6 +294,21 @@ def _check_no_holes(mask: torch.Tensor) -> None:
         row = int((starts > 1).nonzero()[0])
         raise ValueError(f"attention_mask row {row} has holes (a 0 between 1s: {mask[row].tolist()}); compiled "
                          f"models take left- or right-padded rows only")
+
+
+def _check_init_options(options: dict) -> None:
+    """gate_init: a finite number or a callable initializer (in place, on the gate weight); sink_init: a finite
+    number. Checked before anything is built."""
+    import math
+
+    gate_init = options.get("gate_init", 0.0)
+    if not callable(gate_init) and (isinstance(gate_init, bool) or not isinstance(gate_init, (int, float))
+                                    or not math.isfinite(gate_init)):
+        raise TypeError(f"gate_init must be a finite number (the gate weights' value; 0.0 makes both gates 0.5) or "
+                        f"a function that initializes the gate weight in place, got {gate_init!r}")
+    sink_init = options.get("sink_init", 0.0)
+    if isinstance(sink_init, bool) or not isinstance(sink_init, (int, float)) or not math.isfinite(sink_init):
+        raise TypeError(f"sink_init must be a finite number (each head's sink logit), got {sink_init!r}")
 
 
 def compile(model: nn.Module, schedule, *, example_inputs=None, backend: str = "auto", debug_dir=None,
@@ -294,10 +344,14 @@ def compile(model: nn.Module, schedule, *, example_inputs=None, backend: str = "
                         f"debug_dir, example_inputs, backend")
     if not isinstance(options.get("save_branches", False), bool):
         raise TypeError(f"save_branches must be True or False, got {options['save_branches']!r}")
+    _check_init_options(options)
     state = passes.CompileState(model=model, schedule=schedule, backend=backend, options=dict(options),
                                 example_inputs=example_inputs)
     state = passes.run_pipeline(state)
-    compiled = _compiled_class(model)(state)
+    adapters.restore_module_types(state.gm, model)  # nn.Linear / nn.Embedding holders: PEFT can target them
+    compiled = _compiled_class(model, [name for name, _ in state.gm.named_children()])(state)
+    object.__setattr__(compiled, "_slots", adapters.slots(compiled))
+    object.__setattr__(compiled, "_peft_before", adapters.record_before_compile(model))
     state.model = state.example_inputs = None  # the result must not keep the user's model alive
     if debug_dir is not None:
         write_debug(compiled, debug_dir)

@@ -128,7 +128,24 @@ def normalize_inputs(compiled, example_inputs, *, positions: bool = False) -> di
         inputs["attention_mask"] = torch.ones_like(ids)
     if positions and "position_ids" in names and "position_ids" not in inputs:
         inputs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
-    return {name: inputs[name] for name in names if name in inputs}
+    return widened({name: inputs[name] for name in names if name in inputs})
+
+
+def widened(inputs: dict) -> dict:
+    """The example with its batch and sequence axes at least 2: torch.export specializes an axis whose example size
+    is 0 or 1 to that constant, so a batch-1 example (one prompt, the most common export call) would give a file
+    that only serves batch 1. A batch-1 example is captured with its row repeated; a 1-token example with its last
+    column repeated (position ids counting on). The file serves every batch and length either way."""
+    first = next(iter(inputs.values()))
+    B, T = first.shape
+    if B == 1:
+        log.info("export: the example has batch 1; captured with its row repeated (torch.export would otherwise "
+                 "fix the batch at 1)")
+        inputs = {k: x.expand(2, -1).contiguous() for k, x in inputs.items()}
+    if T == 1:
+        log.info("export: the example has 1 token; captured with 2 (torch.export would otherwise fix the length)")
+        inputs = {k: torch.cat([x, x[:, -1:] + (1 if k == "position_ids" else 0)], 1) for k, x in inputs.items()}
+    return inputs
 
 
 def check_path(path, suffix: str | None = None) -> Path:
@@ -140,6 +157,9 @@ def check_path(path, suffix: str | None = None) -> Path:
                          f"{suffix or ''}")
     if not path.parent.exists():
         raise ValueError(f"path {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # checked again when writing (atomic_output)
+        raise PermissionError(f"path {str(path)!r}: cannot write into the folder {str(path.parent)!r} (no write "
+                              f"permission); choose a folder you can write to")
     return path
 
 
@@ -281,7 +301,11 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write to; on success every file written there (the main file and
     anything beside it with the same stem, e.g. `model.onnx.data`) is renamed into place, on failure nothing is."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise PermissionError(f"path {str(path)!r}: cannot write into the folder {str(path.parent)!r} "
+                              f"({type(e).__name__}: {e.strerror or e}); choose a folder you can write to") from e
     try:
         yield tmp / path.name
         written = sorted(tmp.iterdir(), key=lambda f: f.name == path.name)  # main file last

@@ -62,6 +62,10 @@ def layer_specs(schedule) -> tuple[LayerKVSpec, ...]:
     return tuple(out)
 
 
+def _param_dtype(param) -> torch.dtype:
+    return param.dtype if param is not None else torch.float32
+
+
 class HySparseCache(_CacheBase):
     """KV cache of a compiled HySparse model (see the module docstring for what each layer keeps).
 
@@ -91,9 +95,10 @@ class HySparseCache(_CacheBase):
         self.kv_heads, self.head_dim = site.kv_heads, site.head_dim
         self.schedule = compiled.schedule
         param = next(iter(compiled.parameters()), None)
-        self.dtype = dtype if dtype is not None else (param.dtype if param is not None else torch.float32)
         self.device = torch.device(device) if device is not None else (param.device if param is not None
                                                                        else torch.device("cpu"))
+        self.dtype = dtype if dtype is not None else (kv_dtype(compiled, self.device) or _param_dtype(param))
+        self.failed: str | None = None  # set when a call failed after writing part of the cache (see reset)
         if not isinstance(grow, int) or isinstance(grow, bool) or grow < 1:
             raise ValueError(f"grow must be a positive int (tokens a dynamic cache grows by), got {grow!r}")
         self.grow = grow
@@ -228,10 +233,12 @@ class HySparseCache(_CacheBase):
         return [s.store == "ring" for s in self.specs]
 
     def reset(self) -> None:
-        """Forget every cached token (keeps the allocation)."""
+        """Forget every cached token (keeps the allocation); a cache left inconsistent by a failed call is usable
+        again after it."""
         if self.lengths is not None:
             self.lengths.zero_()
         self.seen = 0
+        self.failed = None
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         """Reorder the rows (beam search)."""
@@ -251,6 +258,19 @@ class HySparseCache(_CacheBase):
         stores = "".join({"full": "F", "ring": "r", "none": "-"}[s.store] for s in self.specs)
         return (f"HySparseCache({mode}, batch {self.batch_size}, seen {self.seen}, layers {stores!r}, "
                 f"{self.nbytes} bytes)")
+
+
+def kv_dtype(compiled, device: torch.device) -> torch.dtype | None:
+    """The dtype the compiled model's K/V come out in on `device`: the parameters' (the first floating one, as the
+    projections run in it); None under autocast, where the graph decides (RoPE may upcast), and the layers' writes
+    check it instead (`runtime.layers`)."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return None
+    except RuntimeError:  # a device type autocast does not know (meta)
+        pass
+    param = next((p for p in compiled.parameters() if p.is_floating_point()), None)
+    return param.dtype if param is not None else torch.float32
 
 
 def ring_positions(lengths: Tensor, W: int) -> Tensor:

@@ -1,10 +1,20 @@
-"""`compiled.generate(...)` for HF models: transformers' own `GenerationMixin.generate` (greedy, sampling, streamers,
-`return_dict_in_generate`, stopping criteria, ...) running the compiled module with a `HySparseCache`.
+"""The HF surface of a compiled HF model: transformers' `GenerationMixin.generate` (greedy, sampling, streamers,
+`return_dict_in_generate`, stopping criteria, ...) running the compiled module with a `HySparseCache`, and what
+`Trainer`, accelerate and PEFT read from a `PreTrainedModel`.
 
-The compiled class of an HF model is `HySparse<Original>(HySparseModel, HFGenerationSupport)`; this mixin supplies
-what `generate` reads from a `PreTrainedModel` (device, dtype, generation config) and makes the cache it prepares a
-`HySparseCache` — dynamic by default, static (preallocated for the whole generation) with
-`cache_implementation="static"`.
+The compiled class of an HF model is `HySparse<Original>(HySparseModel, HFGenerationSupport)`, and
+`HFGenerationSupport` is a `PreTrainedModel` (and a `GenerationMixin`), so the tools that branch on
+`isinstance(model, PreTrainedModel)` take their HF path: `Trainer` saves checkpoints with the compiled model's own
+`save_pretrained` (which `hs.from_pretrained` loads), `type(compiled).from_pretrained(dir)` is
+`hs.from_pretrained(dir)`. `PreTrainedModel.__init__` is never run (it would re-check, and could change, the
+shared config's attention implementation); `init_hf` sets the instance attributes it would have set. What a
+PreTrainedModel does by replacing or re-initializing modules (`resize_token_embeddings`, `init_weights`,
+`set_input_embeddings`) cannot reach the compiled graph and raises, saying what to do instead.
+
+    >>> compiled = hs.compile(LlamaForCausalLM(config), schedule)
+    >>> isinstance(compiled, transformers.PreTrainedModel), compiled.num_parameters() > 0
+    (True, True)
+    >>> compiled.generate(ids, max_new_tokens=8)  # a HySparseCache: dynamic, or static with cache_implementation
 """
 from __future__ import annotations
 
@@ -15,7 +25,7 @@ import inspect as pyinspect
 import torch
 
 try:
-    from transformers import GenerationConfig, GenerationMixin
+    from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 except Exception:  # pragma: no cover - transformers is optional
     GenerationMixin = None
 
@@ -28,12 +38,68 @@ def _cache_kwarg(model) -> str:
 
 if GenerationMixin is not None:
 
-    class HFGenerationSupport(GenerationMixin):
-        """What `GenerationMixin.generate` needs from a model that is not a `PreTrainedModel`."""
+    class HFGenerationSupport(PreTrainedModel, GenerationMixin):
+        """What `generate`, `Trainer`, accelerate and PEFT need from a `PreTrainedModel`, for a compiled HF model (whose
+        `PreTrainedModel.__init__` never runs: `init_hf` sets the attributes it would set)."""
 
         main_input_name = "input_ids"
+        supports_gradient_checkpointing = True  # each decoder layer's region of the graph (checkpointing.py)
         _is_stateful = False
         _supports_cache_class = True
+
+        def init_hf(self, original) -> None:
+            """Copy what a `PreTrainedModel` instance carries from `original` (the model given to compile; for a PEFT
+            model, the transformers model inside it). The config object is shared, as the weights are."""
+            self.name_or_path = getattr(original, "name_or_path", getattr(self.config, "name_or_path", ""))
+            self.loss_type = getattr(original, "loss_type", None)
+            self.generation_config = generation_config_of(original)
+            self._keep_in_fp32_modules = set(getattr(original, "_keep_in_fp32_modules", None) or ())
+            self.all_tied_weights_keys = {}  # nothing to re-tie: tied tensors are shared objects in the graph
+            self.warnings_issued = {}
+            for key in ("_no_split_modules", "base_model_prefix", "_input_embed_layer"):
+                if hasattr(original, key):
+                    setattr(self, key, getattr(original, key))
+
+        @property
+        def _keys_to_ignore_on_save(self) -> list[str] | None:
+            """The names `save_pretrained` does not write: each further name of a tied tensor (checkpoint.py writes
+            it once). `Trainer`'s resume then knows that their absence from the checkpoint is expected."""
+            seen, aliases = set(), []
+            for name, tensor in self.state_dict(keep_vars=True).items():
+                if id(tensor) in seen:
+                    aliases.append(name)
+                seen.add(id(tensor))
+            return aliases or None
+
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+            """`hysparse_compile.from_pretrained(directory, model=None, device=None, dtype=None)`: a compiled
+            checkpoint is rebuilt by compiling its original model again (see `hysparse_compile.checkpoint`)."""
+            from ..checkpoint import from_pretrained
+
+            return from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+        def post_init(self):
+            raise RuntimeError("post_init / init_weights would re-initialize the compiled model's (shared) weights; "
+                               "a compiled model is built from an initialized original model")
+
+        init_weights = post_init
+
+        def resize_token_embeddings(self, *args, **kwargs):
+            raise NotImplementedError("resize_token_embeddings on a compiled model would replace the embedding "
+                                      "module outside the graph, which reads its weight by name; resize the original "
+                                      "model's embeddings first (model.resize_token_embeddings(n)), then hs.compile it")
+
+        def set_input_embeddings(self, value):
+            raise NotImplementedError("set_input_embeddings on a compiled model: the graph reads the embedding weight "
+                                      "by name and would not see a new module; set it on the original model, then "
+                                      "hs.compile it (or copy weights in place: compiled.get_input_embeddings()."
+                                      "weight.data.copy_(...))")
+
+        def set_output_embeddings(self, value):
+            raise NotImplementedError("set_output_embeddings on a compiled model: the graph reads the output "
+                                      "projection's weight by name and would not see a new module; set it on the "
+                                      "original model, then hs.compile it")
 
         @property
         def device(self) -> torch.device:
@@ -50,6 +116,20 @@ if GenerationMixin is not None:
         @classmethod
         def is_remote_code(cls) -> bool:
             return False
+
+        def generate(self, inputs=None, generation_config=None, **kwargs):
+            """transformers' `generate`, refusing up front what a HySparseCache cannot serve: assisted decoding and
+            prompt lookup (they crop the cache after rejected draft tokens). Beam search is supported (the cache
+            reorders its rows)."""
+            asked = {key: kwargs.get(key, getattr(generation_config, key, None))
+                     for key in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")}
+            asked = sorted(key for key, value in asked.items() if value is not None)
+            if asked:
+                raise ValueError(f"generate: assisted decoding ({', '.join(asked)}) is not supported by a compiled "
+                                 f"HySparse model: it crops the cache back after rejected draft tokens, and the "
+                                 f"sparse layers' SWA rings cannot be rolled back (their evicted tokens are gone). "
+                                 f"Generate without it (greedy, sampling and num_beams work)")
+            return super().generate(inputs, generation_config, **kwargs)
 
         def _supports_default_dynamic_cache(self) -> bool:
             return True

@@ -14,6 +14,7 @@ Inside a cached call (`step(...)`, set by `runtime.run.run_cached`) the same gra
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -37,40 +38,54 @@ class Step:
     cache_len: Tensor  # int32 [B]: start + 1, what the decode ops take (made once per call, not once per layer)
 
 
-_ACTIVE: list[Step | None] = [None]
-_UNPADDED: list[bool] = [False]  # the call in progress is known to have no padding (see `unpadded`)
+class _CallState(threading.local):
+    """The cached call in progress and whether it is known unpadded, per thread: `generate` from a thread pool, a
+    streamer's background thread and two models in two threads each see only their own call (docs/runtime.md,
+    "Threads"). A `threading.local`, not a `ContextVar`: Dynamo traces attribute reads of a thread-local without a
+    graph break (`ContextVar.get` breaks the graph in torch 2.13), so `torch.compile(compiled)` stays one graph."""
+
+    active: Step | None = None
+    unpadded: bool = False
+
+
+_STATE = _CallState()
 
 
 @contextlib.contextmanager
 def step(s: Step):
-    """Make `s` the cached call the graph's attention nodes serve while the block runs."""
-    previous, _ACTIVE[0] = _ACTIVE[0], s
+    """Make `s` the cached call the graph's attention nodes serve, in this thread, while the block runs. If the block
+    raises, the cache may hold part of the call's K/V: it is marked failed (`HySparseCache.failed`) and refuses
+    further calls until `reset()`."""
+    previous, _STATE.active = _STATE.active, s
     try:
         yield s
+    except BaseException as error:
+        s.cache.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+        raise
     finally:
-        _ACTIVE[0] = previous
+        _STATE.active = previous
 
 
 def active() -> Step | None:
-    return _ACTIVE[0]
+    return _STATE.active
 
 
 @contextlib.contextmanager
 def unpadded(known: bool = True):
     """Inside the block the compiled model's call is known to carry no padding (no attention_mask was given, or it
     is all ones): the graph's padding rolls (passes/graph_ops.py) are skipped, two gathers per tensor and layer."""
-    previous, _UNPADDED[0] = _UNPADDED[0], bool(known)
+    previous, _STATE.unpadded = _STATE.unpadded, bool(known)
     try:
         yield
     finally:
-        _UNPADDED[0] = previous
+        _STATE.unpadded = previous
 
 
 def padding_free() -> bool:
     """No row of the call in progress can be padded: it is known unpadded, or it is a cached decode / extend call
     (new tokens after the first cached call are never padding; runtime/run.py checks it)."""
-    step = _ACTIVE[0]
-    return _UNPADDED[0] or (step is not None and step.mode != "prefill")
+    step = _STATE.active
+    return _STATE.unpadded or (step is not None and step.mode != "prefill")
 
 
 # ---------------------------------------------------------------------------------------------- cache writes
@@ -80,22 +95,32 @@ def _new_slots(positions: Tensor, like: Tensor) -> Tensor:
     return positions.view(B, 1, R, 1).expand(B, H, R, d)
 
 
+def _check_dtype(stored: Tensor, k: Tensor, layer: int) -> None:
+    """K/V are stored as computed: a cache of another dtype (a call under autocast, say) is refused at the layer's
+    first write, before this layer writes anything (the call then marks the cache failed: see `step`)."""
+    if stored.dtype != k.dtype:
+        raise TypeError(f"past_key_values stores {stored.dtype} but layer {layer} computes its K/V in {k.dtype}; "
+                        f"make the cache with HySparseCache(compiled, dtype={k.dtype})")
+
+
 def write_linear(cache: HySparseCache, layer: int, k: Tensor, v: Tensor, s: Step) -> None:
     """Store a layer's new K/V [B, Hkv, R, d] at positions start .. start+R-1 (prefill: slots 0..T-1)."""
     kc, vc = cache.full_kv(layer)
+    _check_dtype(kc, k, layer)
     if s.mode == "prefill":
         T = k.shape[2]
         kc[:, :, :T].copy_(k)
         vc[:, :, :T].copy_(v)
         return
     idx = _new_slots(s.positions, k)
-    kc.scatter_(2, idx, k.to(kc.dtype))
-    vc.scatter_(2, idx, v.to(vc.dtype))
+    kc.scatter_(2, idx, k)
+    vc.scatter_(2, idx, v)
 
 
 def write_ring(cache: HySparseCache, layer: int, k: Tensor, v: Tensor, s: Step) -> None:
     """Store a layer's new K/V in its SWA ring (position p in slot p % W)."""
     kr, vr = cache.keys[layer], cache.values[layer]
+    _check_dtype(kr, k, layer)
     W = kr.shape[2]
     if s.mode == "prefill":  # rolled rows: the last W real tokens of row b end at lengths[b] - 1
         pos = ring_positions(s.new_lengths, W)  # [B, W]
@@ -107,15 +132,15 @@ def write_ring(cache: HySparseCache, layer: int, k: Tensor, v: Tensor, s: Step) 
     first = max(0, R - W)  # more new tokens than slots: only the last W survive
     k, v = k[:, :, first:], v[:, :, first:]
     idx = torch.remainder(s.positions[:, first:], W).view(k.shape[0], 1, -1, 1).expand_as(k)
-    kr.scatter_(2, idx, k.to(kr.dtype))
-    vr.scatter_(2, idx, v.to(vr.dtype))
+    kr.scatter_(2, idx, k)
+    vr.scatter_(2, idx, v)
 
 
 # ---------------------------------------------------------------------------------------------- graph nodes
 def full_layer(q: Tensor, k: Tensor, v: Tensor, *, layer: int, block_size: int, topk: int, scale: float,
                backend: str = "auto"):
     """A full layer: q [B, Hq, R, d], k/v [B, Hkv, R, d] (this call's tokens) -> (out, indices int32)."""
-    s = _ACTIVE[0]
+    s = _STATE.active
     if s is None or s.mode == "prefill":
         out = functional.full_attention(q, k, v, block_size=block_size, topk=topk, scale=scale, backend=backend)
         if s is not None:
@@ -141,7 +166,7 @@ def sparse_layer(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_sh
                  backend: str = "auto") -> Tensor:
     """A sparse layer: q [B, Hq, R, d], this call's K/V as the compiler wired them (see rewrite.py), the full
     layer's indices int32 [B, Hkv, R, nsel] -> out [B, Hq, R, d]."""
-    s = _ACTIVE[0]
+    s = _STATE.active
     kwargs = dict(block_size=block_size, window=window, gate_sparse=gate_sparse, gate_swa=gate_swa, sinks=sinks,
                   scale=scale, merge=merge, backend=backend)
     if s is None or s.mode == "prefill":
@@ -186,5 +211,5 @@ def sparse_layer(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_sh
 def positions(x: Tensor) -> Tensor:
     """A model's own `arange(T)` position numbers (models without a position input), shifted by the columns a
     cached call has already seen."""
-    s = _ACTIVE[0]
+    s = _STATE.active
     return x if s is None or s.mode == "prefill" else x + s.seen.to(x.dtype)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..passes import graph_ops
 from . import layers
-from .cache import HySparseCache
+from .cache import HySparseCache, kv_dtype
 
 
 def _columns(name: str, x: Tensor | None, R: int, seen: int) -> Tensor | None:
@@ -26,20 +26,37 @@ def _columns(name: str, x: Tensor | None, R: int, seen: int) -> Tensor | None:
     return x[..., -R:]
 
 
-def _check_cache(model, cache) -> HySparseCache:
+def _check_cache(model, cache, ids: Tensor) -> HySparseCache:
+    """The cache fits this model and call, checked before anything is written (docs/errors.md, "Caches")."""
     if not isinstance(cache, HySparseCache):
         raise TypeError(f"past_key_values must be a hysparse_compile.HySparseCache (HySparseCache(compiled, ...)) or "
                         f"None, got {type(cache).__name__}; a compiled HySparse model keeps its own cache layout")
+    if cache.failed is not None:
+        raise RuntimeError(f"past_key_values was left part-written by a call that failed ({cache.failed}); its "
+                           f"contents no longer match its lengths. Call cache.reset() and prefill again, or make a "
+                           f"new HySparseCache")
     if cache.schedule != model.schedule:
         raise ValueError(f"past_key_values was made for schedule {cache.schedule.pattern!r}, not this model's "
                          f"{model.schedule.pattern!r}")
+    site = model._hysparse_state.sites[0]
+    if (cache.kv_heads, cache.head_dim) != (site.kv_heads, site.head_dim):
+        raise ValueError(f"past_key_values was made for a model with {cache.kv_heads} KV heads of dim "
+                         f"{cache.head_dim}, not this one's {site.kv_heads} of dim {site.head_dim}; make it with "
+                         f"HySparseCache(compiled) for the model it serves")
+    if cache.device != ids.device:
+        raise ValueError(f"past_key_values lives on {cache.device} but the input ids are on {ids.device}; make the "
+                         f"cache with device={str(ids.device)!r} (or move the inputs)")
+    want = kv_dtype(model, ids.device)  # None under autocast: each layer's write checks (runtime/layers.py)
+    if want is not None and cache.dtype != want:
+        raise ValueError(f"past_key_values stores {cache.dtype} but this call computes K/V in {want}; make the "
+                         f"cache with dtype={want} (or no dtype: the model's)")
     return cache
 
 
 def prepare(model, call: dict, cache: HySparseCache | None, token: str) -> tuple[dict, HySparseCache, layers.Step]:
     """The graph's inputs for this call and its Step. call: the graph kwargs the module built (token ids, mask,
     positions as given or None)."""
-    cache = HySparseCache(model) if cache is None else _check_cache(model, cache)
+    cache = HySparseCache(model) if cache is None else _check_cache(model, cache, call[token])
     ids = call[token]
     B, R = ids.shape
     seen = cache.seen
@@ -58,8 +75,6 @@ def prepare(model, call: dict, cache: HySparseCache | None, token: str) -> tuple
                              "padding belongs to the prompt); got zeros in the new tokens' columns")
         new_lengths = torch.full((B,), R, dtype=torch.int64, device=ids.device)
     cache.reserve(B, seen + R)  # real tokens per row never exceed the columns seen
-    if cache.lengths.device != ids.device:
-        raise ValueError(f"past_key_values lives on {cache.lengths.device} but the input ids are on {ids.device}")
     if "attention_mask" in call:
         call["attention_mask"] = mask if mask is not None else torch.ones_like(ids)
     if "position_ids" in call:

@@ -34,3 +34,17 @@ def test_a_folder_that_refuses_the_write_leaves_nothing_behind(tmp_path, monkeyp
     with pytest.raises(PermissionError, match=r"cannot write into the folder .*\(PermissionError: Permission denied\)"):
         to_onnx(sharp_llama(), example_ids(1, 20), tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "--batch must be at least 1, got 0"),
+    (["--seq-len", "0"], "--seq-len must be at least 1 token, got 0"),
+])
+def test_cli_export_refuses_an_empty_example(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from hysparse_compile.cli import app
+
+    result = CliRunner().invoke(app, ["export", *args, str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())

@@ -140,3 +140,22 @@ def test_a_mask_with_holes_is_refused_in_generate():
     mask[1, 4] = 0
     with pytest.raises(ValueError, match="attention_mask row 1 has holes"):
         c.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(cache_implementation="offloaded"), "cache_implementation='offloaded' is not available for a HySparse model"),
+    ("both", "pass either a cache or cache_implementation, not both"),
+])
+def test_cache_arguments_of_generate_name_what_is_valid(kwargs, words):
+    _, c = compiled("llama-sdpa")
+    if kwargs == "both":
+        kwargs = dict(cache_implementation="static", past_key_values=HySparseCache(c))
+    with pytest.raises(ValueError, match=words):
+        c.generate(_ids(1, 10), max_new_tokens=2, do_sample=False, pad_token_id=0, **kwargs)
+
+
+def test_an_input_the_capture_did_not_take_is_refused_naming_what_is_accepted():
+    _, c = compiled("llama-sdpa")
+    with pytest.raises(TypeError, match=r"input\(s\) \['inputs_embeds'\] are not supported by the compiled module; "
+                                        r"it accepts \['input_ids'"):
+        c(_ids(1, 10), inputs_embeds=torch.zeros(1, 10, 64))

@@ -48,7 +48,7 @@ def _qkv(q: Tensor, pairs: list[tuple[str, Tensor]], *, cache: bool = False) -> 
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     B, Hq, T, d = q.shape
-    if min(B, Hq, T, d) == 0:
+    if any(n == 0 for n in (B, Hq, T, d)):  # not min(): under torch.export it compares sizes and specializes them
         raise ValueError(f"q has shape {tuple(q.shape)}: B, Hq, T and d must all be >= 1 (an empty batch or sequence "
                          f"has nothing to attend to; skip the call)")
     name0, k0 = pairs[0]

@@ -156,8 +156,11 @@ def full_layer(q: Tensor, k: Tensor, v: Tensor, *, layer: int, block_size: int, 
 
 def _decode_window(window: int | None, slots: int) -> int | None:
     """The window the decode op is told: never more than the slots it reads (equivalent: a buffer of W < window
-    slots only exists while fewer than W tokens were seen, and then every one of them is in the window)."""
-    return None if window is None else min(window, slots)
+    slots only exists while fewer than W tokens were seen, and then every one of them is in the window). A traced
+    (symbolic) slot count is a linear cache being exported, which holds the whole context: the window as it is."""
+    if window is None or isinstance(slots, torch.SymInt):
+        return window
+    return min(window, slots)
 
 
 def sparse_layer(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_shared: Tensor, indices: Tensor, *,

@@ -2,22 +2,20 @@
 import functools
 
 import torch
+from oracle_model import randomize_new_weights
 
 BLOCK, TOPK, WINDOW = 16, 32, 16  # 2 blocks selected per token: at T = 1000 (63 blocks) selection is real
 
 
-@functools.lru_cache(maxsize=None)
-def sharp_llama(pattern: str = "FS"):
-    """A tiny HF Llama (GQA 4/2, head dim 16) compiled with `pattern`. Its query/key projections are scaled up so
-    that attention is peaked and block scores are far apart: with random weights at the usual scale attention is
-    near-uniform, block scores tie to the last bit, and which block wins would be decided by rounding (ONNX Runtime
-    and PyTorch order their sums differently)."""
+def sharp_original(layers: int = 2):
+    """A tiny HF Llama (GQA 4/2, head dim 16) whose query/key projections are scaled up so that attention is peaked
+    and block scores are far apart: with random weights at the usual scale attention is near-uniform, block scores
+    tie to the last bit, and which block wins would be decided by rounding (ONNX Runtime and PyTorch order their
+    sums differently). A new model per call, same weights."""
     import transformers as tf
 
-    import hysparse_compile as hs
-
     torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=len(pattern),
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                             tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)  # no EOS: no early stop
     config._attn_implementation = "sdpa"
@@ -26,8 +24,25 @@ def sharp_llama(pattern: str = "FS"):
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8.0)
             layer.self_attn.k_proj.weight.mul_(8.0)
-    schedule = hs.Schedule.from_pattern(pattern, block_size=BLOCK, topk=TOPK, window=WINDOW)
-    return hs.compile(model, schedule)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def sharp_pair(pattern: str = "FS", mode: str = "paper", **options):
+    """(original, compiled) for `sharp_original` compiled with `pattern` (BLOCK, TOPK, WINDOW), the new weights
+    random (`randomize_new_weights`). Shared by the session: do not modify."""
+    import hysparse_compile as hs
+
+    original = sharp_original(len(pattern))
+    schedule = hs.Schedule.from_pattern(pattern, block_size=BLOCK, topk=TOPK, window=WINDOW, mode=mode, **options)
+    compiled = hs.compile(original, schedule)
+    randomize_new_weights(compiled)
+    return original, compiled
+
+
+def sharp_llama(pattern: str = "FS"):
+    """The compiled `sharp_pair(pattern)` (paper mode, random gates and sinks)."""
+    return sharp_pair(pattern)[1]
 
 
 @functools.lru_cache(maxsize=None)

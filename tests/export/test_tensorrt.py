@@ -7,9 +7,10 @@ import onnx
 import pytest
 import torch
 from exportable import example_ids, sharp_llama
+from oracle import oracle_full, oracle_sparse, random_indices, rel_err
+from oracle_model import full_decode, ring_of, sparse_decode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from hysparse_compile import functional as F
 from hysparse_compile.export import tensorrt as trt_export
 from hysparse_compile.export import to_tensorrt
 
@@ -41,16 +42,36 @@ def test_sparse_attention_plugin_shapes_match_the_fake_implementation():
     assert tuple(out.shape) == shape == tuple(twin.shape) and out.dtype == twin.dtype == torch.float16
 
 
-def test_plugin_twins_compute_the_hysparse_ops(gen):
-    q, k, v = (torch.randn(2, h, 45, 16, generator=gen) for h in (4, 2, 2))
-    gate, sinks = torch.rand(2, 4, 45, 1, generator=gen), torch.randn(4, generator=gen)
-    out, indices = F.full_attention(q, k, v, block_size=16, topk=32)
-    got = torch.ops.hysparse.FullAttention(q, k, v, 16, 32, 0.25)
-    assert torch.equal(got[1], indices) and torch.equal(got[0], out)
-    want = F.sparse_attention(q, k, v, k, v, indices, block_size=16, window=8, gate_sparse=gate, sinks=sinks)
-    ones = torch.ones(1, 1, 1, 1)
-    got = torch.ops.hysparse.SparseAttention(q, k, v, k, v, indices, gate, ones, sinks, 16, 8, 0.25, 0, 1, 0, 1)
-    torch.testing.assert_close(got, want)
+@pytest.mark.parametrize("Hq, Hkv", [(4, 2), (4, 4)])
+def test_full_attention_twin_computes_the_oracle(gen, Hq, Hkv):
+    """The FullAttention plugin's computation against the float64 oracle (tests/oracle.py), not against the op it
+    calls: T = 45 (not a multiple of the block), 2 of up to 3 blocks selected."""
+    q, k, v = (torch.randn(2, h, 45, 16, generator=gen) for h in (Hq, Hkv, Hkv))
+    out, indices = torch.ops.hysparse.FullAttention(q, k, v, 16, 32, 0.25)
+    want_out, _, want_indices = oracle_full(q, k, v, 16, 32, 0.25)
+    assert indices.dtype == torch.int32 and torch.equal(indices.long(), want_indices)
+    assert rel_err(out, want_out) <= 1e-5
+
+
+@pytest.mark.parametrize("merge, flags", [(0, (1, 1, 1)), (0, (1, 0, 1)), (0, (0, 1, 0)), (1, (0, 0, 1))],
+                         ids=["gates-sinks", "no-swa-gate", "no-sparse-gate-no-sinks", "merge"])
+def test_sparse_attention_twin_computes_the_oracle(gen, merge, flags):
+    """The SparseAttention plugin's computation, fillers where a `has_*` flag is 0 (ones, -inf), against the oracle
+    with those inputs absent: random per-channel / per-head gates and sinks, a real selection."""
+    B, Hq, T = 2, 4, 45
+    q, k_own, v_own, k_sh, v_sh = (torch.randn(B, h, T, 16, generator=gen) for h in (Hq, 2, 2, 2, 2))
+    if merge:
+        k_own, v_own = k_sh, v_sh
+    indices = random_indices(B, 2, T, 16, 2, generator=gen)
+    gate_sparse, gate_swa = torch.rand(B, Hq, T, 16, generator=gen), torch.rand(B, Hq, T, 1, generator=gen)
+    sinks = torch.randn(Hq, generator=gen)
+    has_gs, has_gw, has_sinks = flags
+    fill = (gate_sparse if has_gs else torch.ones(1, 1, 1, 1), gate_swa if has_gw else torch.ones(1, 1, 1, 1),
+            sinks if has_sinks else torch.full((Hq,), float("-inf")))
+    got = torch.ops.hysparse.SparseAttention(q, k_own, v_own, k_sh, v_sh, indices, *fill, 16, 8, 0.25, merge, *flags)
+    want = oracle_sparse(q, k_own, v_own, k_sh, v_sh, indices, 16, 8, gate_sparse if has_gs and not merge else None,
+                         gate_swa if has_gw and not merge else None, sinks if has_sinks else None, 0.25, bool(merge))
+    assert rel_err(got, want) <= 1e-5
 
 
 def test_plugin_onnx_names_each_plugin_for_the_parser(custom_file):
@@ -64,27 +85,35 @@ def test_plugin_onnx_names_each_plugin_for_the_parser(custom_file):
     onnx.checker.check_model(model, full_check=True)
 
 
-def test_decode_plugin_twins_compute_the_decode_ops_with_the_documented_shapes(gen):
-    B, T, S = 2, 37, 40  # a cache longer than the real tokens: entries >= cache_len are ignored
+def test_decode_plugin_twins_compute_the_oracle_with_the_documented_shapes(gen):
+    """The decode plugins against the float64 oracle (tests/oracle_model.py): rows at different positions in a cache
+    longer than them (entries >= cache_len ignored), the SWA window read from a ring (position p in slot p % W; slots
+    holding no position are filled with 1e3), random gates and sinks."""
+    B, S, W = 2, 40, 8
+    cache_len = torch.tensor([37, 5], dtype=torch.int32)  # row 1: fewer tokens than top-k, a ring not yet full
     q, k, v = torch.randn(B, 4, 1, 16, generator=gen), torch.randn(B, 2, S, 16, generator=gen), \
         torch.randn(B, 2, S, 16, generator=gen)
-    ring, cache_len = torch.randn(B, 2, 8, 16, generator=gen), torch.tensor([T, 21], dtype=torch.int32)
-    out, indices = torch.ops.hysparse.full_attention_decode(q, k, v, cache_len, 16, 32, 0.25, "reference")
+    k_own, v_own = torch.randn(B, 2, S, 16, generator=gen), torch.randn(B, 2, S, 16, generator=gen)
+    k_ring, v_ring = ring_of(k_own, cache_len, W), ring_of(v_own, cache_len, W)
     got = torch.ops.hysparse.FullAttentionDecode(q, k, v, cache_len, 16, 32, 0.25)
-    assert torch.equal(got[1], indices) and got[1].dtype == torch.int32
-    torch.testing.assert_close(got[0], out)
+    want_out, want_indices = full_decode(q, k, v, cache_len, 16, 32, 0.25)
+    assert got[1].dtype == torch.int32 and torch.equal(got[1].long(), want_indices)
+    assert rel_err(got[0], want_out) <= 1e-5
     (out_shape, _), (idx_shape, _) = trt_export.full_attention_shapes(q.shape, k.shape, 16, 32)
     assert (tuple(got[0].shape), tuple(got[1].shape)) == (out_shape, idx_shape) == ((B, 4, 1, 16), (B, 2, 1, 2))
-    gate, sinks = torch.rand(B, 4, 1, 1, generator=gen), torch.randn(4, generator=gen)
-    want = torch.ops.hysparse.sparse_attention_decode(q, ring, ring, k, v, indices, cache_len, gate, None, sinks,
-                                                      16, 8, 0.25, False, "reference")
-    ones = torch.ones(1, 1, 1, 1)
-    got = torch.ops.hysparse.SparseAttentionDecode(q, ring, ring, k, v, indices, cache_len, gate, ones, sinks, 16, 8,
-                                                   0.25, 0, 1, 0, 1)
-    torch.testing.assert_close(got, want)
+    indices = got[1]
+    gate, sinks = torch.rand(B, 4, 1, 16, generator=gen), torch.randn(4, generator=gen)
+    gate_swa, ones = torch.rand(B, 4, 1, 1, generator=gen), torch.ones(1, 1, 1, 1)
+    inputs = (q, k_ring, v_ring, k, v, indices, cache_len, gate, gate_swa, sinks)
+    got = torch.ops.hysparse.SparseAttentionDecode(*inputs, 16, 8, 0.25, 0, 1, 1, 1)
+    assert rel_err(got, sparse_decode(q, k_ring, v_ring, k, v, indices, cache_len, 16, 8, gate, gate_swa, sinks,
+                                      0.25)) <= 1e-5
+    got = torch.ops.hysparse.SparseAttentionDecode(q, k_ring, v_ring, k, v, indices, cache_len, ones, ones,
+                                                   torch.full((4,), float("-inf")), 16, 8, 0.25, 1, 0, 0, 0)
+    assert rel_err(got, sparse_decode(q, k_ring, v_ring, k, v, indices, cache_len, 16, 8, merge=True)) <= 1e-5
     with FakeTensorMode():
-        fake = torch.ops.hysparse.SparseAttentionDecode(*(torch.empty(x.shape, dtype=x.dtype) for x in (
-            q, ring, ring, k, v, indices, cache_len, gate, ones, sinks)), 16, 8, 0.25, 0, 1, 0, 1)
+        fake = torch.ops.hysparse.SparseAttentionDecode(*(torch.empty(x.shape, dtype=x.dtype) for x in inputs), 16, 8,
+                                                        0.25, 0, 1, 1, 1)
     assert (tuple(fake.shape), "like q") == trt_export.sparse_attention_shapes(q.shape)[0]
 
 
@@ -93,8 +122,12 @@ def test_decode_graphs_for_tensorrt_name_the_decode_plugins_and_get_profiles(tmp
     inputs' optimization profiles make batch and the full layers' cached length dynamic, nothing else."""
     from hysparse_compile.export import onnx_decode
 
-    result = to_tensorrt(sharp_llama(), example_ids(), tmp_path / "m.onnx", via="onnx", decode=True, check=False)
+    result = to_tensorrt(sharp_llama(), example_ids(1, 40), tmp_path / "m.onnx", via="onnx", decode=True, check=False)
     assert [f.name for f in result.files] == ["m.onnx", "m-decode.onnx"]
+    for f in result.files:  # captured from a batch-1 example, the batch axis of every input stays symbolic
+        for graph_input in onnx.load(str(f)).graph.input:
+            batch = graph_input.type.tensor_type.shape.dim[0]
+            assert batch.dim_param and not batch.HasField("dim_value"), (f.name, graph_input.name)
     decode = onnx.load(str(result.files[1]))
     nodes = [n for n in decode.graph.node if n.domain == "hysparse"]
     assert sorted({n.op_type for n in nodes}) == ["FullAttentionDecode", "SparseAttentionDecode"]

@@ -1,33 +1,15 @@
-"""Baselines and timing helpers for bench/bench_kernels.py: dense attention (SDPA cuDNN, SDPA flash, Flex causal),
-the NSA selected-attention kernel of flash-linear-attention, device copy bandwidth, and a timer.
+"""The baselines of the benchmarks: dense attention (SDPA cuDNN, SDPA flash, Flex causal), the NSA
+selected-attention kernel of flash-linear-attention, and the device copy bandwidth. They are timed with
+`bench.timer.time_ms`, the one timer.
 
 Every function returns a zero-argument callable to time, built once on given inputs (so building is not timed).
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
-
-def time_ms(fn, device: torch.device, grad_to_none=None, warmup_ms: int = 25, rep_ms: int = 100) -> float:
-    """Median time of fn() in milliseconds: triton.testing.do_bench on CUDA (it flushes L2 between calls),
-    a perf_counter loop on CPU (--smoke only)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
-                                             return_mode="median"))
-    fn()
-    times: list[float] = []
-    t_end = time.perf_counter() + rep_ms / 1e3
-    while len(times) < 2 or (time.perf_counter() < t_end and len(times) < 50):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from .timer import time_ms
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -52,7 +34,7 @@ class Rotor:
 
 
 # ------------------------------------------------------------------------------------------------ dense attention
-def _sdpa(backend_name: str):
+def sdpa(backend_name: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -77,7 +59,7 @@ def sdpa_call(backend_name: str, rotor: Rotor, backward: bool, causal: bool = Tr
     """SDPA with one backend (cudnn | flash | math), GQA through enable_gqa. Returns (fn, grad_to_none).
 
     rotor yields (q, k, v, dout) sets; with backward, q/k/v must require grad."""
-    run = _sdpa(backend_name)
+    run = sdpa(backend_name)
     q0, k0, v0, _ = rotor.sets[0]
     try:
         run(q0, k0, v0, causal)  # raises here (not inside the timer) when the backend cannot run this case

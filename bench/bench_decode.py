@@ -12,8 +12,8 @@ bytes a step must read (weights + full layers' caches + selected blocks + rings)
 the copy bandwidth measured in the same run; that the cache's bytes equal `plan_kv`; the largest context (batch 1)
 and batch (32k) whose cache fits, found by allocating; and prefill time at 32k (time to first token).
 
-    python bench/bench_decode.py                    # the GPU run (about 6-8 minutes on an H100/H200)
-    python bench/bench_decode.py --tiny             # CPU smoke test of every code path at toy sizes
+    python -m bench.bench_decode                    # the GPU run (about 6-8 minutes on an H100/H200)
+    python -m bench.bench_decode --tiny             # CPU smoke test of every code path at toy sizes
 
 Writes `$OUT/bench_decode.json` (or bench/results/) and prints markdown tables.
 """
@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hysparse_compile as hs  # noqa: E402
-from baselines import copy_bandwidth  # noqa: E402
-from hysparse_compile.runtime import HySparseCache  # noqa: E402
+import hysparse_compile as hs
+from .baselines import copy_bandwidth
+from .timer import time_ms
+from hysparse_compile.kv_plan import storage
+from hysparse_compile.runtime import HySparseCache
 
 GiB = 2**30
 
@@ -87,11 +87,11 @@ def weight_bytes_read(model, B: int) -> int:
 def kv_bytes_read(model, B: int, ctx: int) -> int:
     """Cache bytes one decode step must read: full layers' whole caches, sparse layers' selected blocks (of the
     shared cache) and rings (or their own whole cache in the training-free / none modes)."""
-    site = model._hysparse_state.sites[0]
+    site = model.attention_sites[0]
     per_token = 2 * site.kv_heads * site.head_dim * 2 * B  # K and V, bf16
     total = 0
     for spec in model.schedule.layers:
-        if spec.role == "full" or spec.merge or spec.kv_sharing == "none":
+        if storage(spec) == "full":  # the layers that keep their whole context (kv_plan's rule)
             total += per_token * ctx
         else:
             total += per_token * min(spec.topk, ctx)
@@ -100,40 +100,16 @@ def kv_bytes_read(model, B: int, ctx: int) -> int:
     return total
 
 
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn, reps: int) -> float:
-        """Median-free mean over `reps` calls in ms (events on CUDA)."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(reps):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            return a.elapsed_time(b) / reps
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / reps
-
-
 def decode_row(name, model, B, ctx, device, timer, copy_gbs, tiny, inductor: bool = False) -> dict:
     """One decode step of `model` at (B, ctx), eager and in a CUDA graph. inductor: the compiled model's graph
     module goes through torch.compile first (its elementwise work fuses; the HySparse ops stay custom ops)."""
-    graph_module = model._graph_module
-    if inductor:
-        object.__setattr__(model, "_graph_module", torch.compile(graph_module, dynamic=False))
-        name += "+inductor"
-    try:
+    if not inductor:
         return _decode_row(name, model, B, ctx, device, timer, copy_gbs, tiny)
+    try:
+        with model.graph_runner(torch.compile(model.graph_module, dynamic=False)):
+            return _decode_row(name + "+inductor", model, B, ctx, device, timer, copy_gbs, tiny)
     finally:
-        object.__setattr__(model, "_graph_module", graph_module)
-        if inductor:
-            torch._dynamo.reset()
+        torch._dynamo.reset()
 
 
 def _decode_row(name, model, B, ctx, device, timer, copy_gbs, tiny) -> dict:
@@ -299,7 +275,9 @@ def main() -> int:
     batches = [int(x) for x in args.batches.split(",")]
     out_dir = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    timer = Timer(device)
+    def timer(fn, reps: int) -> float:  # the mean of `reps` back-to-back steps (events on CUDA)
+        return time_ms(fn, device, reps=reps)
+
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                 torch=torch.__version__, python=platform.python_version(), command=" ".join(sys.argv))

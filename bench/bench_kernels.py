@@ -1,6 +1,6 @@
-"""Benchmark the HySparse ops against dense attention and NSA on one GPU, in one run (SPEC §6).
+"""Benchmark the HySparse ops against dense attention and NSA on one GPU, in one run (docs/benchmarks.md).
 
-    PYTHONPATH=. python3 bench/bench_kernels.py [--quick] [--ops full,sparse,decode,stack] [--shapes 32/8/128]
+    python -m bench.bench_kernels [--quick] [--ops full,sparse,decode,stack] [--shapes 32/8/128]
         [--seqlens 8192,32768] [--long] [--backends triton,flex] [--no-bwd] [--no-check] [--budget-s 480] [--smoke]
         [--orders auto,token,block]
 
@@ -32,11 +32,10 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import baselines as bl  # noqa: E402
-from hysparse_compile.kernels import reference  # noqa: E402
+from . import baselines as bl
+from .timer import time_ms
+from hysparse_compile.kernels import reference
 
 T0 = time.time()
 RESULTS: dict = {"meta": {}, "rows": []}
@@ -135,7 +134,7 @@ def make_prefill(args, Hq, Hkv, d, T, seed):
     B = 1
     s = dict(q_full=rn(B, Hq, T, d), k_sh=rn(B, Hkv, T, d), v_sh=rn(B, Hkv, T, d), q=rn(B, Hq, T, d),
              k_own=rn(B, Hkv, T, d), v_own=rn(B, Hkv, T, d), dout=rn(B, Hq, T, d))
-    s["gate_sp"] = torch.sigmoid(rn(B, Hq, T, d))  # per-channel gates (SPEC default "element")
+    s["gate_sp"] = torch.sigmoid(rn(B, Hq, T, d))  # per-channel gates (the default gate="element")
     s["gate_swa"] = torch.sigmoid(rn(B, Hq, T, d))
     s["sinks"] = torch.randn(Hq, device=dev, generator=g).to(dt)
     return s
@@ -316,7 +315,7 @@ def timed_row(args, base_ms, build, check=None, note_fn=None, **key):
             if not check_ok(row["check"]):
                 row["check_failed"] = True
         fn, gtn = build()
-        row["ms"] = bl.time_ms(fn, args.device, grad_to_none=gtn, rep_ms=args.rep_ms)
+        row["ms"] = time_ms(fn, args.device, grad_to_none=gtn, rep_ms=args.rep_ms)
         if note_fn is not None and note_fn():
             row["note"] = note_fn()
     except Exception as e:  # noqa: BLE001
@@ -545,7 +544,7 @@ def stack_rows(args, Hq, Hkv, d, backends, with_base=True):
     T, shape, scale = args.stack_T, f"{Hq}/{Hkv}/{d}", 1 / math.sqrt(d)
     pool = [make_prefill(args, Hq, Hkv, d, T, 7000 + i) for i in range(3)]  # layer i uses set i % 3
     common = dict(section="stack", shape=shape, T=T, mode="fwd")
-    sdpa = bl._sdpa(args.base.split("_")[1])
+    sdpa = bl.sdpa(args.base.split("_")[1])
 
     def dense():
         for i in range(len(layers)):
@@ -624,7 +623,7 @@ def print_table(args):
 
 
 def print_summary(args):
-    """One line per (shape, T, mode): what SPEC §6 asks about, short enough to survive a truncated log tail."""
+    """One line per (shape, T, mode): what docs/benchmarks.md reports, short enough to survive a truncated log tail."""
     rows = [r for r in RESULTS["rows"] if r["section"] == "prefill" and r.get("speedup")]
     print(f"\nSummary (base/t = how many times faster than {args.base}; full layer: t/base):")
     for key in sorted({(r["shape"], r["T"], r["mode"]) for r in rows}, key=lambda k: (k[0], k[2], k[1])):
@@ -715,7 +714,7 @@ def main(argv=None):
     for pass_no in (0, 1):
         if pass_no == 1 and "flex" not in args.backends:
             break
-        # flex compiles each (shape, T, mask) anew: in its pass the SPEC's sizes (32k, 8k) go first
+        # flex compiles each (shape, T, mask) anew: in its pass the reported sizes (32k, 8k) go first
         seqlens = args.seqlens if pass_no == 0 else sorted(args.seqlens, key=lambda t: (t != 32768, t != 8192, t))
         for Hq, Hkv, d in args.shapes if prefill else []:
             for T in seqlens:

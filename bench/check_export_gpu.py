@@ -2,7 +2,7 @@
 into it as `triton_op`s), load it in a fresh Python process that never imports hysparse_compile, compare with the
 eager compiled model, and time package vs eager vs torch.compile.
 
-    PYTHONPATH=. python3 bench/check_export_gpu.py [--out DIR] [--layers 2] [--seq 4096]
+    python -m bench.check_export_gpu [--out DIR] [--layers 2] [--seq 4096]
 
 Model: HF Llama, hidden 1024, 16 query / 4 KV heads (d = 64), `--layers` layers (default 2, pattern FS, FSSS...),
 block 64, topk 512, window 128, bf16, random weights with the query/key projections scaled x8 (peaked attention,
@@ -39,40 +39,38 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: diagnose_aoti's probe for the smoke part
 
-import hysparse_compile as hs  # noqa: E402
-from hysparse_compile.export import to_aoti  # noqa: E402
-from hysparse_compile.export.aoti import _compiler_finds, link_configs  # noqa: E402
+import hysparse_compile as hs
+from hysparse_compile.export import to_aoti
+from hysparse_compile.export.aoti import compiler_finds, link_configs
+
+from .timer import time_ms
 
 VOCAB = 2048
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the fresh processes run from here (-m bench...)
 RUNNER = textwrap.dedent("""
-    import json, sys, time, torch
+    import json, sys, torch
+    from bench.timer import time_ms  # torch only: the package's process never imports hysparse_compile
     assert "hysparse_compile" not in sys.modules
     torch.zeros(1, device="cuda")  # CUDA initialized before the loader probes the device
     runner = torch._inductor.aoti_load_package(sys.argv[1])
     cases = torch.load(sys.argv[2])
-    outs, times = [], []
+    outs = []
     with torch.no_grad():  # the package takes input_ids, attention_mask (the compiled model's inputs, in order)
         for ids in cases:
             outs.append(runner(ids.cuda(), torch.ones_like(ids).cuda()).float().cpu())
         ids = cases[-1].cuda()
         mask = torch.ones_like(ids)
-        for i in range(13):
-            torch.cuda.synchronize(); t0 = time.perf_counter()
-            runner(ids, mask)
-            torch.cuda.synchronize()
-            if i >= 3:
-                times.append((time.perf_counter() - t0) * 1e3)
+        package_ms = time_ms(lambda: runner(ids, mask), "cuda")
     torch.save(outs, sys.argv[3])
     assert "hysparse_compile" not in sys.modules
-    print(json.dumps({"package_ms": sorted(times)[len(times) // 2]}))
+    print(json.dumps({"package_ms": package_ms}))
 """)
 
 
 DECODER = textwrap.dedent("""
-    import json, sys, time, torch
+    import json, sys, torch
+    from bench.timer import time_ms
     assert "hysparse_compile" not in sys.modules
     torch.zeros(1, device="cuda")  # CUDA initialized before the loader probes the device
     prefill = torch._inductor.aoti_load_package(sys.argv[1])
@@ -80,14 +78,13 @@ DECODER = textwrap.dedent("""
     ids, mask, positions, new = torch.load(sys.argv[3])
     with torch.no_grad():
         outs = prefill(ids.cuda(), mask.cuda(), positions.cuda())
-        tokens, times = [], []
+        tokens = []
         for i in range(new):
             tokens.append(outs[0][:, -1].argmax(-1, keepdim=True))
-            torch.cuda.synchronize(); t0 = time.perf_counter()
             outs = decode(tokens[-1], *outs[1:])
-            torch.cuda.synchronize(); times.append((time.perf_counter() - t0) * 1e3)
+        step_ms = time_ms(lambda: decode(tokens[-1], *outs[1:]), "cuda")  # one more step, repeated
     torch.save(torch.cat(tokens, 1).cpu(), sys.argv[4])
-    print(json.dumps({"step_ms": sorted(times[3:])[len(times[3:]) // 2]}))
+    print(json.dumps({"step_ms": step_ms}))
 """)
 
 
@@ -109,17 +106,9 @@ def build(layers: int, dtype: torch.dtype, qk_scale: float = 8.0):
     return hs.compile(model, hs.Schedule.from_pattern(pattern, block_size=64, topk=512, window=128))
 
 
-def median_ms(fn, ids, reps=10) -> float:
-    times = []
+def median_ms(fn, ids) -> float:
     with torch.no_grad():
-        for i in range(reps + 3):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn(ids)
-            torch.cuda.synchronize()
-            if i >= 3:
-                times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+        return time_ms(lambda: fn(ids), "cuda")
 
 
 def logits(out):
@@ -144,7 +133,7 @@ def fresh_process(package: str, cases: list, work: str) -> tuple[list, dict]:
     torch.save([c.cpu() for c in cases], os.path.join(work, "cases.pt"))
     out_path = os.path.join(work, "outs.pt")
     run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", RUNNER, package, os.path.join(work, "cases.pt"),
-                          out_path], capture_output=True, text=True, timeout=600)
+                          out_path], capture_output=True, text=True, timeout=600, cwd=REPO)
     if run.returncode:
         raise RuntimeError(failure(run))
     return torch.load(out_path), json.loads(run.stdout.strip().splitlines()[-1])
@@ -242,7 +231,7 @@ def check_decode(args, dtype, work, rows):
     out = os.path.join(work, "decode_tokens.pt")
     run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", DECODER, str(result.files[0]),
                           str(result.files[1]), os.path.join(work, "decode_case.pt"), out], capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=600, cwd=REPO)
     if run.returncode:
         raise RuntimeError(failure(run))
     step_ms = json.loads(run.stdout.strip().splitlines()[-1])["step_ms"]
@@ -275,8 +264,8 @@ def smoke(work, rows):
 
     model, x = diag.mlp()
     configs = link_configs(None)
-    print(f"smoke: compiler resolves libstdc++.so: {_compiler_finds('libstdc++.so')}, libstdc++.so.6: "
-          f"{_compiler_finds('libstdc++.so.6')}; inductor_configs {configs}", flush=True)
+    print(f"smoke: compiler resolves libstdc++.so: {compiler_finds('libstdc++.so')}, libstdc++.so.6: "
+          f"{compiler_finds('libstdc++.so.6')}; inductor_configs {configs}", flush=True)
     path = diag.package(model, x, "cuda", configs, os.path.join(work, "smoke.pt2"))
     x_path, ref_path = os.path.join(work, "x.pt"), os.path.join(work, "ref.pt")
     torch.save(x.cpu(), x_path)
@@ -336,10 +325,11 @@ def main() -> int:
         # runtime) is reported with its stack and the other parts still run
         print(f"=== {part}", flush=True)
         rows_path = os.path.join(args.out, f"rows_{part}.json")
-        cmd = [sys.executable, "-X", "faulthandler", os.path.abspath(__file__), "--part", part, "--rows", rows_path,
+        cmd = [sys.executable, "-X", "faulthandler", "-m", "bench.check_export_gpu", "--part", part,
+               "--rows", rows_path,
                "--layers", str(args.layers), "--seq", str(args.seq), "--new", str(args.new)]
         try:
-            run = subprocess.run(cmd, timeout=args.part_timeout_s)
+            run = subprocess.run(cmd, timeout=args.part_timeout_s, cwd=REPO)
             code = run.returncode
         except subprocess.TimeoutExpired:
             code = "timeout"

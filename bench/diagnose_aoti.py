@@ -2,7 +2,7 @@
 packaged in several build variants and each is loaded and run in its own fresh process; a crash is reported with
 its exit code and the end of its output, so one device call narrows the cause.
 
-    PYTHONPATH=. python3 bench/diagnose_aoti.py [--out DIR] [--variants default,weights_off_so,...]
+    python -m bench.diagnose_aoti [--out DIR] [--variants default,weights_off_so,...]
 
 Variants (device, inductor_configs passed to `aoti_compile_and_package`): see VARIANTS. Each package is loaded in
 its own process (side by side), also with run_single_threaded=True for the plain CPU and CUDA ones, and the CUDA

@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: the model of bench_decode.py, one context and batch, kernels by GPU time.
 
-    python bench/profile_decode.py --context 131072 --batch 8        # hybrid(8, 3) and the all-full baseline
+    python -m bench.profile_decode --context 131072 --batch 8        # hybrid(8, 3) and the all-full baseline
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import bench_decode as bd
+from . import bench_decode as bd
 
 
 def kernel_table(model, B: int, ctx: int, steps: int = 5) -> list[tuple[str, float, int]]:

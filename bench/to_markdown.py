@@ -1,6 +1,6 @@
 """Render a bench_kernels.py JSON result as the Markdown tables of docs/benchmarks.md.
 
-    python3 bench/to_markdown.py bench/results/h100_2026-11-23.json > /tmp/tables.md
+    python -m bench.to_markdown bench/results/h100_2026-11-23.json > /tmp/tables.md
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The sparse-layer backward's loop orders on one GPU: check block-major against token-major, then time both.
 
-    PYTHONPATH=. python3 bench/tune_block_bwd.py [--seqlens 8192,32768] [--shapes 32/8/128,64/4/128]
+    python -m bench.tune_block_bwd [--seqlens 8192,32768] [--shapes 32/8/128,64/4/128]
         [--selections random,tile] [--sweep] [--budget-s 300] [--out DIR]
 
 bf16, B = 1, block 64, topk 1024, window 128, per-channel gates, sinks (bench_kernels' prefill setup). Per shape, T
@@ -17,18 +17,16 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import baselines as bl  # noqa: E402
-from bench_kernels import random_selection  # noqa: E402
-from hysparse_compile.kernels.triton.sparse_attention import sparse_attention_fwd  # noqa: E402
-from hysparse_compile.kernels.triton.sparse_attention_bwd import sparse_attention_bwd  # noqa: E402
+from . import baselines as bl
+from .timer import time_ms
+from .bench_kernels import random_selection
+from hysparse_compile.kernels.triton.sparse_attention import sparse_attention_fwd
+from hysparse_compile.kernels.triton.sparse_attention_bwd import sparse_attention_bwd
 
 BS, TOPK, WINDOW = 64, 1024, 128
 T0 = time.time()
@@ -87,8 +85,8 @@ def main():
         log(f"{shape} T={T} {sel}: block vs token rel L2 {worst:.2e} ({errs})")
         leaves = tuple(x.detach().requires_grad_() for x in (a[0], a[3], a[4]))
         fb, to_none = bl.sdpa_call("cudnn", bl.Rotor([(*leaves, dout)]), True)
-        dense_fb = bl.time_ms(fb, dev, grad_to_none=to_none)  # cuDNN backward alone: its fwd+bwd minus its fwd
-        dense_f = bl.time_ms(bl.sdpa_call("cudnn", bl.Rotor([(*leaves, dout)]), False)[0], dev)
+        dense_fb = time_ms(fb, dev, grad_to_none=to_none)  # cuDNN backward alone: its fwd+bwd minus its fwd
+        dense_f = time_ms(bl.sdpa_call("cudnn", bl.Rotor([(*leaves, dout)]), False)[0], dev)
         base = dict(shape=shape, T=T, selection=sel, cudnn_bwd_ms=dense_fb - dense_f, block_vs_token=worst)
         variants = [("token", None), ("block", None)]
         if args.sweep:
@@ -100,7 +98,7 @@ def main():
             if time.time() - T0 > args.budget_s:
                 break
             try:
-                ms = bl.time_ms(lambda: bwd(order, kn), dev)
+                ms = time_ms(lambda: bwd(order, kn), dev)
             except Exception as e:  # noqa: BLE001 - a knob set that does not compile (registers) is a result
                 rows.append(dict(base, order=order, knobs=kn, ms=None, error=f"{type(e).__name__}: {e}"[:200]))
                 log(f"  {order} {kn}: {type(e).__name__}")

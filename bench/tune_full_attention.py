@@ -2,7 +2,7 @@
 
 Correctness at real sizes against the reference backend run on fp32-upcast inputs (chunked, no T x T tensor), then
 timings (triton.testing.do_bench, median) against SDPA cuDNN dense and SDPA flash, then a small tuning sweep.
-Usage: PYTHONPATH=. python3 bench/tune_full_attention.py [--quick]   (writes $OUT/full_attention.json if OUT is set)
+Usage: python -m bench.tune_full_attention [--quick]   (writes $OUT/full_attention.json if OUT is set)
 """
 
 import json
@@ -20,7 +20,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from hysparse_compile.kernels import reference
 from hysparse_compile.kernels.triton import full_attention as fa
 from hysparse_compile.kernels.triton.full_attention_decode import full_attention_decode
-from hysparse_compile.kernels.triton.select_blocks import merge_head_candidates
+from hysparse_compile.kernels.triton.select_blocks import launch_merge_heads
+
+from .timer import time_ms
 
 DEV = "cuda"
 BS, TOPK = 64, 1024
@@ -85,7 +87,7 @@ def check_decode(B, Hq, Hkv, S, d=128):
 
 
 def bench(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return time_ms(fn, "cuda")
 
 
 def sdpa_fns(q, k, v, backend):
@@ -104,9 +106,9 @@ def time_shape(Hq, Hkv, T, d=128, do_bwd=True):
     row = {"shape": f"{Hq}/{Hkv}/{d}", "T": T}
     row["ours_fwd_sel"] = bench(lambda: fa.full_attention_fwd(q, k, v, BS, TOPK, scale, False))
     row["ours_fwd_nosel"] = bench(lambda: fa.full_attention_fwd(q, k, v, BS, 0, scale, False))
-    _, _, cand_s, cand_i = fa.attention_with_candidates(q, k, v, BS, TOPK, scale)  # where the selection cost goes
-    row["ours_flash_pass_sel"] = bench(lambda: fa.attention_with_candidates(q, k, v, BS, TOPK, scale))
-    row["ours_merge"] = bench(lambda: merge_head_candidates(cand_s, cand_i, Hkv, TOPK // BS))
+    _, _, cand_s, cand_i = fa.launch_forward(q, k, v, None, BS, TOPK, scale)  # where the selection cost goes
+    row["ours_flash_pass_sel"] = bench(lambda: fa.launch_forward(q, k, v, None, BS, TOPK, scale))
+    row["ours_merge"] = bench(lambda: launch_merge_heads(cand_s, cand_i, Hkv, TOPK // BS, length=q.shape[2]))
     for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
         try:
             fwd, kr, vr = sdpa_fns(q, k, v, be)

@@ -1,7 +1,7 @@
 """Check and time the Triton sparse-layer kernels at real sizes on one GPU (H100), against SDPA cuDNN dense.
 
-    PYTHONPATH=. python3 bench/tune_sparse_attention.py [--quick] [--no-checks] [--budget S] [--out DIR]
-    TRITON_INTERPRET=1 PYTHONPATH=. python bench/tune_sparse_attention.py --dry-run   # CPU: code paths only
+    python -m bench.tune_sparse_attention [--quick] [--no-checks] [--budget S] [--out DIR]
+    TRITON_INTERPRET=1 python -m bench.tune_sparse_attention --dry-run   # CPU: code paths only
 
 1. correctness, bf16 kernels vs a float32 reference computed in query chunks (never a T x T tensor at 32k):
    forward at T = 8k and 32k for Hq/Hkv/d = 32/8/128 and 64/4/128, gradients at T = 2k, decode vs the prefill row;
@@ -27,6 +27,8 @@ from hysparse_compile.kernels.triton.block_union import (choose_tokens_per_tile,
 from hysparse_compile.kernels.triton.sparse_attention import sparse_attention_fwd
 from hysparse_compile.kernels.triton.sparse_attention_bwd import sparse_attention_bwd
 from hysparse_compile.kernels.triton.sparse_attention_decode import sparse_attention_decode
+
+from .timer import time_ms
 
 BS, TOPK, WINDOW = 64, 1024, 128
 NSEL = TOPK // BS
@@ -168,12 +170,9 @@ def check_backward(Hq, Hkv, d, T, gen):
 
 # ---------------------------------------------------------------- timings
 def bench(fn):
-    import triton.testing
-    if DEVICE != "cuda":  # --dry-run on CPU (TRITON_INTERPRET=1): exercise the code paths, no timing
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    if DEVICE != "cuda":  # --dry-run on CPU (TRITON_INTERPRET=1): exercise the code paths, one call each
+        return time_ms(fn, DEVICE, reps=1)
+    return time_ms(fn, DEVICE)
 
 
 def time_dense(Hq, Hkv, d, T, gen):
@@ -269,10 +268,9 @@ def time_decode(Hq, Hkv, d, S, B, gen):
                                   fused_combine=False)
     row["fused_vs_torch_combine"] = rel(fn(), ref)
     if DEVICE == "cuda":  # launch overhead out of the picture, as a served model runs decode (CUDA graphs)
-        import triton.testing
         try:
-            row["decode_graph_ms"] = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-            row["sdpa_dense_graph_ms"] = triton.testing.do_bench_cudagraph(dense_fn, rep=50, return_mode="median")
+            row["decode_graph_ms"] = time_ms(fn, DEVICE, cuda_graph=True)
+            row["sdpa_dense_graph_ms"] = time_ms(dense_fn, DEVICE, cuda_graph=True)
         except Exception as e:
             row["graph_error"] = repr(e)[:200]
     row["GBps"] = min_bytes / row.get("decode_graph_ms", row["decode_ms"]) / 1e6

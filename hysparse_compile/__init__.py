@@ -16,7 +16,7 @@ __all__ = ["Schedule", "LayerSpec", "PRESETS", "functional", "compile", "inspect
 _LAZY = {"compile": ("compiler", "compile"), "inspect": ("report", "inspect"), "Report": ("report", "Report"),
          "plan_kv": ("kv_plan", "plan_kv"), "KVPlan": ("kv_plan", "KVPlan"),
          "HySparseCache": ("runtime.cache", "HySparseCache"), "generate": ("runtime.generate", "generate"),
-         "from_pretrained": ("checkpoint", "from_pretrained")}
+         "from_pretrained": ("compiler", "from_pretrained")}
 
 
 def __getattr__(name):  # heavier pieces (torch.export, transformers glue) load on first use

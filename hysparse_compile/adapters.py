@@ -28,6 +28,7 @@ change what the compiled model computes (merging would count the adapter twice):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -63,6 +64,20 @@ def restore_module_types(gm: GraphModule, model: nn.Module) -> dict[str, nn.Modu
         setattr(gm.get_submodule(parent) if parent else gm, leaf, shell)
         restored[path] = shell
     return restored
+
+
+@dataclass
+class Watch:
+    """What adapters keep on a compiled model (`compiled.adapter_watch`): the modules `sync` watches (`slots`) and
+    the PEFT record of a model that was compiled as a PeftModel (None otherwise)."""
+
+    slots: dict
+    before: dict | None
+
+
+def watch(compiled, model: nn.Module) -> None:
+    """Start watching `compiled` (just built from `model`, the model given to compile) for replaced modules."""
+    object.__setattr__(compiled, "adapter_watch", Watch(slots(compiled), record_before_compile(model)))
 
 
 def slots(compiled) -> dict[str, list]:
@@ -109,7 +124,8 @@ def sync(compiled) -> None:
     """Make the graph call every module that replaced a parameter-holding one since the last call (PEFT's
     `LoraLayer`, `ModulesToSaveWrapper`, ...), or raise when the graph cannot call it. Cheap when nothing changed:
     one dict lookup per parameter-holding module."""
-    watched = compiled.__dict__.get("_slots")
+    record = compiled.__dict__.get("adapter_watch")
+    watched = None if record is None else record.slots
     if not watched:
         return
     changed = [(path, owner._modules.get(leaf)) for path, (owner, leaf, expected, _) in watched.items()
@@ -119,10 +135,10 @@ def sync(compiled) -> None:
 
 
 def _call_replaced(compiled, changed) -> None:
-    gm = compiled._graph_module
+    gm = compiled.graph_module
     edited = False
     for path, module in changed:
-        slot = compiled._slots[path]
+        slot = compiled.adapter_watch.slots[path]
         parent, _, leaf = path.rpartition(".")
         if not parent:  # a top-level module: the graph resolves it on the graph module, not the compiled one
             setattr(gm, leaf, module)
@@ -161,9 +177,9 @@ def peft_record(compiled) -> dict | None:
     """What `save_pretrained` writes about adapters (`hysparse.json["peft"]`): the configs of the PEFT model the
     compiled model was compiled from (order "before_compile"), or of adapters injected into the compiled model
     (order "after_compile"); None without adapters."""
-    before = compiled.__dict__.get("_peft_before")
-    if before is not None:
-        return before
+    record = compiled.__dict__.get("adapter_watch")
+    if record is not None and record.before is not None:
+        return record.before
     configs = compiled.__dict__.get("peft_config")  # PEFT's tuner sets `model.peft_config` on the model it adapts
     if configs:
         return {"order": "after_compile", "configs": {k: _config_dict(v) for k, v in configs.items()}}

@@ -27,6 +27,9 @@ compiled; adapters injected after compile are injected into the compiled model (
 `transformers.Trainer` treats a compiled HF model as the `PreTrainedModel` it is (runtime/hf.py) and writes its
 checkpoints (`output_dir/checkpoint-N/`) with `compiled.save_pretrained`, so `hs.from_pretrained` loads them and
 `trainer.train(resume_from_checkpoint=...)` reads their `model.safetensors` back into the compiled model.
+
+This module knows the format and nothing of the compiler: `HySparseModel` inherits `save_pretrained` from
+`CheckpointSupport`, and `hs.from_pretrained` (compiler.py) hands `load` the function that compiles.
 """
 from __future__ import annotations
 
@@ -43,10 +46,25 @@ CONFIG, SCHEDULE, META, WEIGHTS = "config.json", "schedule.json", "hysparse.json
 _PREFIX = "HySparse"  # compiler._compiled_class names the class HySparse<original class>
 
 
-def _compiled_or_raise(compiled):
-    from .compiler import HySparseModel
+class CheckpointSupport:
+    """`save_pretrained` of a compiled model (`HySparseModel` inherits it)."""
 
-    if not isinstance(compiled, HySparseModel):
+    def save_pretrained(self, save_directory, *, state_dict: dict | None = None, is_main_process: bool = True,
+                        safe_serialization: bool = True) -> Path:
+        """Write the original config (HF models), `schedule.json`, `hysparse.json` (compile options) and
+        `model.safetensors` (every weight of `state_dict()`, gates and sinks included) to `save_directory`;
+        `hysparse_compile.from_pretrained(save_directory)` rebuilds the model (module docstring).
+        `state_dict` (the weights to write instead of `self.state_dict()`, same keys) and `is_main_process` (False
+        writes nothing) are what `transformers.Trainer` passes; only safetensors is written."""
+        if safe_serialization is not True:
+            raise ValueError("save_pretrained writes safetensors only (safe_serialization=False is not supported)")
+        if not is_main_process:
+            return Path(save_directory)
+        return save_pretrained(self, save_directory, state_dict=state_dict)
+
+
+def _compiled_or_raise(compiled):
+    if not isinstance(compiled, CheckpointSupport):
         raise TypeError(f"save_pretrained takes a module returned by hysparse_compile.compile, got "
                         f"{type(compiled).__name__}")
     return compiled
@@ -113,12 +131,12 @@ def save_pretrained(compiled, directory, *, state_dict: dict | None = None) -> P
     from safetensors.torch import save_file
 
     from . import __version__, adapters
-    from .passes import portable
+    from .graph import portable
 
     compiled = _compiled_or_raise(compiled)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = compiled._hysparse_state
+    state = compiled.compile_state
     own = compiled.state_dict()
     if state_dict is not None and set(state_dict) != set(own):
         missing, extra = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
@@ -147,7 +165,7 @@ def save_pretrained(compiled, directory, *, state_dict: dict | None = None) -> P
                     "sink_init": float(state.options.get("sink_init", 0.0)),
                     "save_branches": bool(state.options.get("save_branches", False))},
         "example_shape": None if state.generated_example or state.example_shape is None else list(state.example_shape),
-        "dtype": _dtype_name(portable.compute_dtype(compiled)),
+        "dtype": _dtype_name(portable.floating_dtype(compiled)),
         "aliases": aliases,
         "peft": adapters.peft_record(compiled),
         "schedule": compiled.schedule.to_dict(),  # what the weights were trained for: checked against schedule.json
@@ -284,22 +302,13 @@ def _load_original(model: nn.Module, weights: dict, directory: Path) -> None:
     model.load_state_dict({k: weights[k] for k in own}, strict=True)
 
 
-def from_pretrained(directory, *, model: nn.Module | None = None, device=None, dtype=None, example_inputs=None,
-                    schedule=None):
-    """Rebuild a compiled HySparse model written by `compiled.save_pretrained(directory)`.
-
-    model: an instance of the original module (required when the checkpoint has no HF config; for HF models the
-        class is rebuilt from `config.json` when None). Its weights are overwritten with the checkpoint's.
-    device, dtype: where and in what dtype to build it (default: CPU and the dtype the weights were saved in); the
-        model is compiled there, so no move follows.
-    example_inputs: passed to `compile` (default: the example shape recorded at save, random token ids).
-    schedule: compile with this Schedule instead of the saved one (deliberately: e.g. another window for the same
-        weights); by default `schedule.json` is used, and refused if it differs from the schedule recorded with the
-        weights in `hysparse.json`.
+def load(directory, *, compile, model: nn.Module | None = None, device=None, dtype=None, example_inputs=None,
+         schedule=None):
+    """Rebuild a compiled HySparse model written by `compiled.save_pretrained(directory)`: the body of
+    `hs.from_pretrained` (compiler.py, which documents the arguments), given `compile`, the function that compiles.
     Damaged or edited files are refused naming the file and what is wrong (docs/errors.md, "Checkpoints").
     """
     from . import adapters
-    from .compiler import compile
     from .passes import capture
 
     directory = Path(directory)
@@ -342,4 +351,4 @@ def from_pretrained(directory, *, model: nn.Module | None = None, device=None, d
     return compiled
 
 
-__all__ = ["save_pretrained", "from_pretrained", "FORMAT"]
+__all__ = ["CheckpointSupport", "save_pretrained", "load", "FORMAT"]

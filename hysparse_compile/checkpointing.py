@@ -19,9 +19,10 @@ so optimizers, `load_state_dict`, FSDP's parameter swaps and dtype moves are see
 whenever the model's graph is recompiled (FSDP's per-layer split, a LoRA rewrite, a dtype move).
 
 The decoder layers are the modules the compiler put each attention site in (`site.layer`, e.g. `model.layers.3`),
-so every model the compiler takes gets one region per attention layer. The padding flag of the call (runtime/
-layers.py, `unpadded`) is captured at the forward and set again for the recomputation, so the backward recomputes
-exactly what the forward ran; dropout is replayed with the forward's RNG state (checkpoint's default).
+so every model the compiler takes gets one region per attention layer. The padding flag of the call (the model's
+`runtime.state.CallState`, `unpadded`) is captured at the forward and set again for the recomputation, so the
+backward recomputes exactly what the forward ran; dropout is replayed with the forward's RNG state (checkpoint's
+default).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from . import fsdp
-from .runtime import layers as runtime_layers
+from .runtime import state as runtime_state
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,10 @@ def settings_from(kwargs: dict | None, every_n_layers: int = 1, offload: bool = 
     return Settings(kwargs=kwargs, every_n_layers=every_n_layers, offload=bool(offload))
 
 
-def layer_paths(state) -> list[str]:
+def layer_paths(sites) -> list[str]:
     """The decoder layers of a compiled model, in order: the module of each attention site (`site.layer`)."""
     paths = []
-    for site in state.sites:
+    for site in sites:
         if site.layer and site.layer not in paths:
             paths.append(site.layer)
     return paths
@@ -93,12 +94,12 @@ def layer_paths(state) -> list[str]:
 def run(compiled, call: dict, settings: Settings):
     """Run the compiled model's graph with its decoder layers checkpointed (building the derived graph first when the
     model's graph changed since the last build)."""
-    gm = compiled._graph_module
-    cached = compiled.__dict__.get("_checkpointed")
+    gm = compiled.graph_module
+    cached = compiled.checkpointed_graph
     if cached is None or cached.source is not gm.code:
-        paths = layer_paths(compiled._hysparse_state)
+        paths = layer_paths(compiled.attention_sites)
         cached = build(gm, paths[::settings.every_n_layers], settings)
-        object.__setattr__(compiled, "_checkpointed", cached)
+        compiled.checkpointed_graph = cached
     return cached.forward(gm, **call)
 
 
@@ -121,9 +122,9 @@ def build(gm: GraphModule, paths: list[str], settings: Settings) -> Checkpointed
 
 def _cut(graph: Graph, path: str, settings: Settings, root_of: GraphModule) -> bool:
     """Replace the nodes of `graph` that run inside module `path` by one call of a checkpointed function."""
-    stacks = fsdp._region_stacks(graph)
+    stacks = fsdp.region_stacks(graph)
     region = [n for n in graph.nodes if n.op in _RUNNABLE
-              and (path in stacks[n] or (n.op == "call_module" and fsdp._inside(path, n.target)))]
+              and (path in stacks[n] or (n.op == "call_module" and fsdp.inside(path, n.target)))]
     if not region:
         return False
     members = set(region)
@@ -176,10 +177,11 @@ def _runner(region_fn: Callable, root: GraphModule, settings: Settings, path: st
     def region(*inputs):
         if not torch.is_grad_enabled():
             return region_fn(root, *inputs)
-        unpadded = runtime_layers.padding_free()  # the call's padding flag, set again for the recomputation
+        call_state = runtime_state.of(root)
+        unpadded = call_state.padding_free()  # the call's padding flag, set again for the recomputation
 
         def recomputable(*xs):
-            with runtime_layers.unpadded(unpadded):
+            with call_state.unpadded(unpadded):
                 return region_fn(root, *xs)
 
         offload = contextlib.nullcontext()

@@ -45,7 +45,7 @@ def split_sharded_regions(model: nn.Module, args) -> None:
                                f"already ran with FSDP submodules {sorted(done)}; shard every submodule before the "
                                f"first forward")
         return None
-    gm = model._graph_module
+    gm = model.graph_module
     for path in sorted(paths, key=lambda p: -p.count(".")):  # innermost first: a nested region is one call inside
         extract_region(gm, path)
     gm.graph.lint()
@@ -65,11 +65,11 @@ def _stack(node: Node) -> tuple[str, ...]:
     return tuple(paths)
 
 
-def _inside(path: str, target: str) -> bool:
+def inside(path: str, target: str) -> bool:
     return target == path or target.startswith(path + ".")
 
 
-def _region_stacks(graph: Graph) -> dict[Node, tuple[str, ...]]:
+def region_stacks(graph: Graph) -> dict[Node, tuple[str, ...]]:
     """Every node's module stack. Nodes the compiler added (no `nn_module_stack`) take the deepest stack among their
     inputs, the latest one on a tie: the K/V roll and `full_attention` of layer 0 belong to layer 0, the
     `sparse_attention` that reads layer 0's K/V and layer 1's queries belongs to layer 1. `get_attr` nodes belong to
@@ -92,10 +92,10 @@ def extract_region(gm: GraphModule, path: str) -> Node | None:
     """Replace the nodes of `gm.graph` that run inside submodule `path` by one `call_module(path, ...)`, the module's
     forward becoming those nodes. Returns the call node (None when no node runs inside `path`)."""
     graph = gm.graph
-    stacks = _region_stacks(graph)
+    stacks = region_stacks(graph)
     region = [n for n in graph.nodes
               if (n.op in ("call_function", "call_method", "call_module") and path in stacks[n])
-              or (n.op in ("get_attr", "call_module") and _inside(path, n.target))]
+              or (n.op in ("get_attr", "call_module") and inside(path, n.target))]
     members = set(region)
     if not any(n.op != "get_attr" for n in region):
         return None

@@ -9,16 +9,19 @@ Layout as SDPA: `q [B, Hq, T, d]`, `k, v [B, Hkv, T, d]`, `Hq % Hkv == 0`. Seman
     >>> idx.shape, idx.dtype
     (torch.Size([1, 2, 100, 2]), torch.int32)
     >>> y = F.sparse_attention(q, k, v, k, v, idx, block_size=16, window=8, sinks=torch.zeros(8))
+
+Every op also takes `softcap` (logits -> softcap * tanh(logits / softcap) before the softmax, Gemma 2); the full-layer
+ops take per-head `sinks` as the sparse ones do (gpt-oss). Inside, the scalar parameters travel as one value
+(`kernels.params.FullParams` / `SparseParams`).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
 from .kernels import backends
 from .kernels import ops  # noqa: F401  (registers torch.ops.hysparse.*)
+from .kernels.params import FullParams, SparseParams, check_block_size, check_window
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -66,32 +69,6 @@ def _qkv(q: Tensor, pairs: list[tuple[str, Tensor]], *, cache: bool = False) -> 
         raise ValueError(f"q has {Hq} heads and {name0} has {Hkv}: the query heads must be a multiple of the KV "
                          f"heads (GQA), e.g. Hkv in {[h for h in range(1, Hq + 1) if Hq % h == 0]}")
     return B, Hq, Hkv, k0.shape[2], d
-
-
-def _int(name: str, value, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _block_topk(block_size, topk=None) -> None:
-    _int("block_size", block_size)
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16 (16, 32, 64, 128, ...), got {block_size}")
-    if topk is not None:
-        _int("topk", topk)
-        if topk % block_size:
-            raise ValueError(f"topk must be a positive multiple of block_size={block_size}, got {topk}")
-
-
-def _scale(scale, d: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float or None (1/sqrt(d)), got {scale!r}")
-    return float(scale)
 
 
 def _indices(indices, B: int, Hkv: int, T: int, q: Tensor, name: str = "indices") -> int:
@@ -220,34 +197,48 @@ def _needs_grad(*tensors) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- ops
+def _full_params(block_size, topk, scale, softcap, d: int) -> FullParams:
+    return FullParams.checked(block_size=block_size, topk=topk, scale=scale, softcap=softcap, head_dim=d)
+
+
+def _sparse_params(block_size, window, scale, merge, softcap, d: int) -> SparseParams:
+    return SparseParams.checked(block_size=block_size, window=window, scale=scale, merge=merge, softcap=softcap,
+                                head_dim=d)
+
+
 def full_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int = 64, topk: int = 1024, scale=None,
-                   backend: str = "auto", return_scores: bool = False):
-    """Causal attention plus block selection (SPEC §2.1).
+                   backend: str = "auto", return_scores: bool = False, sinks=None, softcap=None):
+    """Causal attention plus block selection (docs/design.md, `full_attention`).
 
     q [B, Hq, T, d], k/v [B, Hkv, T, d] -> out [B, Hq, T, d], indices int32 [B, Hkv, T, topk // block_size]
     (the top blocks of the group-max block scores among blocks starting at or before each token, sorted ascending,
     -1 padded). With `return_scores=True` also the per-head block scores float32 [B, Hq, T, ceil(T / block_size)].
+    sinks [Hq]: a sink logit per head in the softmax denominator (gpt-oss); softcap: logits -> softcap *
+    tanh(logits / softcap) (Gemma 2).
     """
     q, k, v = _autocast(q, k, v)
     B, Hq, Hkv, T, d = _qkv(q, [("k", k), ("v", v)])
-    _block_topk(block_size, topk)
-    scale = _scale(scale, d)
-    backend = _backend(backend, "full_attention", q, Hkv, block_size=block_size, nsel=topk // block_size)
-    out, indices, _, scores = torch.ops.hysparse.full_attention(q, k, v, block_size, topk, scale,
-                                                                bool(return_scores), backend)
+    p = _full_params(block_size, topk, scale, softcap, d)
+    sinks = _sinks(sinks, Hq, q)
+    backend = _backend(backend, "full_attention", q, Hkv, block_size=p.block_size, nsel=p.nsel, softcap=p.softcap,
+                       sinks=sinks is not None)
+    out, indices, _, scores = torch.ops.hysparse.full_attention(q, k, v, *p.op_args(), bool(return_scores), backend,
+                                                                sinks, p.softcap)
     return (out, indices, scores) if return_scores else (out, indices)
 
 
 def sparse_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_shared: Tensor, indices: Tensor,
                      *, block_size: int = 64, window: int | None = 128, gate_sparse=None, gate_swa=None, sinks=None,
-                     scale=None, merge: bool = False, save_branches: bool = False, backend: str = "auto") -> Tensor:
-    """The sparse layer (SPEC §2.2): sparse branch over `k_shared/v_shared` at the selected blocks, SWA branch over
-    `k_own/v_own` in the last `window` positions (`window=None`: no SWA branch), sinks in each denominator, gates on
-    the branch outputs. `merge=True` (training-free, SPEC §2.4): one softmax over selected blocks ∪ window of
-    `k_shared/v_shared` (pass the layer's own K/V there; `k_own/v_own` are not read), no gates.
+                     scale=None, merge: bool = False, save_branches: bool = False, backend: str = "auto",
+                     softcap=None) -> Tensor:
+    """The sparse layer (docs/design.md, `sparse_attention`): sparse branch over `k_shared/v_shared` at the selected
+    blocks, SWA branch over `k_own/v_own` in the last `window` positions (`window=None`: no SWA branch), sinks in
+    each denominator, gates on the branch outputs. `merge=True` (training-free): one softmax over selected blocks ∪
+    window of `k_shared/v_shared` (pass the layer's own K/V there; `k_own/v_own` are not read), no gates.
     save_branches: under autograd, keep both ungated branch outputs for the backward (two more [B, Hq, T, d]
     activations; the Triton backward then skips recomputing the forward). Default False: like SDPA, only the
     log-sum-exp is kept and the backward recomputes the branches (docs/kernels_sparse.md, "Activation memory").
+    softcap: logits of both branches -> softcap * tanh(logits / softcap).
 
     q [B, Hq, T, d]; k_*/v_* [B, Hkv, T, d]; indices int32 [B, Hkv, T, nsel]; gates broadcastable to
     [B, Hq, T, 1] or [B, Hq, T, d]; sinks [Hq] -> out [B, Hq, T, d]
@@ -255,44 +246,46 @@ def sparse_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, 
     q, k_own, v_own, k_shared, v_shared, gate_sparse, gate_swa = _autocast(q, k_own, v_own, k_shared, v_shared,
                                                                             gate_sparse, gate_swa)  # sinks: any dtype
     B, Hq, Hkv, T, d = _qkv(q, [("k_own", k_own), ("v_own", v_own), ("k_shared", k_shared), ("v_shared", v_shared)])
-    _block_topk(block_size)
-    if window is not None:
-        _int("window", window)
-    if merge and (gate_sparse is not None or gate_swa is not None):
-        raise ValueError("merge=True (training-free) takes no gates: it is a single softmax; pass gate_sparse=None "
-                         "and gate_swa=None")
-    if not merge and window is None and gate_swa is not None:
-        raise ValueError("gate_swa was given but window=None turns the SWA branch off; drop gate_swa or set a window")
+    check_block_size(block_size)
+    check_window(window)
+    _check_gates(merge, window, gate_sparse, gate_swa)
     nsel = _indices(indices, B, Hkv, T, q)
     if _content_checks(indices):
         check_indices(indices, torch.arange(T), -(-T // block_size), block_size)
     gate_sparse = _gate("gate_sparse", gate_sparse, B, Hq, T, d, q)
     gate_swa = _gate("gate_swa", gate_swa, B, Hq, T, d, q)
     sinks = _sinks(sinks, Hq, q)
-    scale = _scale(scale, d)
-    backend = _backend(backend, "sparse_attention", q, Hkv, block_size=block_size, nsel=nsel)
+    p = _sparse_params(block_size, window, scale, merge, softcap, d)
+    backend = _backend(backend, "sparse_attention", q, Hkv, block_size=block_size, nsel=nsel, softcap=p.softcap)
     if not isinstance(save_branches, bool):
         raise TypeError(f"save_branches must be True or False, got {save_branches!r}")
     save = save_branches and _needs_grad(q, k_own, v_own, k_shared, v_shared, gate_sparse, gate_swa, sinks)
     out, _, _ = torch.ops.hysparse.sparse_attention(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse,
-                                                    gate_swa, sinks, block_size, window or 0, scale, bool(merge),
-                                                    save, backend)
+                                                    gate_swa, sinks, *p.op_args(), save, backend, p.softcap)
     return out
 
 
-def _cache_len(cache_len, B: int, S: int, q: Tensor) -> Tensor:
-    _tensor("cache_len", cache_len, ndim=1)
+def _check_gates(merge, window, gate_sparse, gate_swa, what: str = "it is a single softmax") -> None:
+    if merge and (gate_sparse is not None or gate_swa is not None):
+        raise ValueError(f"merge=True (training-free) takes no gates: {what}; pass gate_sparse=None and "
+                         f"gate_swa=None")
+    if not merge and window is None and gate_swa is not None:
+        raise ValueError("gate_swa was given but window=None turns the SWA branch off; drop gate_swa or set a window")
+
+
+def _cache_len(cache_len, B: int, S: int, q: Tensor, name: str = "cache_len", lo: int = 1) -> Tensor:
+    _tensor(name, cache_len, ndim=1)
     if cache_len.shape[0] != B or cache_len.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cache_len must be an int32/int64 tensor of shape [B={B}], got {cache_len.dtype} "
+        raise ValueError(f"{name} must be an int32/int64 tensor of shape [B={B}], got {cache_len.dtype} "
                          f"{tuple(cache_len.shape)}")
     if cache_len.device != q.device:
-        raise ValueError(f"cache_len is on {cache_len.device} but q is on {q.device}")
+        raise ValueError(f"{name} is on {cache_len.device} but q is on {q.device}")
     if _content_checks(cache_len):
-        lo, hi = int(cache_len.min()), int(cache_len.max())
-        if lo < 1 or hi > S:
-            raise ValueError(f"cache_len values must be in 1..{S} (the cache length, new token included), "
-                             f"got min {lo}, max {hi}")
-    return cache_len.to(torch.int32)
+        low, high = int(cache_len.min()), int(cache_len.max())
+        if low < lo or high > S:
+            what = "the cache length, new token included" if name == "cache_len" else "the cache length"
+            raise ValueError(f"{name} values must be in {lo}..{S} ({what}), got min {low}, max {high}")
+    return cache_len.to(torch.int32) if name == "cache_len" else cache_len
 
 
 def _decode_q(q: Tensor) -> None:
@@ -302,7 +295,7 @@ def _decode_q(q: Tensor) -> None:
 
 
 def full_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, *, block_size: int = 64,
-                          topk: int = 1024, scale=None, backend: str = "auto"):
+                          topk: int = 1024, scale=None, backend: str = "auto", sinks=None, softcap=None):
     """One decode step of a full layer; the caches already hold the new token at position `cache_len - 1`.
 
     q [B, Hq, 1, d]; k_cache/v_cache [B, Hkv, S, d]; cache_len int [B]
@@ -310,17 +303,27 @@ def full_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len
     """
     _decode_q(q)
     B, Hq, Hkv, S, d = _qkv(q, [("k_cache", k_cache), ("v_cache", v_cache)], cache=True)
-    _block_topk(block_size, topk)
+    p = _full_params(block_size, topk, scale, softcap, d)
     cache_len = _cache_len(cache_len, B, S, q)
-    scale = _scale(scale, d)
-    backend = _backend(backend, "full_attention_decode", q, Hkv, block_size=block_size, nsel=topk // block_size)
-    return torch.ops.hysparse.full_attention_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale, backend)
+    sinks = _sinks(sinks, Hq, q)
+    backend = _backend(backend, "full_attention_decode", q, Hkv, block_size=p.block_size, nsel=p.nsel,
+                       softcap=p.softcap, sinks=sinks is not None)
+    return torch.ops.hysparse.full_attention_decode(q, k_cache, v_cache, cache_len, *p.op_args(), backend, sinks,
+                                                    p.softcap)
+
+
+def _window_tensors(k_win, v_win, B: int, Hkv: int, d: int, q: Tensor) -> None:
+    for name, x in (("k_win", k_win), ("v_win", v_win)):
+        _tensor(name, x)
+        _same(name, x, "q", q)
+        if (x.shape[0], x.shape[1], x.shape[3]) != (B, Hkv, d):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [B={B}, Hkv={Hkv}, W, d={d}]")
 
 
 def sparse_attention_decode(q: Tensor, k_win: Tensor, v_win: Tensor, k_shared: Tensor, v_shared: Tensor,
                             indices: Tensor, cache_len: Tensor, *, block_size: int = 64, window: int | None = 128,
                             gate_sparse=None, gate_swa=None, sinks=None, scale=None, merge: bool = False,
-                            backend: str = "auto") -> Tensor:
+                            backend: str = "auto", softcap=None) -> Tensor:
     """One decode step of a sparse layer at position `cache_len - 1`.
 
     q [B, Hq, 1, d]; k_win/v_win [B, Hkv, W, d] the SWA ring buffer (position p in slot p % W, W >= window);
@@ -330,19 +333,14 @@ def sparse_attention_decode(q: Tensor, k_win: Tensor, v_win: Tensor, k_shared: T
     """
     _decode_q(q)
     B, Hq, Hkv, S, d = _qkv(q, [("k_shared", k_shared), ("v_shared", v_shared)], cache=True)
-    for name, x in (("k_win", k_win), ("v_win", v_win)):
-        _tensor(name, x)
-        _same(name, x, "q", q)
-        if (x.shape[0], x.shape[1], x.shape[3]) != (B, Hkv, d):
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [B={B}, Hkv={Hkv}, W, d={d}]")
-    _block_topk(block_size)
+    _window_tensors(k_win, v_win, B, Hkv, d, q)
+    check_block_size(block_size)
     if window is not None:
-        _int("window", window)
+        check_window(window)
         if not merge and k_win.shape[2] < window:
             raise ValueError(f"k_win holds {k_win.shape[2]} slots but window={window}: the ring buffer needs at "
                              f"least window slots")
-    if merge and (gate_sparse is not None or gate_swa is not None):
-        raise ValueError("merge=True (training-free) takes no gates; pass gate_sparse=None and gate_swa=None")
+    _check_gates(merge, None if merge else 0, gate_sparse, gate_swa, "it is a single softmax")
     nsel = _indices(indices, B, Hkv, 1, q)
     cache_len = _cache_len(cache_len, B, S, q)
     if _content_checks(indices) and _content_checks(cache_len):
@@ -350,8 +348,58 @@ def sparse_attention_decode(q: Tensor, k_win: Tensor, v_win: Tensor, k_shared: T
     gate_sparse = _gate("gate_sparse", gate_sparse, B, Hq, 1, d, q)
     gate_swa = _gate("gate_swa", gate_swa, B, Hq, 1, d, q)
     sinks = _sinks(sinks, Hq, q)
-    scale = _scale(scale, d)
-    backend = _backend(backend, "sparse_attention_decode", q, Hkv, block_size=block_size, nsel=nsel)
+    p = _sparse_params(block_size, window, scale, merge, softcap, d)
+    backend = _backend(backend, "sparse_attention_decode", q, Hkv, block_size=block_size, nsel=nsel,
+                       softcap=p.softcap)
     return torch.ops.hysparse.sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len,
-                                                      gate_sparse, gate_swa, sinks, block_size, window or 0, scale,
-                                                      bool(merge), backend)
+                                                      gate_sparse, gate_swa, sinks, *p.op_args(), backend, p.softcap)
+
+
+def full_attention_extend(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, *, block_size: int = 64,
+                          topk: int = 1024, scale=None, backend: str = "auto", sinks=None, softcap=None):
+    """R new tokens per row against a filled cache (chunked prefill, speculative verification): the rows of a
+    prefill at positions `start[b] .. start[b] + R - 1`, whose K/V the caches already hold.
+
+    q [B, Hq, R, d]; k_cache/v_cache [B, Hkv, S, d]; start int [B] (tokens cached before the call)
+    -> out [B, Hq, R, d], indices int32 [B, Hkv, R, topk // block_size]
+    """
+    B, Hq, Hkv, S, d = _qkv(q, [("k_cache", k_cache), ("v_cache", v_cache)], cache=True)
+    p = _full_params(block_size, topk, scale, softcap, d)
+    start = _cache_len(start, B, S - q.shape[2], q, name="start", lo=0)
+    sinks = _sinks(sinks, Hq, q)
+    backend = _backend(backend, "full_attention_extend", q, Hkv, block_size=p.block_size, nsel=p.nsel,
+                       softcap=p.softcap, sinks=sinks is not None)
+    return torch.ops.hysparse.full_attention_extend(q, k_cache, v_cache, start, *p.op_args(), backend, sinks,
+                                                    p.softcap)
+
+
+def sparse_attention_extend(q: Tensor, k_shared: Tensor, v_shared: Tensor, indices: Tensor, k_win: Tensor,
+                            v_win: Tensor, win_pos: Tensor, start: Tensor, *, block_size: int = 64,
+                            window: int | None = 128, gate_sparse=None, gate_swa=None, sinks=None, scale=None,
+                            merge: bool = False, backend: str = "auto", softcap=None) -> Tensor:
+    """The sparse layer for R new tokens per row at positions `start[b] + r` (docs/runtime.md, "Decode and extend").
+
+    q [B, Hq, R, d]; k_shared/v_shared [B, Hkv, S, d] the cache the sparse branch reads (linear: position = slot;
+    the new tokens written); k_win/v_win [B, Hkv, K, d] with win_pos int [B, K] (-1 = empty): the keys the SWA
+    branch may read (ring slots followed by the new tokens, or a linear cache; not read with merge); indices int32
+    [B, Hkv, R, nsel]; start int [B] -> out [B, Hq, R, d]
+    """
+    B, Hq, Hkv, S, d = _qkv(q, [("k_shared", k_shared), ("v_shared", v_shared)], cache=True)
+    R = q.shape[2]
+    _window_tensors(k_win, v_win, B, Hkv, d, q)
+    _tensor("win_pos", win_pos, ndim=2)
+    if tuple(win_pos.shape) != (B, k_win.shape[2]) or win_pos.is_floating_point():
+        raise ValueError(f"win_pos must be an int tensor [B={B}, K={k_win.shape[2]}] (the position of each of "
+                         f"k_win's keys, -1 = empty), got {win_pos.dtype} {tuple(win_pos.shape)}")
+    check_block_size(block_size)
+    _check_gates(merge, window, gate_sparse, gate_swa)
+    nsel = _indices(indices, B, Hkv, R, q)
+    start = _cache_len(start, B, S - R, q, name="start", lo=0)
+    gate_sparse = _gate("gate_sparse", gate_sparse, B, Hq, R, d, q)
+    gate_swa = _gate("gate_swa", gate_swa, B, Hq, R, d, q)
+    sinks = _sinks(sinks, Hq, q)
+    p = _sparse_params(block_size, window, scale, merge, softcap, d)
+    backend = _backend(backend, "sparse_attention_extend", q, Hkv, block_size=block_size, nsel=nsel,
+                       softcap=p.softcap)
+    return torch.ops.hysparse.sparse_attention_extend(q, k_shared, v_shared, indices, k_win, v_win, win_pos, start,
+                                                      gate_sparse, gate_swa, sinks, *p.op_args(), backend, p.softcap)

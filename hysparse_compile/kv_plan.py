@@ -1,13 +1,14 @@
 """KV memory plan: bytes of KV cache per layer for a schedule, against full attention everywhere.
 
-What each layer keeps during decode (SPEC 2.2-2.5, docs/design.md "Decode"):
+What each layer keeps during decode (docs/design.md "Decode", docs/runtime.md "The cache"; `storage(spec)` is the rule,
+and the runtime's `HySparseCache` allocates by it):
 
 - full layer: its whole K/V cache, ``2 * Hkv * d * itemsize * seq_len * batch`` bytes;
 - sparse layer, ``kv_sharing="sparse_branch"`` (the paper's default): the sparse branch reads the preceding full
   layer's cache, so the layer stores only the K/V of its SWA ring buffer, ``min(window, seq_len)`` tokens
   (nothing at all when ``swa=False``);
 - sparse layer, ``kv_sharing="both"``: both branches read the full layer's cache, nothing is stored;
-- sparse layer, ``kv_sharing="none"`` or the training-free merge (SPEC 2.4): the sparse branch reads the layer's
+- sparse layer, ``kv_sharing="none"`` or the training-free merge: the sparse branch reads the layer's
   own K/V, so the layer keeps a full cache of its own (its window is read from that same cache).
 
 The selected block indices each full layer hands to its sparse layers during decode (``int32 [B, Hkv, 1, nsel]``)
@@ -218,19 +219,36 @@ class KVPlan:
         return buffer.getvalue() + self.summary()
 
 
-def _layer_row(spec, token_bytes: int, batch: int, seq_len: int) -> LayerKV:
-    full = token_bytes * seq_len * batch
+STORES = ("full", "ring", "none")
+
+
+def storage(spec) -> str:
+    """What one layer keeps during decode (the module docstring's rules; `runtime.cache.HySparseCache` allocates
+    by it): "full" (its own K/V for the whole context: full layers, and sparse layers in training-free merge or
+    `kv_sharing="none"`), "ring" (the SWA ring of its last `window` tokens: the paper's sparse layer) or "none"
+    (it reads its full layer's cache: `kv_sharing="both"` or no SWA branch). spec: a `LayerSpec`."""
     if spec.role == "full":
-        return LayerKV(spec.index, "full", "full cache", 1, 0, full)
-    merge = bool(getattr(spec, "merge", False))
+        return "full"
     sharing = getattr(spec, "kv_sharing", "sparse_branch")
-    if merge or sharing == "none":
-        why = "training-free merge" if merge else "kv_sharing=none"
-        return LayerKV(spec.index, "sparse", f"full cache (own K/V, {why})", 1, 0, full)
+    if bool(getattr(spec, "merge", False)) or sharing == "none":
+        return "full"
     if sharing == "both" or spec.window is None:
-        return LayerKV(spec.index, "sparse", f"nothing (reads layer {spec.kv_source})", 0, 0, 0)
+        return "none"
     if sharing != "sparse_branch":
         raise ValueError(f"layer {spec.index}: unknown kv_sharing {sharing!r}; valid: sparse_branch, none, both")
+    return "ring"
+
+
+def _layer_row(spec, token_bytes: int, batch: int, seq_len: int) -> LayerKV:
+    full = token_bytes * seq_len * batch
+    store = storage(spec)
+    if spec.role == "full":
+        return LayerKV(spec.index, "full", "full cache", 1, 0, full)
+    if store == "full":
+        why = "training-free merge" if bool(getattr(spec, "merge", False)) else "kv_sharing=none"
+        return LayerKV(spec.index, "sparse", f"full cache (own K/V, {why})", 1, 0, full)
+    if store == "none":
+        return LayerKV(spec.index, "sparse", f"nothing (reads layer {spec.kv_source})", 0, 0, 0)
     window = int(spec.window)
     ring = min(window, seq_len)
     stores = f"SWA ring buffer of {window} tokens (sparse branch reads layer {spec.kv_source})"

@@ -144,7 +144,7 @@ class Report:
 
 def inspect(compiled) -> Report:
     """The `Report` of a module returned by `hysparse_compile.compile`."""
-    state = getattr(compiled, "_hysparse_state", None)
+    state = getattr(compiled, "compile_state", None)
     if state is None:
         raise TypeError(f"inspect takes a module returned by hysparse_compile.compile, got {type(compiled).__name__}")
     layers = tuple(

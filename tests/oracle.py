@@ -11,6 +11,11 @@ Two forms of the same math:
 
 Positions: a query row sits at a position `pos` and reads keys `0..pos` of a linear cache (key i at position i).
 Prefill is `pos = t`, decode `pos = cache_len - 1`, extend `pos = start + r`.
+
+Two options of the op parameters, written from their definitions: `softcap` (each logit l becomes
+`softcap * tanh(l / softcap)` before the softmax, Gemma 2) and, on the full layer too, per-head `sinks` (a logit that
+joins the softmax denominator as a key of value 0, gpt-oss); the full layer's block scores are the probabilities of
+that softmax, sink included.
 """
 from __future__ import annotations
 
@@ -35,12 +40,17 @@ def _scale(scale, d):
 
 
 # ---------------------------------------------------------------------------------------------- loop oracle
-def _attend(qt, keys, vals, scale, sink=None):
+def _capped(logits, softcap):
+    """Logit soft-capping: softcap * tanh(logits / softcap) (None or 0: the logits as they are)."""
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def _attend(qt, keys, vals, scale, sink=None, softcap=None):
     """Softmax attention of one query [d] over key/value rows [n, d] (float64); `sink` a 0-d logit that joins the
     denominator as a key of value 0. No key: a zero output."""
     if keys.shape[0] == 0:
         return torch.zeros(vals.shape[-1], dtype=F64)
-    logits = (keys @ qt) * scale
+    logits = _capped((keys @ qt) * scale, softcap)
     if sink is not None:
         logits = torch.cat([logits, sink.view(1)])
     p = torch.softmax(logits, dim=0)
@@ -55,8 +65,8 @@ def _expand_gate(gate, B, Hq, R):
     return None if gate is None else _f64(gate).expand(B, Hq, R, gate.shape[-1])
 
 
-def oracle_full_rows(q, k, v, pos, block_size, topk, scale=None):
-    """Full layer for query rows at positions `pos` over a linear cache.
+def oracle_full_rows(q, k, v, pos, block_size, topk, scale=None, softcap=None, sinks=None):
+    """Full layer for query rows at positions `pos` over a linear cache (softcap, sinks [Hq]: module docstring).
 
     q [B, Hq, R, d]; k, v [B, Hkv, S, d]; pos int [B, R] -> out [B, Hq, R, d] float64, scores [B, Hq, R, nb]
     float64 (nb = ceil(S / block_size); S[t, j] = max over keys i <= pos of block j of softmax_t(q.k * scale)),
@@ -70,12 +80,16 @@ def oracle_full_rows(q, k, v, pos, block_size, topk, scale=None):
     scale = _scale(scale, d)
     nb, nsel = math.ceil(S / block_size), topk // block_size
     outs, scores = [], torch.zeros(B, Hq, R, nb, dtype=F64)
+    sinks = _f64(sinks)
     for b in range(B):
         for h in range(Hq):
             g = h // G
             for r in range(R):
                 t = int(pos[b, r])
-                p = torch.softmax((k[b, g, : t + 1] @ q[b, h, r]) * scale, dim=0)  # keys 0..t
+                logits = _capped((k[b, g, : t + 1] @ q[b, h, r]) * scale, softcap)  # keys 0..t
+                if sinks is not None:  # the sink is one more column; its probability is dropped
+                    logits = torch.cat([logits, sinks[h].view(1)])
+                p = torch.softmax(logits, dim=0)[: t + 1]
                 outs.append(p @ v[b, g, : t + 1])
                 # max per key block; keys after t are absent (probability 0), so a future block scores 0
                 scores[b, h, r] = torch.cat([p.detach(), p.new_zeros(nb * block_size - t - 1)]).view(nb, -1).amax(-1)
@@ -92,24 +106,26 @@ def oracle_full_rows(q, k, v, pos, block_size, topk, scale=None):
     return torch.stack(outs).view(B, Hq, R, d), scores, indices
 
 
-def oracle_full(q, k, v, block_size, topk, scale=None):
+def oracle_full(q, k, v, block_size, topk, scale=None, softcap=None, sinks=None):
     """Prefill: -> out [B, Hq, T, d], scores [B, Hq, T, nb] (float64), indices int64 [B, Hkv, T, nsel]."""
-    return oracle_full_rows(q, k, v, prefill_positions(q.shape[0], q.shape[2]), block_size, topk, scale)
+    return oracle_full_rows(q, k, v, prefill_positions(q.shape[0], q.shape[2]), block_size, topk, scale, softcap,
+                            sinks)
 
 
-def oracle_full_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale=None):
+def oracle_full_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale=None, softcap=None, sinks=None):
     """One new token per row at position cache_len[b] - 1: q [B, Hq, 1, d] -> out, scores, indices of that row."""
-    return oracle_full_rows(q, k_cache, v_cache, (cache_len.long() - 1).view(-1, 1), block_size, topk, scale)
+    return oracle_full_rows(q, k_cache, v_cache, (cache_len.long() - 1).view(-1, 1), block_size, topk, scale,
+                            softcap, sinks)
 
 
-def oracle_full_extend(q, k_cache, v_cache, start, block_size, topk, scale=None):
+def oracle_full_extend(q, k_cache, v_cache, start, block_size, topk, scale=None, softcap=None, sinks=None):
     """R new tokens per row at positions start[b] .. start[b] + R - 1 (written in the cache already)."""
     pos = start.long().view(-1, 1) + torch.arange(q.shape[2]).view(1, -1)
-    return oracle_full_rows(q, k_cache, v_cache, pos, block_size, topk, scale)
+    return oracle_full_rows(q, k_cache, v_cache, pos, block_size, topk, scale, softcap, sinks)
 
 
 def oracle_sparse_rows(q, k_own, v_own, k_shared, v_shared, indices, pos, block_size, window, gate_sparse=None,
-                       gate_swa=None, sinks=None, scale=None, merge=False, window_keys=None):
+                       gate_swa=None, sinks=None, scale=None, merge=False, window_keys=None, softcap=None):
     """Sparse layer for query rows at positions `pos`.
 
     q [B, Hq, R, d]; k_own/v_own [B, Hkv, S, d] the layer's own keys (the SWA branch's, linear: key i at position
@@ -139,28 +155,28 @@ def oracle_sparse_rows(q, k_own, v_own, k_shared, v_shared, indices, pos, block_
                 win = _long(list(range(max(0, t - window + 1), t + 1)) if window else [])
                 if merge:
                     keys = _long(sorted(set(sel.tolist()) | set(win.tolist())))
-                    outs.append(_attend(q[b, h, r], k_shared[b, g, keys], v_shared[b, g, keys], scale, sink))
+                    outs.append(_attend(q[b, h, r], k_shared[b, g, keys], v_shared[b, g, keys], scale, sink, softcap))
                     continue
-                o = _attend(q[b, h, r], k_shared[b, g, sel], v_shared[b, g, sel], scale, sink)
+                o = _attend(q[b, h, r], k_shared[b, g, sel], v_shared[b, g, sel], scale, sink, softcap)
                 if gs is not None:
                     o = o * gs[b, h, r]
                 if window:
                     kw, vw = window_keys(b, g, win)
-                    o_sw = _attend(q[b, h, r], kw, vw, scale, sink)
+                    o_sw = _attend(q[b, h, r], kw, vw, scale, sink, softcap)
                     o = o + (o_sw * gw[b, h, r] if gw is not None else o_sw)
                 outs.append(o)
     return torch.stack(outs).view(B, Hq, R, d)
 
 
 def oracle_sparse(q, k_own, v_own, k_shared, v_shared, indices, block_size, window, gate_sparse=None, gate_swa=None,
-                  sinks=None, scale=None, merge=False):
+                  sinks=None, scale=None, merge=False, softcap=None):
     """Prefill: -> out [B, Hq, T, d] float64. window None = no SWA branch. Gates broadcast to [B, Hq, T, 1|d]."""
     return oracle_sparse_rows(q, k_own, v_own, k_shared, v_shared, indices, prefill_positions(q.shape[0], q.shape[2]),
-                              block_size, window, gate_sparse, gate_swa, sinks, scale, merge)
+                              block_size, window, gate_sparse, gate_swa, sinks, scale, merge, softcap=softcap)
 
 
 def oracle_sparse_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, block_size, window,
-                         gate_sparse=None, gate_swa=None, sinks=None, scale=None, merge=False):
+                         gate_sparse=None, gate_swa=None, sinks=None, scale=None, merge=False, softcap=None):
     """One new token per row at t = cache_len[b] - 1. k_win/v_win [B, Hkv, W, d]: the SWA ring buffer, position p
     in slot p % W (read only at the window's positions); with merge the window comes from k_shared."""
     W = k_win.shape[2]
@@ -168,15 +184,15 @@ def oracle_sparse_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len
     ring = lambda b, g, ps: (kw[b, g, ps % W], vw[b, g, ps % W])  # noqa: E731
     pos = (cache_len.long() - 1).view(-1, 1)
     return oracle_sparse_rows(q, None, None, k_shared, v_shared, indices, pos, block_size, window, gate_sparse,
-                              gate_swa, sinks, scale, merge, window_keys=ring)
+                              gate_swa, sinks, scale, merge, window_keys=ring, softcap=softcap)
 
 
 def oracle_sparse_extend(q, k_own, v_own, k_shared, v_shared, indices, start, block_size, window, gate_sparse=None,
-                         gate_swa=None, sinks=None, scale=None, merge=False):
+                         gate_swa=None, sinks=None, scale=None, merge=False, softcap=None):
     """R new tokens per row at positions start[b] + r; k_own/v_own, k_shared/v_shared linear caches [B, Hkv, S, d]."""
     pos = start.long().view(-1, 1) + torch.arange(q.shape[2]).view(1, -1)
     return oracle_sparse_rows(q, k_own, v_own, k_shared, v_shared, indices, pos, block_size, window, gate_sparse,
-                              gate_swa, sinks, scale, merge)
+                              gate_swa, sinks, scale, merge, softcap=softcap)
 
 
 # ---------------------------------------------------------------------------------------------- dense oracle
@@ -185,12 +201,12 @@ def _visible(pos, S):
     return torch.arange(S).view(1, 1, S) <= pos.long().unsqueeze(-1)
 
 
-def _masked_attention(q, k, v, mask, scale, sinks=None):
+def _masked_attention(q, k, v, mask, scale, sinks=None, softcap=None):
     """q [B, Hq, R, d], k/v [B, Hkv, S, d], mask bool [B, Hkv, R, S], sinks [Hq] -> [B, Hq, R, d]: softmax over the
     visible keys (and the sink as one more column of value 0); rows that see nothing give 0."""
     G = q.shape[1] // k.shape[1]
     kh, vh, mh = (x.repeat_interleave(G, dim=1) for x in (k, v, mask))  # query head h reads KV head h // G
-    logits = (q @ kh.transpose(-1, -2) * scale).masked_fill(~mh, float("-inf"))
+    logits = _capped(q @ kh.transpose(-1, -2) * scale, softcap).masked_fill(~mh, float("-inf"))
     if sinks is not None:
         logits = torch.cat([logits, sinks.view(1, -1, 1, 1).expand(*logits.shape[:3], 1)], dim=-1)
     seen = torch.isfinite(logits).any(-1, keepdim=True)
@@ -198,17 +214,17 @@ def _masked_attention(q, k, v, mask, scale, sinks=None):
     return (p * mh) @ vh
 
 
-def dense_full(q, k, v, scale=None, pos=None):
+def dense_full(q, k, v, scale=None, pos=None, softcap=None, sinks=None):
     """Causal attention (the full layer's output) of rows at `pos` (default: prefill) over keys 0..pos, float64,
     differentiable: q [B, Hq, R, d], k/v [B, Hkv, S, d] -> [B, Hq, R, d]."""
     q, k, v = _f64(q), _f64(k), _f64(v)
     pos = prefill_positions(q.shape[0], q.shape[2]) if pos is None else pos
     mask = _visible(pos, k.shape[2]).unsqueeze(1).expand(-1, k.shape[1], -1, -1)
-    return _masked_attention(q, k, v, mask, _scale(scale, q.shape[-1]))
+    return _masked_attention(q, k, v, mask, _scale(scale, q.shape[-1]), _f64(sinks), softcap)
 
 
 def dense_sparse(q, k_own, v_own, k_shared, v_shared, indices, block_size, window, gate_sparse=None, gate_swa=None,
-                 sinks=None, scale=None, merge=False, pos=None):
+                 sinks=None, scale=None, merge=False, pos=None, softcap=None):
     """The sparse layer with explicit masks, float64, differentiable in every float input (same arguments as
     `oracle_sparse_rows`; pos default: prefill)."""
     q, k_own, v_own, k_shared, v_shared = (_f64(x) for x in (q, k_own, v_own, k_shared, v_shared))
@@ -225,12 +241,12 @@ def dense_sparse(q, k_own, v_own, k_shared, v_shared, indices, block_size, windo
         near = visible & (torch.arange(S).view(1, 1, 1, S) > pos.view(B, 1, R, 1) - window)
     sinks = _f64(sinks)
     if merge:
-        return _masked_attention(q, k_shared, v_shared, selected | near, scale, sinks)
-    out = _masked_attention(q, k_shared, v_shared, selected, scale, sinks)
+        return _masked_attention(q, k_shared, v_shared, selected | near, scale, sinks, softcap)
+    out = _masked_attention(q, k_shared, v_shared, selected, scale, sinks, softcap)
     if gate_sparse is not None:
         out = out * _f64(gate_sparse)
     if window:
-        o_sw = _masked_attention(q, k_own, v_own, near.expand_as(selected), scale, sinks)
+        o_sw = _masked_attention(q, k_own, v_own, near.expand_as(selected), scale, sinks, softcap)
         out = out + (o_sw * _f64(gate_swa) if gate_swa is not None else o_sw)
     return out
 

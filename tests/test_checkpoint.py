@@ -12,7 +12,7 @@ import torch.nn as nn
 from models import BLOCK, TOPK, WINDOW, TinyDecoder, _NanoAttention, compiled_pair, logits, nano_gpt
 
 import hysparse_compile as hs
-from hysparse_compile.passes import portable
+from hysparse_compile.graph import portable
 
 T = 40
 
@@ -150,11 +150,11 @@ def test_device_constants_follow_the_module(name, gen):
 
 def test_real_move_drops_derived_runtime_graphs():
     compiled = copy.deepcopy(compiled_pair("nano")[1])
-    object.__setattr__(compiled, "_runtime", "derived")
+    object.__setattr__(compiled, "_checkpointed", "derived")
     compiled.float()  # already float32 on the CPU: nothing to re-derive
-    assert compiled._runtime == "derived"
+    assert compiled._checkpointed == "derived"
     compiled.to("meta")
-    assert compiled._runtime is None
+    assert compiled._checkpointed is None
 
 
 # ------------------------------------------------------------------------------------------------ copies

@@ -38,10 +38,14 @@ SHARED_CXX_RUNTIME = "libstdc++.so.6"
 
 
 def _compiler_finds(name: str) -> bool:
-    """Whether Inductor's C++ compiler resolves library file `name` on its own search path."""
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     return _resolves(get_cpp_compiler(), name)
+
+
+def compiler_finds(name: str) -> bool:
+    """Whether Inductor's C++ compiler resolves library file `name` on its own search path."""
+    return _compiler_finds(name)
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,15 +2,16 @@
 takes it and returns it one token longer, so a runtime without PyTorch can generate (docs/export.md, "Decode").
 
 Both graphs are the compiled model's one graph run through the KV-cache runtime (`runtime/layers.py`, a
-`layers.Step` active while it is captured), with the cache as graph inputs and outputs instead of a
-`HySparseCache` object:
+`state.Step` active on the model's call state while it is captured), with the cache as graph inputs and outputs: a
+`HySparseCache` wraps them (`HySparseCache.from_tensors`), so the graph nodes serve the export as they serve
+`generate`:
 
     prefill: input_ids [B, T], attention_mask [B, T], position_ids [B, T] (if the model takes them)
           -> logits [B, T, V], present.lengths int64 [B], present.<i>.key, present.<i>.value, ...
     decode:  input_ids [B, 1], past.lengths [B], past.<i>.key, past.<i>.value, ...
           -> logits [B, 1, V], present.lengths, present.<i>.key, present.<i>.value, ...
 
-`<i>` runs over the layers that store something, in layer order (runtime/cache.py's rules): a full layer (and a
+`<i>` runs over the layers that store something, in layer order (`kv_plan.storage`): a full layer (and a
 sparse layer in training-free or `kv_sharing="none"` mode) stores its K/V for the whole context, `[B, Hkv, S, d]`,
 row b's real tokens at slots `0 .. lengths[b]-1` (left padding is rolled away); a paper-mode sparse layer stores a
 ring of its last `window` K/V, `[B, Hkv, window, d]`, position p in slot p % window. The prefill returns S = T; each
@@ -26,23 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.export import Dim
 
-from ..passes import graph_ops
-from ..runtime import layers
-from ..runtime.cache import layer_specs
+from ..graph import graph_ops
+from ..runtime.cache import HySparseCache, layer_specs
+from ..runtime.state import Step
 from . import program
 from .program import Program, Stage
-
-
-class TensorCache:
-    """What the runtime's graph nodes read and write (`specs`, `keys`, `values`, `full_kv`), over plain tensors."""
-
-    def __init__(self, specs, keys: dict, values: dict):
-        self.specs = specs
-        self.keys = [keys.get(i) for i in range(len(specs))]
-        self.values = [values.get(i) for i in range(len(specs))]
-
-    def full_kv(self, layer: int) -> tuple[Tensor, Tensor]:
-        return self.keys[layer], self.values[layer]
 
 
 def stored_layers(compiled) -> list:
@@ -57,24 +46,11 @@ def cache_names(compiled, prefix: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _graph_call(compiled, inputs: dict, ids: Tensor, positions: Tensor | None) -> dict:
-    """The captured graph's kwargs (as HySparseModel builds them): ids, a mask, positions, use_cache=False."""
-    call = {compiled._token: ids}
-    if "attention_mask" in compiled._captured:
-        mask = inputs.get("attention_mask", torch.ones_like(ids))
-        call["attention_mask"] = mask.to(compiled._dtypes["attention_mask"])
-    if "position_ids" in compiled._captured:
-        call["position_ids"] = positions.to(compiled._dtypes["position_ids"])
-    if "use_cache" in compiled._captured:
-        call["use_cache"] = False
-    return call
-
-
 def _logits(out) -> Tensor:
     return out if isinstance(out, Tensor) else out.logits
 
 
-def _flat(cache: TensorCache, lengths: Tensor) -> tuple:
+def _flat(cache: HySparseCache, lengths: Tensor) -> tuple:
     out = [lengths]
     for spec in cache.specs:
         if spec.store in ("full", "ring"):
@@ -88,13 +64,13 @@ class PrefillWithCache(nn.Module):
     def __init__(self, compiled, names: tuple[str, ...]):
         super().__init__()
         self.model, self.names = compiled, names
-        state = compiled._hysparse_state
-        self.kv_heads, self.head_dim = state.sites[0].kv_heads, state.sites[0].head_dim
+        site = compiled.attention_sites[0]
+        self.kv_heads, self.head_dim = site.kv_heads, site.head_dim
         self.specs = layer_specs(compiled.schedule)
 
     def forward(self, *tensors):
         inputs = dict(zip(self.names, tensors))
-        ids = inputs[self.model._token]
+        ids = inputs[self.model.token_name]
         B, T = ids.shape
         dtype = next(iter(self.model.parameters())).dtype
         new = lambda n: ids.new_zeros((B, self.kv_heads, n, self.head_dim), dtype=dtype)  # noqa: E731
@@ -103,17 +79,17 @@ class PrefillWithCache(nn.Module):
             if spec.store != "none":
                 keys[spec.index], values[spec.index] = (new(T), new(T)) if spec.store == "full" else \
                     (new(spec.window), new(spec.window))
-        cache = TensorCache(self.specs, keys, values)
         mask = inputs.get("attention_mask")
         pads = graph_ops.left_pad_shift(mask) if mask is not None else ids.new_zeros(B)
         lengths = T - pads.to(torch.int64)
+        cache = HySparseCache.from_tensors(self.model, keys, values, lengths)
         zeros = ids.new_zeros(B, dtype=torch.int64)
         positions = torch.arange(T, device=ids.device).expand(B, T)
-        step = layers.Step(cache=cache, mode="prefill", start=zeros, new_lengths=lengths, seen=zeros.sum(),
-                           positions=positions, cache_len=(zeros + 1).to(torch.int32))
-        call = _graph_call(self.model, inputs, ids, inputs.get("position_ids", positions))
-        with layers.step(step):
-            out = self.model._graph_module(**call)
+        step = Step(cache=cache, mode="prefill", start=zeros, new_lengths=lengths, seen=zeros.sum(),
+                    positions=positions, cache_len=(zeros + 1).to(torch.int32))
+        call = self.model.graph_kwargs(ids, mask, inputs.get("position_ids", positions))
+        with self.model.call_state.step(step):
+            out = self.model.graph_module(**call)
         return (_logits(out), *_flat(cache, lengths))
 
 
@@ -135,13 +111,13 @@ class DecodeStep(nn.Module):
             else:
                 k, v = k.clone(), v.clone()
             keys[spec.index], values[spec.index] = k, v
-        cache = TensorCache(self.specs, keys, values)
+        cache = HySparseCache.from_tensors(self.model, keys, values, lengths)
         positions = lengths.reshape(B, 1)
-        step = layers.Step(cache=cache, mode="decode", start=lengths, new_lengths=torch.ones_like(lengths),
-                           seen=lengths.max(), positions=positions, cache_len=(lengths + 1).to(torch.int32))
-        call = _graph_call(self.model, {}, input_ids, positions)
-        with layers.step(step):
-            out = self.model._graph_module(**call)
+        step = Step(cache=cache, mode="decode", start=lengths, new_lengths=torch.ones_like(lengths),
+                    seen=lengths.max(), positions=positions, cache_len=(lengths + 1).to(torch.int32))
+        call = self.model.graph_kwargs(input_ids, None, positions)
+        with self.model.call_state.step(step):
+            out = self.model.graph_module(**call)
         return (_logits(out), *_flat(cache, lengths + 1))
 
 

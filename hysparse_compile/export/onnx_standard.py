@@ -4,7 +4,7 @@ The ops are replaced by their ATen decompositions (`decompositions.py`) while th
 then translates ATen to ONNX. Two ATen ops need a translation of our own (torch.onnx has none that works here):
 
 - `aten.sort.stable` (the block ranking): ONNX `TopK` over the whole axis. TopK breaks ties toward the lower index,
-  which is exactly a stable sort, so the selection keeps SPEC §2.1's tie rule in every runtime.
+  which is exactly a stable sort, so the selection keeps docs/design.md's tie rule in every runtime.
 - `aten.remainder.Scalar` with a symbolic divisor (the padding roll's `% T`, T the dynamic sequence length): `Mod`
   (integers, sign of the divisor as in torch) or `a - floor(a / b) * b` (floats).
 

@@ -85,8 +85,8 @@ def check_compiled(compiled) -> None:
 
 def input_names(compiled) -> tuple[str, ...]:
     """The graph inputs a compiled model takes: its token ids first, then attention_mask / position_ids if captured."""
-    token = compiled._token
-    return (token,) + tuple(n for n in ("attention_mask", "position_ids") if n in compiled._captured)
+    token = compiled.token_name
+    return (token,) + tuple(n for n in ("attention_mask", "position_ids") if n in compiled.graph_inputs)
 
 
 def normalize_inputs(compiled, example_inputs, *, positions: bool = False) -> dict:

@@ -7,7 +7,9 @@ the ops' fake implementations, and the ONNX graph TensorRT's parser would read. 
 **The plugins** (TensorRT >= 10.7 Quick Deployable Plugins, `register_plugins()`): `hysparse::FullAttention` and
 `hysparse::SparseAttention`, and for decode graphs `hysparse::FullAttentionDecode` and
 `hysparse::SparseAttentionDecode`, with exactly the inputs, outputs and attributes of the custom-domain ONNX nodes
-(docs/onnx_ops.md). Their torch twins `torch.ops.hysparse.FullAttention` / `SparseAttention` (fixed arity, only
+(docs/onnx_ops.md); every one has a `softcap` attribute (0 = off). A full layer with per-head sinks has one more
+input, which a fixed-arity plugin cannot make optional: it is its own plugin, `FullAttentionSinks` /
+`FullAttentionDecodeSinks` (q, k, v, sinks, ...), and `plugin_onnx` names the ONNX nodes that carry sinks so. Their torch twins `torch.ops.hysparse.FullAttention` / `SparseAttention` (fixed arity, only
 Tensor/int/float arguments, as TensorRT plugins need) are registered here; their implementations call the HySparse
 ops, so inside an engine the plugin runs the `auto` backend (the Triton kernels on a GPU) through Python (JIT QDP).
 
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..kernels import ops as hs_ops
 from . import onnx_custom, program
 from .program import ExportResult, Stage
 
@@ -53,15 +56,31 @@ def sparse_attention_shapes(q_shape) -> list[tuple[tuple, str]]:
 
 # ---------------------------------------------------------------------------------------------- torch twins
 @torch.library.custom_op("hysparse::FullAttention", mutates_args=())
-def full_attention_plugin_op(q: Tensor, k: Tensor, v: Tensor, block_size: int, topk: int,
-                             scale: float) -> tuple[Tensor, Tensor]:
+def full_attention_plugin_op(q: Tensor, k: Tensor, v: Tensor, block_size: int, topk: int, scale: float,
+                             softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """The `FullAttention` plugin's computation: `hysparse::full_attention` (auto backend) -> out, indices."""
-    out, indices, _, _ = torch.ops.hysparse.full_attention(q, k, v, block_size, topk, scale, False, "auto")
+    out, indices, _, _ = torch.ops.hysparse.full_attention(q, k, v, block_size, topk, scale, False, "auto",
+                                                           None, softcap)
     return out, indices
 
 
 @full_attention_plugin_op.register_fake
-def _(q, k, v, block_size, topk, scale):
+def _(q, k, v, block_size, topk, scale, softcap=0.0):
+    (out_shape, _), (idx_shape, _) = full_attention_shapes(q.shape, k.shape, block_size, topk)
+    return q.new_empty(out_shape), q.new_empty(idx_shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("hysparse::FullAttentionSinks", mutates_args=())
+def full_attention_sinks_plugin_op(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor, block_size: int, topk: int,
+                                   scale: float, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The `FullAttentionSinks` plugin's computation: a full layer with per-head sinks [Hq]."""
+    out, indices, _, _ = torch.ops.hysparse.full_attention(q, k, v, block_size, topk, scale, False, "auto",
+                                                           sinks, softcap)
+    return out, indices
+
+
+@full_attention_sinks_plugin_op.register_fake
+def _(q, k, v, sinks, block_size, topk, scale, softcap=0.0):
     (out_shape, _), (idx_shape, _) = full_attention_shapes(q.shape, k.shape, block_size, topk)
     return q.new_empty(out_shape), q.new_empty(idx_shape, dtype=torch.int32)
 
@@ -70,51 +89,73 @@ def _(q, k, v, block_size, topk, scale):
 def sparse_attention_plugin_op(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_shared: Tensor,
                                indices: Tensor, gate_sparse: Tensor, gate_swa: Tensor, sinks: Tensor, block_size: int,
                                window: int, scale: float, merge: int, has_gate_sparse: int, has_gate_swa: int,
-                               has_sinks: int) -> Tensor:
+                               has_sinks: int, softcap: float = 0.0) -> Tensor:
     """The `SparseAttention` plugin's computation (absent gates / sinks per the `has_*` flags)."""
-    B, Hq, T, d = q.shape
-    expand = lambda g: g.expand(B, Hq, T, 1 if g.shape[-1] == 1 else d)  # noqa: E731
-    gs = expand(gate_sparse) if has_gate_sparse and not merge else None
-    gw = expand(gate_swa) if has_gate_swa and not merge and window else None
-    out, _, _ = torch.ops.hysparse.sparse_attention(q, k_own, v_own, k_shared, v_shared, indices, gs, gw,
-                                                    sinks if has_sinks else None, block_size, window, scale,
-                                                    bool(merge), False, "auto")
+    gs, gw, sinks = onnx_custom.node_gates(gate_sparse, gate_swa, sinks, merge, window, has_gate_sparse,
+                                           has_gate_swa, has_sinks, q.shape)
+    out, _, _ = torch.ops.hysparse.sparse_attention(q, k_own, v_own, k_shared, v_shared, indices, gs, gw, sinks,
+                                                    block_size, window, scale, bool(merge), False, "auto", softcap)
     return out
 
 
 @sparse_attention_plugin_op.register_fake
 def _(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, block_size, window, scale, merge,
-      has_gate_sparse, has_gate_swa, has_sinks):
+      has_gate_sparse, has_gate_swa, has_sinks, softcap=0.0):
     ((shape, _),) = sparse_attention_shapes(q.shape)
     return q.new_empty(shape)
 
 
-def _full(q, k, v, block_size, topk, scale, return_scores, backend="auto"):
-    out, indices = torch.ops.hysparse.FullAttention(q, k, v, block_size, topk, float(scale))
-    B, Hq, T, _ = q.shape
-    return out, indices, q.new_zeros((B, Hq, T), dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+def _full(*args, **kwargs):
+    c = hs_ops.bind("full_attention", args, kwargs)
+    p = c.params
+    if c.sinks is None:
+        out, indices = torch.ops.hysparse.FullAttention(c.q, c.k, c.v, p.block_size, p.topk, float(p.scale),
+                                                        p.softcap)
+    else:
+        out, indices = torch.ops.hysparse.FullAttentionSinks(c.q, c.k, c.v, c.sinks.to(c.q.dtype), p.block_size,
+                                                             p.topk, float(p.scale), p.softcap)
+    B, Hq, T, _ = c.q.shape
+    return out, indices, c.q.new_zeros((B, Hq, T), dtype=torch.float32), c.q.new_empty(0, dtype=torch.float32)
 
 
-def _sparse(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, block_size, window, scale,
-            merge, save_branches, backend="auto"):
-    inputs, flags = onnx_custom.sparse_inputs(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa,
-                                              sinks)
-    out = torch.ops.hysparse.SparseAttention(*inputs, block_size, window, float(scale), int(merge),
-                                             flags["has_gate_sparse"], flags["has_gate_swa"], flags["has_sinks"])
-    B, Hq, T, _ = q.shape
-    return out, q.new_zeros((B, Hq, T, 2), dtype=torch.float32), q.new_empty(0)
+def _sparse(*args, **kwargs):
+    c = hs_ops.bind("sparse_attention", args, kwargs)
+    p = c.params
+    inputs, flags = onnx_custom.sparse_inputs(c.q, c.k_own, c.v_own, c.k_shared, c.v_shared, c.indices,
+                                              c.gate_sparse, c.gate_swa, c.sinks)
+    out = torch.ops.hysparse.SparseAttention(*inputs, p.block_size, p.window, float(p.scale), int(p.merge),
+                                             flags["has_gate_sparse"], flags["has_gate_swa"], flags["has_sinks"],
+                                             p.softcap)
+    B, Hq, T, _ = c.q.shape
+    return out, c.q.new_zeros((B, Hq, T, 2), dtype=torch.float32), c.q.new_empty(0)
 
 
 # decode twins: the new token at cache_len - 1 (hysparse::*_decode), fixed arity like the prefill twins
 @torch.library.custom_op("hysparse::FullAttentionDecode", mutates_args=())
 def full_attention_decode_plugin_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, block_size: int,
-                                    topk: int, scale: float) -> tuple[Tensor, Tensor]:
+                                    topk: int, scale: float, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """The `FullAttentionDecode` plugin's computation: `hysparse::full_attention_decode` (auto backend)."""
-    return torch.ops.hysparse.full_attention_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale, "auto")
+    return torch.ops.hysparse.full_attention_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale, "auto",
+                                                    None, softcap)
 
 
 @full_attention_decode_plugin_op.register_fake
-def _(q, k_cache, v_cache, cache_len, block_size, topk, scale):
+def _(q, k_cache, v_cache, cache_len, block_size, topk, scale, softcap=0.0):
+    (out_shape, _), (idx_shape, _) = full_attention_shapes(q.shape, k_cache.shape, block_size, topk)
+    return q.new_empty(out_shape), q.new_empty(idx_shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("hysparse::FullAttentionDecodeSinks", mutates_args=())
+def full_attention_decode_sinks_plugin_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor,
+                                          sinks: Tensor, block_size: int, topk: int, scale: float,
+                                          softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The `FullAttentionDecodeSinks` plugin's computation: a full layer's decode with per-head sinks [Hq]."""
+    return torch.ops.hysparse.full_attention_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale, "auto",
+                                                    sinks, softcap)
+
+
+@full_attention_decode_sinks_plugin_op.register_fake
+def _(q, k_cache, v_cache, cache_len, sinks, block_size, topk, scale, softcap=0.0):
     (out_shape, _), (idx_shape, _) = full_attention_shapes(q.shape, k_cache.shape, block_size, topk)
     return q.new_empty(out_shape), q.new_empty(idx_shape, dtype=torch.int32)
 
@@ -123,37 +164,47 @@ def _(q, k_cache, v_cache, cache_len, block_size, topk, scale):
 def sparse_attention_decode_plugin_op(q: Tensor, k_win: Tensor, v_win: Tensor, k_shared: Tensor, v_shared: Tensor,
                                       indices: Tensor, cache_len: Tensor, gate_sparse: Tensor, gate_swa: Tensor,
                                       sinks: Tensor, block_size: int, window: int, scale: float, merge: int,
-                                      has_gate_sparse: int, has_gate_swa: int, has_sinks: int) -> Tensor:
+                                      has_gate_sparse: int, has_gate_swa: int, has_sinks: int,
+                                      softcap: float = 0.0) -> Tensor:
     """The `SparseAttentionDecode` plugin's computation (absent gates / sinks per the `has_*` flags)."""
-    gs, gw, sinks = onnx_custom._gates(gate_sparse, gate_swa, sinks, merge, window, has_gate_sparse, has_gate_swa,
-                                       has_sinks, q.shape)
+    gs, gw, sinks = onnx_custom.node_gates(gate_sparse, gate_swa, sinks, merge, window, has_gate_sparse, has_gate_swa,
+                                           has_sinks, q.shape)
     return torch.ops.hysparse.sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gs,
-                                                      gw, sinks, block_size, window, scale, bool(merge), "auto")
+                                                      gw, sinks, block_size, window, scale, bool(merge), "auto",
+                                                      softcap)
 
 
 @sparse_attention_decode_plugin_op.register_fake
 def _(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa, sinks, block_size, window,
-      scale, merge, has_gate_sparse, has_gate_swa, has_sinks):
+      scale, merge, has_gate_sparse, has_gate_swa, has_sinks, softcap=0.0):
     ((shape, _),) = sparse_attention_shapes(q.shape)
     return q.new_empty(shape)
 
 
-def _full_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale, backend="auto"):
-    return torch.ops.hysparse.FullAttentionDecode(q, k_cache, v_cache, cache_len.to(torch.int32), block_size, topk,
-                                                  float(scale))
+def _full_decode(*args, **kwargs):
+    c = hs_ops.bind("full_attention_decode", args, kwargs)
+    p, cache_len = c.params, c.cache_len.to(torch.int32)
+    if c.sinks is None:
+        return torch.ops.hysparse.FullAttentionDecode(c.q, c.k_cache, c.v_cache, cache_len, p.block_size, p.topk,
+                                                      float(p.scale), p.softcap)
+    return torch.ops.hysparse.FullAttentionDecodeSinks(c.q, c.k_cache, c.v_cache, cache_len, c.sinks.to(c.q.dtype),
+                                                       p.block_size, p.topk, float(p.scale), p.softcap)
 
 
-def _sparse_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa, sinks,
-                   block_size, window, scale, merge, backend="auto"):
-    inputs, flags = onnx_custom.sparse_inputs(q, k_win, v_win, k_shared, v_shared, indices, gate_sparse, gate_swa,
-                                              sinks)
-    inputs.insert(6, cache_len.to(torch.int32))
-    return torch.ops.hysparse.SparseAttentionDecode(*inputs, block_size, window, float(scale), int(merge),
+def _sparse_decode(*args, **kwargs):
+    c = hs_ops.bind("sparse_attention_decode", args, kwargs)
+    p = c.params
+    inputs, flags = onnx_custom.sparse_inputs(c.q, c.k_win, c.v_win, c.k_shared, c.v_shared, c.indices,
+                                              c.gate_sparse, c.gate_swa, c.sinks)
+    inputs.insert(6, c.cache_len.to(torch.int32))
+    return torch.ops.hysparse.SparseAttentionDecode(*inputs, p.block_size, p.window, float(p.scale), int(p.merge),
                                                     flags["has_gate_sparse"], flags["has_gate_swa"],
-                                                    flags["has_sinks"])
+                                                    flags["has_sinks"], p.softcap)
 
 
-PLUGINS = ("FullAttention", "SparseAttention", "FullAttentionDecode", "SparseAttentionDecode")
+PLUGINS = ("FullAttention", "FullAttentionSinks", "SparseAttention", "FullAttentionDecode",
+           "FullAttentionDecodeSinks", "SparseAttentionDecode")
+SINKS_PLUGIN = {"FullAttention": "FullAttentionSinks", "FullAttentionDecode": "FullAttentionDecodeSinks"}
 
 
 def replacements() -> dict:
@@ -165,7 +216,8 @@ def replacements() -> dict:
 
 # ---------------------------------------------------------------------------------------------- TensorRT plugins
 def register_plugins() -> None:
-    """Register both QDP plugins with TensorRT (needs `tensorrt >= 10.7`); idempotent."""
+    """Register the QDP plugins with TensorRT (needs `tensorrt >= 10.7`); idempotent. Not run on this project's
+    machines (no TensorRT); their shape functions and computations are the tested ones above."""
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp
@@ -179,62 +231,89 @@ def register_plugins() -> None:
     def cuda(t):
         return torch.as_tensor(t, device="cuda")
 
-    @trtp.register(f"{PLUGIN_NAMESPACE}::FullAttention")
-    def _full_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, block_size: int, topk: int,
-                   scale: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+    def run(op, tensors, attrs, outputs, stream):
+        """The torch twin `op` on TensorRT's stream, written into TensorRT's outputs."""
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            results = op(*(cuda(t) for t in tensors), *attrs)
+            for out, value in zip(outputs, results if isinstance(results, tuple) else (results,)):
+                cuda(out).copy_(value)
+
+    def full_desc(q, k, block_size, topk):
         _, (idx_shape, _) = full_attention_shapes(q.shape_expr, k.shape_expr, block_size, topk)
         return q.like(), trtp.from_shape_expr(idx_shape, dtype=trt.int32)
 
+    @trtp.register(f"{PLUGIN_NAMESPACE}::FullAttention")
+    def _full_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, block_size: int, topk: int,
+                   scale: float, softcap: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return full_desc(q, k, block_size, topk)
+
     @trtp.impl(f"{PLUGIN_NAMESPACE}::FullAttention")
     def _full_impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, block_size: int, topk: int, scale: float,
-                   outputs: tuple[trtp.Tensor, trtp.Tensor], stream: int) -> None:
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            out, indices = full_attention_plugin_op(cuda(q), cuda(k), cuda(v), block_size, topk, scale)
-            cuda(outputs[0]).copy_(out)
-            cuda(outputs[1]).copy_(indices)
+                   softcap: float, outputs: tuple[trtp.Tensor, trtp.Tensor], stream: int) -> None:
+        run(full_attention_plugin_op, (q, k, v), (block_size, topk, scale, softcap), outputs, stream)
+
+    @trtp.register(f"{PLUGIN_NAMESPACE}::FullAttentionSinks")
+    def _full_sinks_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, sinks: trtp.TensorDesc,
+                         block_size: int, topk: int, scale: float,
+                         softcap: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return full_desc(q, k, block_size, topk)
+
+    @trtp.impl(f"{PLUGIN_NAMESPACE}::FullAttentionSinks")
+    def _full_sinks_impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, sinks: trtp.Tensor, block_size: int,
+                         topk: int, scale: float, softcap: float, outputs: tuple[trtp.Tensor, trtp.Tensor],
+                         stream: int) -> None:
+        run(full_attention_sinks_plugin_op, (q, k, v, sinks), (block_size, topk, scale, softcap), outputs, stream)
 
     @trtp.register(f"{PLUGIN_NAMESPACE}::SparseAttention")
     def _sparse_desc(q: trtp.TensorDesc, k_own: trtp.TensorDesc, v_own: trtp.TensorDesc, k_shared: trtp.TensorDesc,
                      v_shared: trtp.TensorDesc, indices: trtp.TensorDesc, gate_sparse: trtp.TensorDesc,
                      gate_swa: trtp.TensorDesc, sinks: trtp.TensorDesc, block_size: int, window: int, scale: float,
-                     merge: int, has_gate_sparse: int, has_gate_swa: int, has_sinks: int) -> trtp.TensorDesc:
+                     merge: int, has_gate_sparse: int, has_gate_swa: int, has_sinks: int,
+                     softcap: float) -> trtp.TensorDesc:
         return q.like()
 
     @trtp.impl(f"{PLUGIN_NAMESPACE}::SparseAttention")
     def _sparse_impl(q: trtp.Tensor, k_own: trtp.Tensor, v_own: trtp.Tensor, k_shared: trtp.Tensor,
                      v_shared: trtp.Tensor, indices: trtp.Tensor, gate_sparse: trtp.Tensor, gate_swa: trtp.Tensor,
                      sinks: trtp.Tensor, block_size: int, window: int, scale: float, merge: int,
-                     has_gate_sparse: int, has_gate_swa: int, has_sinks: int, outputs: tuple[trtp.Tensor],
-                     stream: int) -> None:
-        tensors = [cuda(t) for t in (q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks)]
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            out = sparse_attention_plugin_op(*tensors, block_size, window, scale, merge, has_gate_sparse,
-                                             has_gate_swa, has_sinks)
-            cuda(outputs[0]).copy_(out)
+                     has_gate_sparse: int, has_gate_swa: int, has_sinks: int, softcap: float,
+                     outputs: tuple[trtp.Tensor], stream: int) -> None:
+        run(sparse_attention_plugin_op, (q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks),
+            (block_size, window, scale, merge, has_gate_sparse, has_gate_swa, has_sinks, softcap), outputs, stream)
 
     @trtp.register(f"{PLUGIN_NAMESPACE}::FullAttentionDecode")
     def _full_decode_desc(q: trtp.TensorDesc, k_cache: trtp.TensorDesc, v_cache: trtp.TensorDesc,
-                          cache_len: trtp.TensorDesc, block_size: int, topk: int,
-                          scale: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        _, (idx_shape, _) = full_attention_shapes(q.shape_expr, k_cache.shape_expr, block_size, topk)
-        return q.like(), trtp.from_shape_expr(idx_shape, dtype=trt.int32)
+                          cache_len: trtp.TensorDesc, block_size: int, topk: int, scale: float,
+                          softcap: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return full_desc(q, k_cache, block_size, topk)
 
     @trtp.impl(f"{PLUGIN_NAMESPACE}::FullAttentionDecode")
     def _full_decode_impl(q: trtp.Tensor, k_cache: trtp.Tensor, v_cache: trtp.Tensor, cache_len: trtp.Tensor,
-                          block_size: int, topk: int, scale: float, outputs: tuple[trtp.Tensor, trtp.Tensor],
-                          stream: int) -> None:
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            out, indices = full_attention_decode_plugin_op(cuda(q), cuda(k_cache), cuda(v_cache), cuda(cache_len),
-                                                           block_size, topk, scale)
-            cuda(outputs[0]).copy_(out)
-            cuda(outputs[1]).copy_(indices)
+                          block_size: int, topk: int, scale: float, softcap: float,
+                          outputs: tuple[trtp.Tensor, trtp.Tensor], stream: int) -> None:
+        run(full_attention_decode_plugin_op, (q, k_cache, v_cache, cache_len), (block_size, topk, scale, softcap),
+            outputs, stream)
+
+    @trtp.register(f"{PLUGIN_NAMESPACE}::FullAttentionDecodeSinks")
+    def _full_decode_sinks_desc(q: trtp.TensorDesc, k_cache: trtp.TensorDesc, v_cache: trtp.TensorDesc,
+                                cache_len: trtp.TensorDesc, sinks: trtp.TensorDesc, block_size: int, topk: int,
+                                scale: float, softcap: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return full_desc(q, k_cache, block_size, topk)
+
+    @trtp.impl(f"{PLUGIN_NAMESPACE}::FullAttentionDecodeSinks")
+    def _full_decode_sinks_impl(q: trtp.Tensor, k_cache: trtp.Tensor, v_cache: trtp.Tensor, cache_len: trtp.Tensor,
+                                sinks: trtp.Tensor, block_size: int, topk: int, scale: float, softcap: float,
+                                outputs: tuple[trtp.Tensor, trtp.Tensor], stream: int) -> None:
+        run(full_attention_decode_sinks_plugin_op, (q, k_cache, v_cache, cache_len, sinks),
+            (block_size, topk, scale, softcap), outputs, stream)
 
     @trtp.register(f"{PLUGIN_NAMESPACE}::SparseAttentionDecode")
     def _sparse_decode_desc(q: trtp.TensorDesc, k_win: trtp.TensorDesc, v_win: trtp.TensorDesc,
                             k_shared: trtp.TensorDesc, v_shared: trtp.TensorDesc, indices: trtp.TensorDesc,
                             cache_len: trtp.TensorDesc, gate_sparse: trtp.TensorDesc, gate_swa: trtp.TensorDesc,
                             sinks: trtp.TensorDesc, block_size: int, window: int, scale: float, merge: int,
-                            has_gate_sparse: int, has_gate_swa: int, has_sinks: int) -> trtp.TensorDesc:
+                            has_gate_sparse: int, has_gate_swa: int, has_sinks: int,
+                            softcap: float) -> trtp.TensorDesc:
         return q.like()
 
     @trtp.impl(f"{PLUGIN_NAMESPACE}::SparseAttentionDecode")
@@ -242,22 +321,26 @@ def register_plugins() -> None:
                             v_shared: trtp.Tensor, indices: trtp.Tensor, cache_len: trtp.Tensor,
                             gate_sparse: trtp.Tensor, gate_swa: trtp.Tensor, sinks: trtp.Tensor, block_size: int,
                             window: int, scale: float, merge: int, has_gate_sparse: int, has_gate_swa: int,
-                            has_sinks: int, outputs: tuple[trtp.Tensor], stream: int) -> None:
-        tensors = [cuda(t) for t in (q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa,
-                                     sinks)]
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            out = sparse_attention_decode_plugin_op(*tensors, block_size, window, scale, merge, has_gate_sparse,
-                                                    has_gate_swa, has_sinks)
-            cuda(outputs[0]).copy_(out)
+                            has_sinks: int, softcap: float, outputs: tuple[trtp.Tensor], stream: int) -> None:
+        run(sparse_attention_decode_plugin_op,
+            (q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa, sinks),
+            (block_size, window, scale, merge, has_gate_sparse, has_gate_swa, has_sinks, softcap), outputs, stream)
 
 
 def plugin_onnx(model) -> None:
     """Shape a custom-domain ONNX model for TensorRT's parser, in place: every `hysparse` node gets the string
-    attributes `plugin_namespace` and `plugin_version`."""
+    attributes `plugin_namespace` and `plugin_version` and a `softcap` (0.0 where the file leaves it out, as the
+    plugins take one); a full node with a `sinks` input is renamed to its plugin (`FullAttentionSinks`,
+    `FullAttentionDecodeSinks`)."""
     import onnx
 
+    arity = {"FullAttention": 3, "FullAttentionDecode": 4}
     for node in model.graph.node:
         if node.domain == PLUGIN_NAMESPACE:
+            if node.op_type in arity and len(node.input) > arity[node.op_type]:
+                node.op_type = SINKS_PLUGIN[node.op_type]
+            if "softcap" not in {a.name for a in node.attribute}:
+                node.attribute.append(onnx.helper.make_attribute("softcap", 0.0))
             names = {a.name for a in node.attribute}
             for key, value in (("plugin_namespace", PLUGIN_NAMESPACE), ("plugin_version", PLUGIN_VERSION)):
                 if key not in names:

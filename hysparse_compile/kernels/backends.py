@@ -1,4 +1,10 @@
-"""The backend table: names, lazy import, capability checks, and what `backend="auto"` picks.
+"""The backend registry: the one place backends are listed (`BACKENDS`), imported (lazily), asked what they cannot
+run, and where `backend="auto"` is decided (`resolve`).
+
+A backend is a package `kernels/<name>/` whose `__init__` implements `Backend` below (docs/design.md, "Backend
+interface"): a name, `supports(op, **meta)` (why it cannot run a case, or None), and one function per op, the
+positional arguments in the op's schema order, the options added later (`sinks` of the full ops, `softcap`) as
+keywords passed only when set. `kernels/ops.py` is the only caller.
 
     >>> from hysparse_compile.kernels import backends
     >>> backends.resolve("auto", "full_attention", device="cpu", dtype="float32", head_dim=64, group=4).NAME
@@ -7,13 +13,34 @@
 from __future__ import annotations
 
 import importlib
-import os
 from types import ModuleType
+from typing import Protocol
 
 import torch
 
+from .interpret import triton_interpret
+
 BACKENDS = ("reference", "flex", "triton")
 CHOICES = BACKENDS + ("auto",)
+OPS = ("full_attention", "sparse_attention", "full_attention_decode", "sparse_attention_decode",
+       "full_attention_extend", "sparse_attention_extend")
+
+
+class Backend(Protocol):
+    """What a backend module provides (signatures: docs/design.md, "Backend interface")."""
+
+    NAME: str
+
+    def supports(self, op: str, **meta) -> str | None: ...
+    def full_attention_fwd(self, q, k, v, block_size, topk, scale, return_scores, **options): ...
+    def full_attention_bwd(self, dout, q, k, v, out, lse, scale, **options): ...
+    def sparse_attention_fwd(self, q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
+                             block_size, window, scale, merge, save_branches, **options): ...
+    def sparse_attention_bwd(self, dout, q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
+                             out, lse, branch_out, block_size, window, scale, merge, **options): ...
+    def full_attention_decode(self, q, k_cache, v_cache, cache_len, block_size, topk, scale, **options): ...
+    def sparse_attention_decode(self, q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse,
+                                gate_swa, sinks, block_size, window, scale, merge, **options): ...
 
 
 def _triton_usable(device: torch.device) -> str | None:
@@ -23,7 +50,7 @@ def _triton_usable(device: torch.device) -> str | None:
         return f"triton is not importable ({e.__class__.__name__}: {e})"
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cpu" and triton_interpret():
         return None
     return f"triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1), not on {device.type}"
 
@@ -71,3 +98,13 @@ def resolve(name: str, op: str, **meta) -> ModuleType:
         able = [b for b in BACKENDS if b != name and unsupported_reason(b, op, **meta) is None]
         raise ValueError(f"backend={name!r} cannot run {op} here: {why}; backends that can: {', '.join(able)}")
     return load(name)
+
+
+def for_op(name: str, op: str, **meta) -> str:
+    """The backend a call of `op` runs with when the model (or call) asked for backend `name`: `name` itself when
+    it can run the case, else "auto" (resolved by the rule of `resolve`). A model compiled for a named backend runs
+    that backend's kernels wherever they exist; an op it has no kernel for (the Triton backend has no extend
+    kernel yet) takes the `auto` choice instead of failing mid-generation."""
+    if name == "auto" or unsupported_reason(name, op, **meta) is None:
+        return name
+    return "auto"

@@ -4,7 +4,9 @@
 
 Each pass is a module with one job and a `run(state) -> state` function; the pipeline keeps the graph after every pass
 (`state.graphs[name]`, printed IR) and logs what each pass matched and changed. Passes before `rewrite` only read; the
-rewrite edits a private copy (the exported program's module), never the user's model.
+rewrite edits a private copy (the exported program's module), never the user's model. Only the modules named in
+`PIPELINE` are passes; the others here are `find_attention`'s helpers (probe.py and its graph-walking modules). What
+the passes put in the graph, and its dtype/device portability, live in `hysparse_compile/graph/`.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
-from . import portable
+from ..graph import portable
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@
 Design: docs/runtime.md.
 """
 from .cache import HySparseCache, LayerKVSpec, layer_specs
+from .state import CallState, Step
 
-__all__ = ["HySparseCache", "LayerKVSpec", "layer_specs", "generate"]
+__all__ = ["HySparseCache", "LayerKVSpec", "layer_specs", "generate", "CallState", "Step"]
 
 
 def __getattr__(name):

@@ -1,6 +1,6 @@
-"""`HySparseCache`: the KV cache of a compiled HySparse model (SPEC §2.5, docs/runtime.md).
+"""`HySparseCache`: the KV cache of a compiled HySparse model (docs/runtime.md, docs/design.md "Decode").
 
-What each layer keeps (the same rules as `kv_plan`, so `cache.nbytes == plan_kv(...).total_bytes`):
+What each layer keeps (`kv_plan.storage`, the plan's own rule, so `cache.nbytes == plan_kv(...).total_bytes`):
 
 | layer | stores | tensor |
 |---|---|---|
@@ -13,7 +13,12 @@ Rows are stored padding-free: the real tokens of row b sit at slots `0 .. length
 rolled left, as the compiled graph does for the ops), so block boundaries match the unpadded row.
 
 Two modes: **static** (`max_cache_len` given: everything allocated at once, shapes never change — CUDA graphs and
-export) and **dynamic** (allocated on the first write, grown by `grow` tokens at a time).
+export) and **dynamic** (allocated on the first write, grown by `grow` tokens at a time). `HySparseCache.from_tensors`
+wraps K/V tensors someone else owns (the exporters' graphs take and return the cache as tensors).
+
+What the graph's attention nodes use of a cache (`runtime/layers.py`), the storage protocol: `specs` (a
+`LayerKVSpec` per layer), `keys` / `values` (a tensor or None per layer), `full_kv(layer)`, and `failed` (set when
+a call fails after writing part of it).
 
     >>> cache = HySparseCache(compiled, batch_size=2, max_cache_len=4096)          # static
     >>> cache.nbytes == cache.plan().total_bytes       # plan_kv(schedule, ..., batch=2, seq_len=4096, dtype=...)
@@ -26,6 +31,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ..kernels.naive import ring_positions
+from ..kv_plan import storage
 
 try:  # a transformers.Cache for HF models (generate, past_key_values); plain object otherwise
     from transformers.cache_utils import Cache as _CacheBase
@@ -47,19 +55,9 @@ class LayerKVSpec:
 
 
 def layer_specs(schedule) -> tuple[LayerKVSpec, ...]:
-    """The per-layer storage rules (module docstring) for a schedule."""
-    out = []
-    for spec in schedule.layers:
-        if spec.role == "full":
-            store = "full"
-        elif spec.merge or spec.kv_sharing == "none":
-            store = "full"
-        elif spec.kv_sharing == "both" or spec.window is None:
-            store = "none"
-        else:
-            store = "ring"
-        out.append(LayerKVSpec(spec.index, spec.role, store, spec.kv_source, spec.window))
-    return tuple(out)
+    """What each layer of a schedule stores (`kv_plan.storage`)."""
+    return tuple(LayerKVSpec(spec.index, spec.role, storage(spec), spec.kv_source, spec.window)
+                 for spec in schedule.layers)
 
 
 def _param_dtype(param) -> torch.dtype:
@@ -81,19 +79,7 @@ class HySparseCache(_CacheBase):
 
     def __init__(self, compiled, batch_size: int | None = None, max_cache_len: int | None = None, *, dtype=None,
                  device=None, grow: int = DEFAULT_GROW):
-        if _CacheBase is not object:
-            try:
-                super().__init__(layers=[])
-            except TypeError:  # transformers < 4.56: Cache() takes no layers
-                super().__init__()
-        state = getattr(compiled, "_hysparse_state", None)
-        if state is None:
-            raise TypeError(f"HySparseCache needs a compiled HySparse model (hs.compile(...)), got "
-                            f"{type(compiled).__name__}")
-        site = state.sites[0]
-        self.specs = layer_specs(compiled.schedule)
-        self.kv_heads, self.head_dim = site.kv_heads, site.head_dim
-        self.schedule = compiled.schedule
+        self._init_layout(compiled)
         param = next(iter(compiled.parameters()), None)
         self.device = torch.device(device) if device is not None else (param.device if param is not None
                                                                        else torch.device("cpu"))
@@ -116,6 +102,39 @@ class HySparseCache(_CacheBase):
             if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
                 raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
             self._batch = batch_size
+
+    def _init_layout(self, compiled) -> None:
+        if _CacheBase is not object:
+            try:
+                _CacheBase.__init__(self, layers=[])
+            except TypeError:  # transformers < 4.56: Cache() takes no layers
+                _CacheBase.__init__(self)
+        sites = getattr(compiled, "attention_sites", None)
+        if not sites:
+            raise TypeError(f"HySparseCache needs a compiled HySparse model (hs.compile(...)), got "
+                            f"{type(compiled).__name__}")
+        self.specs = layer_specs(compiled.schedule)
+        self.kv_heads, self.head_dim = sites[0].kv_heads, sites[0].head_dim
+        self.schedule = compiled.schedule
+
+    @classmethod
+    def from_tensors(cls, compiled, keys: dict, values: dict, lengths: Tensor, seen: int = 0) -> "HySparseCache":
+        """A cache over K/V tensors the caller owns, {layer: [B, Hkv, S, d]} for every layer that stores something
+        (a full layer's S is the capacity, a ring's its window), row b holding `lengths[b]` tokens: the exporters'
+        prefill and decode graphs, which take and return the cache as tensors. Static: never grows."""
+        cache = cls.__new__(cls)
+        cache._init_layout(compiled)
+        missing = [s.index for s in cache.specs if s.store != "none" and s.index not in keys]
+        if missing:
+            raise ValueError(f"from_tensors: no K/V given for layers {missing}, which store a cache")
+        cache.keys = [keys.get(i) for i in range(len(cache.specs))]
+        cache.values = [values.get(i) for i in range(len(cache.specs))]
+        first = next(t for t in cache.keys if t is not None)
+        cache.device, cache.dtype, cache.failed, cache.grow, cache.static = first.device, first.dtype, None, 1, True
+        full = [t.shape[2] for t, s in zip(cache.keys, cache.specs) if s.store == "full"]
+        cache._batch, cache.capacity, cache.seen = first.shape[0], max(full, default=0), seen
+        cache.lengths = lengths
+        return cache
 
     # ------------------------------------------------------------------------------------------- storage
     def _ring_slots(self, spec: LayerKVSpec, capacity: int) -> int:
@@ -271,12 +290,3 @@ def kv_dtype(compiled, device: torch.device) -> torch.dtype | None:
         pass
     param = next((p for p in compiled.parameters() if p.is_floating_point()), None)
     return param.dtype if param is not None else torch.float32
-
-
-def ring_positions(lengths: Tensor, W: int) -> Tensor:
-    """Position held by each ring slot when `lengths[b]` tokens were written: the latest p < lengths[b] with
-    p % W == slot, or -1. lengths int [B] -> int64 [B, W]."""
-    slots = torch.arange(W, device=lengths.device).view(1, W)
-    last = lengths.view(-1, 1).long() - 1
-    pos = last - torch.remainder(last - slots, W)
-    return torch.where(pos >= 0, pos, torch.full_like(pos, -1))

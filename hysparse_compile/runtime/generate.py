@@ -36,7 +36,7 @@ def sample_next(logits: Tensor, *, temperature: float = 0.0, top_k: int | None =
 
 
 def _check(compiled, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask):
-    if getattr(compiled, "_hysparse_state", None) is None:
+    if getattr(compiled, "attention_sites", None) is None:
         raise TypeError(f"generate needs a compiled HySparse model (hs.compile(model, schedule)), got "
                         f"{type(compiled).__name__}")
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -50,7 +50,7 @@ def _check(compiled, input_ids, max_new_tokens, temperature, top_k, top_p, atten
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if attention_mask is not None and "attention_mask" not in compiled._captured:
+    if attention_mask is not None and "attention_mask" not in compiled.graph_inputs:
         raise ValueError("attention_mask: this model's forward takes no attention_mask, so its batches cannot be "
                          "padded; generate one prompt length per call")
 

@@ -6,8 +6,9 @@ The compiled class of an HF model is `HySparse<Original>(HySparseModel, HFGenera
 `HFGenerationSupport` is a `PreTrainedModel` (and a `GenerationMixin`), so the tools that branch on
 `isinstance(model, PreTrainedModel)` take their HF path: `Trainer` saves checkpoints with the compiled model's own
 `save_pretrained` (which `hs.from_pretrained` loads), `type(compiled).from_pretrained(dir)` is
-`hs.from_pretrained(dir)`. `PreTrainedModel.__init__` is never run (it would re-check, and could change, the
-shared config's attention implementation); `init_hf` sets the instance attributes it would have set. What a
+`hs.from_pretrained(dir)` (the compiled class defines it: compiler.py). `PreTrainedModel.__init__` is never run (it
+would re-check, and could change, the shared config's attention implementation); `init_hf` sets the instance
+attributes it would have set. What a
 PreTrainedModel does by replacing or re-initializing modules (`resize_token_embeddings`, `init_weights`,
 `set_input_embeddings`) cannot reach the compiled graph and raises, saying what to do instead.
 
@@ -70,14 +71,6 @@ if GenerationMixin is not None:
                     aliases.append(name)
                 seen.add(id(tensor))
             return aliases or None
-
-        @classmethod
-        def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-            """`hysparse_compile.from_pretrained(directory, model=None, device=None, dtype=None)`: a compiled
-            checkpoint is rebuilt by compiling its original model again (see `hysparse_compile.checkpoint`)."""
-            from ..checkpoint import from_pretrained
-
-            return from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
         def post_init(self):
             raise RuntimeError("post_init / init_weights would re-initialize the compiled model's (shared) weights; "

@@ -1,91 +1,43 @@
 """The attention calls the compiler's rewrite puts in the graph: `full_layer`, `sparse_layer` and `positions`.
 
-Without a cached call in progress they are the plain prefill ops (`functional.full_attention` /
-`functional.sparse_attention`) and the identity: the compiled model's full-sequence forward, training, export.
-Inside a cached call (`step(...)`, set by `runtime.run.run_cached`) the same graph nodes read and write the
-`HySparseCache` of that call (docs/runtime.md):
+Each takes the model's call in progress as `call` (a `runtime.state.CallState`, passed by the graph; None when these
+functions are called on their own). Without a cached call in progress they are the plain prefill ops
+(`functional.full_attention` / `functional.sparse_attention`) and the identity: the compiled model's full-sequence
+forward, training, export. Inside a cached call (`call.step(...)`, set by `HySparseModel` around the graph call) the
+same graph nodes read and write the cache of that call (docs/runtime.md):
 
 | call | full layer | sparse layer |
 |---|---|---|
 | prefill (empty cache) | prefill op on the rolled, padding-free rows; writes its K/V | prefill op; writes its ring or own K/V |
 | decode (1 new token) | writes K/V at `lengths[b]`, `full_attention_decode` over the cache | writes its ring / K/V, `sparse_attention_decode` over the full layer's cache |
 | extend (R > 1 new tokens) | writes K/V, `extend.full_attention_extend` | `extend.sparse_attention_extend`, then writes its ring |
+
+The layer's parameters arrive as the node's keywords (readable in the printed graph) and travel on as one value
+(`kernels.params.FullParams` / `SparseParams`); `softcap` and a full layer's `sinks` are optional.
 """
 from __future__ import annotations
-
-import contextlib
-import threading
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .. import functional
+from ..kernels import backends
+from ..kernels.naive import ring_positions
+from ..kernels.params import FullParams, SparseParams
 from . import extend
-from .cache import HySparseCache, ring_positions
+from .state import CallState, Step
+
+__all__ = ["full_layer", "sparse_layer", "positions", "write_linear", "write_ring", "Step", "CallState"]
 
 
-@dataclass
-class Step:
-    """One cached call in progress: the cache, the kind of call, and per-row positions."""
-
-    cache: HySparseCache
-    mode: str  # "prefill" | "decode" | "extend"
-    start: Tensor  # int64 [B]: tokens cached per row before this call (the first new token's position)
-    new_lengths: Tensor  # int64 [B]: real (non-pad) new tokens per row
-    seen: Tensor  # int64 0-d: columns seen before this call (padding included), for models that number positions
-    positions: Tensor  # int64 [B, R]: start[b] + r, the cache slot of each new token (decode / extend)
-    cache_len: Tensor  # int32 [B]: start + 1, what the decode ops take (made once per call, not once per layer)
+def _active(call: CallState | None) -> Step | None:
+    return None if call is None else call.active
 
 
-class _CallState(threading.local):
-    """The cached call in progress and whether it is known unpadded, per thread: `generate` from a thread pool, a
-    streamer's background thread and two models in two threads each see only their own call (docs/runtime.md,
-    "Threads"). A `threading.local`, not a `ContextVar`: Dynamo traces attribute reads of a thread-local without a
-    graph break (`ContextVar.get` breaks the graph in torch 2.13), so `torch.compile(compiled)` stays one graph."""
-
-    active: Step | None = None
-    unpadded: bool = False
-
-
-_STATE = _CallState()
-
-
-@contextlib.contextmanager
-def step(s: Step):
-    """Make `s` the cached call the graph's attention nodes serve, in this thread, while the block runs. If the block
-    raises, the cache may hold part of the call's K/V: it is marked failed (`HySparseCache.failed`) and refuses
-    further calls until `reset()`."""
-    previous, _STATE.active = _STATE.active, s
-    try:
-        yield s
-    except BaseException as error:
-        s.cache.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
-        raise
-    finally:
-        _STATE.active = previous
-
-
-def active() -> Step | None:
-    return _STATE.active
-
-
-@contextlib.contextmanager
-def unpadded(known: bool = True):
-    """Inside the block the compiled model's call is known to carry no padding (no attention_mask was given, or it
-    is all ones): the graph's padding rolls (passes/graph_ops.py) are skipped, two gathers per tensor and layer."""
-    previous, _STATE.unpadded = _STATE.unpadded, bool(known)
-    try:
-        yield
-    finally:
-        _STATE.unpadded = previous
-
-
-def padding_free() -> bool:
-    """No row of the call in progress can be padded: it is known unpadded, or it is a cached decode / extend call
-    (new tokens after the first cached call are never padding; runtime/run.py checks it)."""
-    step = _STATE.active
-    return _STATE.unpadded or (step is not None and step.mode != "prefill")
+def _extend_backend(backend: str, op: str, q: Tensor, k: Tensor) -> str:
+    """The model's backend for an extend op, or `auto` where that backend has no extend kernel."""
+    return backends.for_op(backend, op, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
+                           group=q.shape[1] // k.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------- cache writes
@@ -103,7 +55,7 @@ def _check_dtype(stored: Tensor, k: Tensor, layer: int) -> None:
                         f"make the cache with HySparseCache(compiled, dtype={k.dtype})")
 
 
-def write_linear(cache: HySparseCache, layer: int, k: Tensor, v: Tensor, s: Step) -> None:
+def write_linear(cache, layer: int, k: Tensor, v: Tensor, s: Step) -> None:
     """Store a layer's new K/V [B, Hkv, R, d] at positions start .. start+R-1 (prefill: slots 0..T-1)."""
     kc, vc = cache.full_kv(layer)
     _check_dtype(kc, k, layer)
@@ -117,7 +69,7 @@ def write_linear(cache: HySparseCache, layer: int, k: Tensor, v: Tensor, s: Step
     vc.scatter_(2, idx, v)
 
 
-def write_ring(cache: HySparseCache, layer: int, k: Tensor, v: Tensor, s: Step) -> None:
+def write_ring(cache, layer: int, k: Tensor, v: Tensor, s: Step) -> None:
     """Store a layer's new K/V in its SWA ring (position p in slot p % W)."""
     kr, vr = cache.keys[layer], cache.values[layer]
     _check_dtype(kr, k, layer)
@@ -138,20 +90,24 @@ def write_ring(cache: HySparseCache, layer: int, k: Tensor, v: Tensor, s: Step) 
 
 # ---------------------------------------------------------------------------------------------- graph nodes
 def full_layer(q: Tensor, k: Tensor, v: Tensor, *, layer: int, block_size: int, topk: int, scale: float,
-               backend: str = "auto"):
-    """A full layer: q [B, Hq, R, d], k/v [B, Hkv, R, d] (this call's tokens) -> (out, indices int32)."""
-    s = _STATE.active
+               softcap: float | None = None, sinks: Tensor | None = None, backend: str = "auto",
+               call: CallState | None = None):
+    """A full layer: q [B, Hq, R, d], k/v [B, Hkv, R, d] (this call's tokens), sinks [Hq] or None
+    -> (out, indices int32)."""
+    s = _active(call)
+    p = FullParams.checked(block_size=block_size, topk=topk, scale=scale, softcap=softcap, head_dim=q.shape[-1])
+    kw = dict(block_size=p.block_size, topk=p.topk, scale=p.scale, softcap=p.softcap, sinks=sinks, backend=backend)
     if s is None or s.mode == "prefill":
-        out = functional.full_attention(q, k, v, block_size=block_size, topk=topk, scale=scale, backend=backend)
+        out = functional.full_attention(q, k, v, **kw)
         if s is not None:
             write_linear(s.cache, layer, k, v, s)
         return out
     write_linear(s.cache, layer, k, v, s)
     kc, vc = s.cache.full_kv(layer)
     if s.mode == "decode":
-        return functional.full_attention_decode(q, kc, vc, s.cache_len, block_size=block_size, topk=topk,
-                                                scale=scale, backend=backend)
-    return extend.full_attention_extend(q, kc, vc, s.start, block_size, topk, scale)
+        return functional.full_attention_decode(q, kc, vc, s.cache_len, **kw)
+    return extend.full_attention_extend(q, kc, vc, s.start, p.block_size, p.topk, p.scale, softcap=p.softcap,
+                                        sinks=sinks, backend=_extend_backend(backend, "full_attention_extend", q, k))
 
 
 def _decode_window(window: int | None, slots: int) -> int | None:
@@ -166,12 +122,14 @@ def _decode_window(window: int | None, slots: int) -> int | None:
 def sparse_layer(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_shared: Tensor, indices: Tensor, *,
                  layer: int, block_size: int, window: int | None, gate_sparse=None, gate_swa=None, sinks=None,
                  scale: float | None = None, merge: bool = False, save_branches: bool = False,
-                 backend: str = "auto") -> Tensor:
+                 softcap: float | None = None, backend: str = "auto", call: CallState | None = None) -> Tensor:
     """A sparse layer: q [B, Hq, R, d], this call's K/V as the compiler wired them (see rewrite.py), the full
     layer's indices int32 [B, Hkv, R, nsel] -> out [B, Hq, R, d]."""
-    s = _STATE.active
-    kwargs = dict(block_size=block_size, window=window, gate_sparse=gate_sparse, gate_swa=gate_swa, sinks=sinks,
-                  scale=scale, merge=merge, backend=backend)
+    s = _active(call)
+    p = SparseParams.checked(block_size=block_size, window=window, scale=scale, merge=merge, softcap=softcap,
+                             head_dim=q.shape[-1])
+    kwargs = dict(block_size=p.block_size, window=window, gate_sparse=gate_sparse, gate_swa=gate_swa, sinks=sinks,
+                  scale=p.scale, merge=p.merge, softcap=p.softcap, backend=backend)
     if s is None or s.mode == "prefill":
         out = functional.sparse_attention(q, k_own, v_own, k_shared, v_shared, indices, save_branches=save_branches,
                                           **kwargs)
@@ -202,17 +160,15 @@ def sparse_layer(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_sh
     else:  # a linear cache: position = slot
         k_w, v_w = k_win, v_win
         win_pos = torch.arange(k_win.shape[2], device=q.device).view(1, -1).expand(q.shape[0], -1)
-    scale = scale if scale is not None else q.shape[-1] ** -0.5
-    out = extend.sparse_attention_extend(q, k_sh, v_sh, indices, k_w, v_w, win_pos, s.start, block_size=block_size,
-                                         window=window, gate_sparse=gate_sparse, gate_swa=gate_swa, sinks=sinks,
-                                         scale=scale, merge=merge)
+    kwargs["backend"] = _extend_backend(backend, "sparse_attention_extend", q, k_sh)
+    out = extend.sparse_attention_extend(q, k_sh, v_sh, indices, k_w, v_w, win_pos, s.start, **kwargs)
     if spec.store == "ring":
         write_ring(cache, layer, k_own, v_own, s)
     return out
 
 
-def positions(x: Tensor) -> Tensor:
+def positions(x: Tensor, call: CallState | None = None) -> Tensor:
     """A model's own `arange(T)` position numbers (models without a position input), shifted by the columns a
     cached call has already seen."""
-    s = _STATE.active
+    s = _active(call)
     return x if s is None or s.mode == "prefill" else x + s.seen.to(x.dtype)

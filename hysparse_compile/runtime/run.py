@@ -2,8 +2,8 @@
 
 `HySparseModel` sends every call with `use_cache=True` or a `past_key_values` here. The inputs are brought to the
 graph's form (the new tokens' columns of `attention_mask`, positions that continue the cached ones), the call's
-`layers.Step` is made active, and the same graph as a full-sequence forward runs: its attention nodes read and
-write the cache (runtime/layers.py). Nothing here syncs with the device, so a static cache's decode step can be
+`state.Step` is made active on the model's `CallState`, and the same graph as a full-sequence forward runs: its
+attention nodes read and write the cache (runtime/layers.py). Nothing here syncs with the device, so a static cache's decode step can be
 captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..passes import graph_ops
-from . import layers
+from ..graph import graph_ops
 from .cache import HySparseCache, kv_dtype
+from .state import Step
 
 
 def _columns(name: str, x: Tensor | None, R: int, seen: int) -> Tensor | None:
@@ -38,7 +38,7 @@ def _check_cache(model, cache, ids: Tensor) -> HySparseCache:
     if cache.schedule != model.schedule:
         raise ValueError(f"past_key_values was made for schedule {cache.schedule.pattern!r}, not this model's "
                          f"{model.schedule.pattern!r}")
-    site = model._hysparse_state.sites[0]
+    site = model.attention_sites[0]
     if (cache.kv_heads, cache.head_dim) != (site.kv_heads, site.head_dim):
         raise ValueError(f"past_key_values was made for a model with {cache.kv_heads} KV heads of dim "
                          f"{cache.head_dim}, not this one's {site.kv_heads} of dim {site.head_dim}; make it with "
@@ -53,7 +53,7 @@ def _check_cache(model, cache, ids: Tensor) -> HySparseCache:
     return cache
 
 
-def prepare(model, call: dict, cache: HySparseCache | None, token: str) -> tuple[dict, HySparseCache, layers.Step]:
+def prepare(model, call: dict, cache: HySparseCache | None, token: str) -> tuple[dict, HySparseCache, Step]:
     """The graph's inputs for this call and its Step. call: the graph kwargs the module built (token ids, mask,
     positions as given or None)."""
     cache = HySparseCache(model) if cache is None else _check_cache(model, cache, call[token])
@@ -85,12 +85,12 @@ def prepare(model, call: dict, cache: HySparseCache | None, token: str) -> tuple
     seen_t = torch.full((), seen, dtype=torch.int64, device=ids.device)
     start = cache.lengths.clone()  # [B]
     positions = start.view(B, 1) + torch.arange(R, device=ids.device).view(1, R)  # [B, R]
-    step = layers.Step(cache=cache, mode=mode, start=start, new_lengths=new_lengths, seen=seen_t,
-                       positions=positions, cache_len=(start + 1).to(torch.int32))
+    step = Step(cache=cache, mode=mode, start=start, new_lengths=new_lengths, seen=seen_t, positions=positions,
+                cache_len=(start + 1).to(torch.int32))
     return call, cache, step
 
 
-def finish(step: layers.Step, R: int) -> None:
+def finish(step: Step, R: int) -> None:
     """Count the call's tokens into the cache (after every layer has read the old lengths)."""
     cache = step.cache
     if step.mode == "prefill":

@@ -1,4 +1,4 @@
-"""bench/bench_e2e.py --smoke: every section runs on CPU (tiny model, reference backend, torch.compile backend
+"""python -m bench.bench_e2e --smoke: every section runs on CPU (tiny model, reference backend, torch.compile backend
 "eager") and the JSON holds every row and every ratio with its target."""
 import json
 import os
@@ -14,7 +14,7 @@ def test_bench_e2e_smoke_writes_every_row_and_ratio(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", COLUMNS="200")
     env.pop("OUT", None)
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_e2e.py"), "--smoke", "--budget-s", "1e9",
+    result = subprocess.run([sys.executable, "-m", "bench.bench_e2e", "--smoke", "--budget-s", "1e9",
                              "--out", str(tmp_path), "--profile", "64", "--profile-fwdbwd", "64"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     out = result.stdout + result.stderr

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import bench_kernels  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: `bench` is a package there
+from bench import bench_kernels  # noqa: E402
 
 
 def test_trained_selections_become_kernel_indices_per_kv_head(tmp_path):

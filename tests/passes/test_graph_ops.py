@@ -1,7 +1,7 @@
 """The padding helpers the rewrite inserts: roll left-padded rows to right-padded and back."""
 import torch
 
-from hysparse_compile.passes import graph_ops
+from hysparse_compile.graph import graph_ops
 
 
 def test_left_pad_shift_counts_leading_pads_per_row():
@@ -35,7 +35,7 @@ def test_branch_gates_are_half_with_zero_weights_and_split_per_branch():
 
 
 def test_padding_rolls_run_only_when_a_row_is_padded(monkeypatch):
-    from hysparse_compile.passes import graph_ops
+    from hysparse_compile.graph import graph_ops
     from models import compiled_pair, logits
 
     _, compiled = compiled_pair("llama-sdpa")

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hysparse_compile import functional as F
 from hysparse_compile.kernels import backends
-from hysparse_compile.passes import graph_ops
+from hysparse_compile.graph import graph_ops
 from hysparse_compile.runtime import layers
 from models import compiled_pair, logits
 

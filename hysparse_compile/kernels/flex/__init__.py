@@ -3,7 +3,9 @@
 - full layer: causal flex for out and lse; block scores recomputed from q.k^T in query chunks; reference selection.
 - sparse layer: exact per-token sparse branch via a mask_mod lookup (block mask = per-tile union), SWA branch as a
   sliding-window block mask, merge as one mask, sinks through the lse, gates outside the kernel.
-- backward: autograd through flex (recomputed forward); decode: plain torch on the single query row.
+- backward: autograd through flex (recomputed forward); decode: the naive math on the single query row; extend
+  (R new tokens against a cache): flex with the rows' offsets in the masks (`extend.py`).
+- softcap: a score_mod; sinks (both layers): flex's output rescaled by `sigmoid(lse - sink)`.
 - CUDA runs torch.compile(flex_attention) (compiled once per process, one graph per shape and mask);
   CPU runs flex eagerly, so CPU CI pays no compile time.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .extend import full_attention_extend, sparse_attention_extend
 from .full_attention import full_attention_bwd, full_attention_decode, full_attention_fwd, scoring_chunk_elems
 from .sparse_attention import sparse_attention_bwd, sparse_attention_decode, sparse_attention_fwd
 
@@ -48,7 +51,7 @@ def supports(op: str, **meta) -> str | None:
 
 
 __all__ = [
-    "full_attention_fwd", "full_attention_bwd", "full_attention_decode",
-    "sparse_attention_fwd", "sparse_attention_bwd", "sparse_attention_decode",
+    "full_attention_fwd", "full_attention_bwd", "full_attention_decode", "full_attention_extend",
+    "sparse_attention_fwd", "sparse_attention_bwd", "sparse_attention_decode", "sparse_attention_extend",
     "supports", "NAME", "scoring_chunk_elems",
 ]

@@ -2,7 +2,8 @@
 
 FlexAttention cannot expose per-block row maxima, so the block scores are recomputed from q.k^T one query chunk at
 a time (at most [B, Hq, chunk, T] float32 logits alive), turned into probabilities with the lse that flex returned,
-max-reduced per key block and over the GQA group, and handed to the reference's `select_blocks`.
+max-reduced per key block and over the GQA group, and ranked by the naive math's `select_blocks`. Soft-capping is a
+`score_mod`; a per-head sink rescales flex's output by the sink's share of the denominator, `sigmoid(lse - sink)`.
 
 Also home of `flex_attend`, the one place that calls flex_attention (compiled on CUDA, eager on CPU; see there).
 The backward recomputes the flex forward under autograd: a second implementation and a baseline, not a fast path.
@@ -18,9 +19,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import flex_attention as _fa
 
-from ..reference.full_attention import block_max, causal_logits, compute_dtype
-from ..reference.full_attention import full_attention_decode as _torch_full_decode
-from ..reference.select_blocks import select_blocks
+from .. import naive
+from ..reference import full_attention_decode as _torch_full_decode
 
 Q_BLOCK = 128  # flex's query tile for every block mask we build (its default sparse block size)
 _CHUNK_ELEMS = {"cuda": 1 << 27, "cpu": 1 << 23}  # float32 logits per scoring chunk (512 MiB on CUDA); see below
@@ -47,11 +47,23 @@ def _identity_score(score, b, h, q_idx, kv_idx):
     return score
 
 
-def _hop_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float):
+@lru_cache(maxsize=16)
+def softcap_score(softcap: float):
+    """The score_mod of logit soft-capping, `softcap * tanh(score / softcap)` (None when softcap is 0: no mod)."""
+    if not softcap:
+        return None
+
+    def soft_capped(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return soft_capped
+
+
+def _hop_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, score_mod=None):
     """Eager flex through its higher-order op: the public function refuses backward on CPU, the op itself does not.
     Same math (flex's dense implementation); lse comes back in log2 units."""
     opts = _fa._apply_kernel_options(q, k, v, True, None, None)
-    out, lse, _ = _fa.flex_attention_hop(q, k, v, _identity_score, block_mask.as_tuple(), scale, opts)
+    out, lse, _ = _fa.flex_attention_hop(q, k, v, score_mod or _identity_score, block_mask.as_tuple(), scale, opts)
     return out, lse * math.log(2.0)
 
 
@@ -64,10 +76,12 @@ def kernel_options(device: torch.device, q_block: int, kv_block: int) -> dict | 
             "BLOCK_N2": n}
 
 
-def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, options: dict | None = None):
-    """out [B, Hq, T, d] (q's dtype), lse float32 [B, Hq, T] (natural log, -inf for rows with no key).
+def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, options: dict | None = None,
+                score_mod=None):
+    """out [B, Hq, R, d] (q's dtype), lse float32 [B, Hq, R] (natural log, -inf for rows with no key).
 
-    q [B, Hq, T, d], k/v [B, Hkv, T, d]; GQA through flex's enable_gqa (query head h reads KV head h // G).
+    q [B, Hq, R, d], k/v [B, Hkv, S, d]; GQA through flex's enable_gqa (query head h reads KV head h // G);
+    score_mod: flex's (e.g. `softcap_score(c)`), None for plain logits.
     CUDA: torch.compile(flex_attention), cached once per process (one graph per shape and mask; dynamo's recompile
     limit is lifted around the call). CPU: eager flex -- compiled flex on CPU is inference-only and cannot return
     the lse (torch 2.13), and eager spares CI the 15-30 s compiles; when autograd is recording on CPU, flex's own
@@ -75,7 +89,7 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, optio
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if q.device.type == "cpu" and needs_grad:
-        return _hop_attend(q, k, v, block_mask, scale)
+        return _hop_attend(q, k, v, block_mask, scale, score_mod)
     if not needs_grad:  # inside the op's forward the inputs may still carry requires_grad: eager flex refuses them
         q, k, v = q.detach(), k.detach(), v.detach()
     gqa = q.shape[1] != k.shape[1]
@@ -83,11 +97,12 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, optio
     if q.device.type == "cpu":
         with warnings.catch_warnings():  # eager flex warns that it is unfused: on CPU that is the choice
             warnings.simplefilter("ignore", UserWarning)
-            out, res = _fa.flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **aux)
+            out, res = _fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                          enable_gqa=gqa, **aux)
     else:
         with _recompile_limit_patch():
-            out, res = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-                                        kernel_options=options, **aux)
+            out, res = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                        enable_gqa=gqa, kernel_options=options, **aux)
     lse = res.lse if hasattr(res, "lse") else res
     return out, lse.float()
 
@@ -126,58 +141,81 @@ def _chunk_rows(B: int, Hq: int, T: int, device: torch.device) -> int:
     return max(1, min(T, _CHUNK_ELEMS.get(device.type, 1 << 23) // max(1, B * Hq * T)))
 
 
+def with_sink(o: Tensor, lse: Tensor, sinks: Tensor | None) -> Tensor:
+    """o * exp(lse) / (exp(lse) + exp(sink)) in float32: o [B, Hq, R, d], lse [B, Hq, R], sinks [Hq]."""
+    o = o.float()
+    if sinks is None:
+        return o
+    return o * torch.sigmoid(lse - sinks.float().view(1, -1, 1)).unsqueeze(-1)
+
+
 def block_scores_and_select(q: Tensor, k: Tensor, lse: Tensor, block_size: int, nsel: int, scale: float,
-                            return_scores: bool):
+                            return_scores: bool, *, softcap: float = 0.0, sinks: Tensor | None = None,
+                            query_pos: Tensor | None = None):
     """Block scores from q.k^T and lse, chunk by chunk over queries, then selection.
 
-    q [B, Hq, T, d], k [B, Hkv, T, d], lse float32 [B, Hq, T]
-    -> indices int32 [B, Hkv, T, nsel], scores float32 [B, Hq, T, nb] (or None unless return_scores)
+    q [B, Hq, R, d], k [B, Hkv, S, d], lse float32 [B, Hq, R] (keys alone; the sink joins the denominator here);
+    query_pos int [B | 1, R] (None: a prefill, row t at position t over keys 0..t)
+    -> indices int32 [B, Hkv, R, nsel], scores float32 [B, Hq, R, nb] (or None unless return_scores)
     """
-    B, Hq, T, _ = q.shape
-    Hkv = k.shape[1]
+    B, Hq, R, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    nb = -(-T // block_size)
-    ct = compute_dtype(q.dtype)
-    kf = k.to(ct)  # [B, Hkv, T, d], converted once
-    indices = torch.empty(B, Hkv, T, nsel, dtype=torch.int32, device=q.device)
-    scores = torch.zeros(B, Hq, T, nb, dtype=torch.float32, device=q.device) if return_scores else None
-    step = _chunk_rows(B, Hq, T, q.device)
-    for t0 in range(0, T, step):
-        t1 = min(T, t0 + step)
-        logits = causal_logits(q[:, :, t0:t1].to(ct), kf[:, :, :t1], t0, scale)  # [B, Hkv, G, C, t1]
-        s = torch.exp(block_max(logits, block_size) - lse[:, :, t0:t1].view(B, Hkv, G, -1, 1))  # [B,Hkv,G,C,nbc]
-        del logits
+    nb = -(-S // block_size)
+    ct = naive.compute_dtype(q.dtype)
+    kf = k.to(ct)  # [B, Hkv, S, d], converted once
+    den = lse if sinks is None else torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+    indices = torch.empty(B, Hkv, R, nsel, dtype=torch.int32, device=q.device)
+    scores = torch.zeros(B, Hq, R, nb, dtype=torch.float32, device=q.device) if return_scores else None
+    step = _chunk_rows(B, Hq, S, q.device)
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        pos = torch.arange(r0, r1, device=q.device).view(1, -1) if query_pos is None else query_pos[:, r0:r1]
+        keys = r1 if query_pos is None else S  # a prefill chunk reads keys up to its last row
+        s = naive.logits(q[:, :, r0:r1].to(ct), kf[:, :, :keys], scale, softcap)  # [B, Hkv, G, C, keys]
+        future = torch.arange(keys, device=q.device).view(1, 1, keys) > pos.unsqueeze(-1)
+        s = s.masked_fill(future.unsqueeze(1).unsqueeze(1), float("-inf"))
+        s = torch.exp(naive.block_max(s, block_size) - den[:, :, r0:r1].view(B, Hkv, G, -1, 1))  # [.., nbc + 1]
         if scores is not None:
-            scores[:, :, t0:t1, : s.shape[-1]] = s.reshape(B, Hq, t1 - t0, -1).float()
-        pos = torch.arange(t0, t1, device=q.device)
-        indices[:, :, t0:t1] = select_blocks(s.amax(dim=2), pos, block_size, nsel)
+            nbc = s.shape[-1] - 1
+            scores[:, :, r0:r1, :nbc] = s[..., :nbc].reshape(B, Hq, r1 - r0, -1).float()
+        indices[:, :, r0:r1] = naive.select_blocks(s.amax(dim=2), block_size, nsel, pos)
+        del s
     return indices, scores
 
 
 def full_attention_fwd(q: Tensor, k: Tensor, v: Tensor, block_size: int, topk: int, scale: float,
-                       return_scores: bool):
+                       return_scores: bool, *, sinks: Tensor | None = None, softcap: float = 0.0):
     """q [B, Hq, T, d], k/v [B, Hkv, T, d] -> out [B, Hq, T, d], indices int32 [B, Hkv, T, nsel],
-    lse float32 [B, Hq, T], scores float32 [B, Hq, T, nb] (empty unless return_scores)."""
+    lse float32 [B, Hq, T] (sinks excluded), scores float32 [B, Hq, T, nb] (empty unless return_scores)."""
     T = q.shape[2]
     with torch.no_grad():
-        out, lse = flex_attend(q, k, v, causal_block_mask(T, q.device), scale)
-        indices, scores = block_scores_and_select(q, k, lse, block_size, topk // block_size, scale, return_scores)
+        out, lse = flex_attend(q, k, v, causal_block_mask(T, q.device), scale, score_mod=softcap_score(softcap))
+        indices, scores = block_scores_and_select(q, k, lse, block_size, topk // block_size, scale, return_scores,
+                                                  softcap=softcap, sinks=sinks)
+    if sinks is not None:
+        out = with_sink(out, lse, sinks).to(q.dtype)
     return out, indices, lse, scores if scores is not None else q.new_empty(0, dtype=torch.float32)
 
 
-def full_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float):
-    """Causal-attention gradients by recomputing the flex forward under autograd. Returns dq, dk, dv."""
+def full_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, *,
+                       sinks: Tensor | None = None, softcap: float = 0.0):
+    """Causal-attention gradients by recomputing the flex forward under autograd (sinks are constants here: the op
+    computes their gradient). Returns dq, dk, dv."""
     with torch.enable_grad():
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        o, _ = flex_attend(qg, kg, vg, causal_block_mask(q.shape[2], q.device), scale)
-        dq, dk, dv = torch.autograd.grad(o, (qg, kg, vg), dout)
-    return dq, dk, dv
+        o, l = flex_attend(qg, kg, vg, causal_block_mask(q.shape[2], q.device), scale,
+                           score_mod=softcap_score(softcap))
+        if sinks is not None:
+            o = with_sink(o, l, sinks.detach())
+        dq, dk, dv = torch.autograd.grad(o, (qg, kg, vg), dout.to(o.dtype))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def full_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, block_size: int,
-                          topk: int, scale: float):
-    """One query row per sequence: plain torch over the cache (flex gains nothing on a single row).
+                          topk: int, scale: float, *, sinks: Tensor | None = None, softcap: float = 0.0):
+    """One query row per sequence: the reference's naive math over the cache (flex gains nothing on a single row).
 
     q [B, Hq, 1, d], k_cache/v_cache [B, Hkv, S, d], cache_len int [B] -> out [B, Hq, 1, d], indices [B, Hkv, 1, nsel]
     """
-    return _torch_full_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale)
+    return _torch_full_decode(q, k_cache, v_cache, cache_len, block_size, topk, scale, sinks=sinks, softcap=softcap)

@@ -1,5 +1,6 @@
 """Flex sparse layer: the sparse branch exact per token through a `mask_mod` lookup, the SWA branch as a
-sliding-window block mask, sinks through the returned lse, gates outside the kernel (SPEC §2.2, §2.4).
+sliding-window block mask, sinks through the returned lse, gates outside the kernel, soft-capping as a score_mod
+(docs/design.md, `sparse_attention`).
 
 The sparse branch's `mask_mod` reads a boolean table [B, Hkv, T, nb + 1] scattered from the indices (column nb
 swallows the -1 padding); its `block_mask` is the union of the selected blocks over each 128-row query tile, so
@@ -15,17 +16,9 @@ import torch
 from torch import Tensor
 from torch.nn.attention import flex_attention as _fa
 
-from ..reference.sparse_attention import sparse_attention_decode as _torch_sparse_decode
-from .full_attention import Q_BLOCK, flex_attend, kernel_options
-
-
-def selected_block_table(indices: Tensor, nb: int) -> Tensor:
-    """indices int32 [B, Hkv, T, nsel] (-1 = none) -> bool [B, Hkv, T, nb + 1], True where a block is selected
-    (column nb collects the padding and is ignored)."""
-    idx = indices.long()
-    idx = torch.where((idx >= 0) & (idx < nb), idx, torch.full_like(idx, nb))
-    table = torch.zeros(*indices.shape[:3], nb + 1, dtype=torch.bool, device=indices.device)
-    return table.scatter_(-1, idx, True)
+from ..naive import block_table
+from ..reference import sparse_attention_decode as _torch_sparse_decode
+from .full_attention import Q_BLOCK, flex_attend, kernel_options, softcap_score, with_sink
 
 
 def _tile_union(table: Tensor, T: int, nb: int) -> Tensor:
@@ -64,7 +57,7 @@ def sparse_block_mask(indices: Tensor, T: int, Hq: int, block_size: int, merge_w
     """
     B, Hkv = indices.shape[:2]
     G, nb = Hq // Hkv, -(-T // block_size)
-    table = selected_block_table(indices, nb)  # [B, Hkv, T, nb + 1]
+    table = block_table(indices, nb)  # [B, Hkv, T, nb + 1]
     union = _tile_union(table, T, nb)  # [B, Hkv, nqb, nb]
     if merge_window:
         union = union | _window_union(T, nb, block_size, merge_window, indices.device)
@@ -97,16 +90,8 @@ def window_block_mask(T: int, window: int, block_size: int, device: torch.device
                                  _compile=device.type == "cuda")
 
 
-def _with_sink(o: Tensor, lse: Tensor, sinks: Tensor | None) -> Tensor:
-    """o * exp(lse) / (exp(lse) + exp(sink)) in float32: o [B, Hq, T, d], lse [B, Hq, T], sinks [Hq]."""
-    o = o.float()
-    if sinks is None:
-        return o
-    return o * torch.sigmoid(lse - sinks.float().view(1, -1, 1)).unsqueeze(-1)
-
-
 def _forward(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks, block_size, window,
-             scale, merge, for_backward=False):
+             scale, merge, for_backward=False, softcap=0.0):
     """Differentiable sparse layer. Returns out float32 [B, Hq, T, d], lse float32 [B, Hq, T, 2].
 
     for_backward: on CUDA the recomputed forward uses 128-key mask blocks and flex's own tiles, because its
@@ -117,8 +102,9 @@ def _forward(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa
     no_key = torch.full((B, Hq, T), float("-inf"), device=q.device)
     with torch.no_grad():
         sparse_mask = sparse_block_mask(indices, T, Hq, block_size, window if merge else 0, kv_block)
-    o_sp, lse_sp = flex_attend(q, k_shared, v_shared, sparse_mask, scale, opts)
-    out = _with_sink(o_sp, lse_sp, sinks)
+    score_mod = softcap_score(softcap)
+    o_sp, lse_sp = flex_attend(q, k_shared, v_shared, sparse_mask, scale, opts, score_mod)
+    out = with_sink(o_sp, lse_sp, sinks)
     if merge:
         return out, torch.stack([lse_sp, no_key], -1)
     if gate_sparse is not None:
@@ -126,24 +112,24 @@ def _forward(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa
     lse_swa = no_key
     if window:
         o_swa, lse_swa = flex_attend(q, k_own, v_own, window_block_mask(T, window, kv_block, q.device), scale,
-                                     opts)
-        o_swa = _with_sink(o_swa, lse_swa, sinks)
+                                     opts, score_mod)
+        o_swa = with_sink(o_swa, lse_swa, sinks)
         out = out + (o_swa * gate_swa.float() if gate_swa is not None else o_swa)
     return out, torch.stack([lse_sp, lse_swa], -1)
 
 
 def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
-                         block_size, window, scale, merge, save_branches):
+                         block_size, window, scale, merge, save_branches, *, softcap: float = 0.0):
     """See docs/design.md. q [B, Hq, T, d], k_*/v_* [B, Hkv, T, d], indices int32 [B, Hkv, T, nsel]
     -> out [B, Hq, T, d], lse float32 [B, Hq, T, 2], branch_out (always empty: the backward recomputes)."""
     with torch.no_grad():
         out, lse = _forward(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
-                            block_size, window, scale, merge)
+                            block_size, window, scale, merge, softcap=softcap)
     return out.to(q.dtype), lse, q.new_empty(0)
 
 
 def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
-                         out, lse, branch_out, block_size, window, scale, merge):
+                         out, lse, branch_out, block_size, window, scale, merge, *, softcap: float = 0.0):
     """Gradients by recomputing the flex forward under autograd (zeros for K/V a branch did not read, None for
     absent gates/sinks). Returns (dq, dk_own, dv_own, dk_shared, dv_shared, dgate_sparse, dgate_swa, dsinks)."""
     with torch.enable_grad():
@@ -151,7 +137,7 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
                   for x in (q, k_own, v_own, k_shared, v_shared, gate_sparse, gate_swa, sinks)]
         q_, ko, vo, ks, vs, gsp, gsw, sk = leaves
         o, _ = _forward(q_, ko, vo, ks, vs, indices, gsp, gsw, sk, block_size, window, scale, merge,
-                        for_backward=True)
+                        for_backward=True, softcap=softcap)
         live = [x for x in leaves if x is not None]
         grads = iter(torch.autograd.grad(o, live, dout.float(), allow_unused=True))
     result = []
@@ -162,11 +148,11 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
 
 
 def sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa, sinks,
-                            block_size, window, scale, merge):
+                            block_size, window, scale, merge, *, softcap: float = 0.0):
     """One query row per sequence: plain torch (a block mask over one row saves nothing over a masked row).
 
     q [B, Hq, 1, d]; k_win/v_win [B, Hkv, W, d] ring buffer; k_shared/v_shared [B, Hkv, S, d];
     indices [B, Hkv, 1, nsel]; cache_len [B] -> out [B, Hq, 1, d]
     """
     return _torch_sparse_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa,
-                                sinks, block_size, window, scale, merge)
+                                sinks, block_size, window, scale, merge, softcap=softcap)

@@ -3,7 +3,10 @@
 Full layer: `full_attention.py` (flash forward with running per-head top-k of block maxima, GQA merge in
 `select_blocks.py`, FA2-style backward) and `full_attention_decode.py` (split-K). Sparse layer:
 `sparse_attention.py` (both branches in one kernel over the per-tile block union of `block_union.py`),
-`sparse_attention_bwd.py`, `sparse_attention_decode.py`. Design notes: docs/kernels_full.md, docs/kernels_sparse.md.
+`sparse_attention_bwd.py`, `sparse_attention_decode.py`. Shared constants and helpers: `common.py`. Every kernel
+takes the op parameters' options (soft-capping; sinks on the full layer) as constexpr flags. Design notes:
+docs/kernels_full.md, docs/kernels_sparse.md. The launchers (`launch_*`) are the public way in for other code
+(export/aoti_triton.py); the kernels themselves are private to this folder.
 """
 from .full_attention import full_attention_bwd, full_attention_fwd, full_attention_supports
 from .full_attention_decode import full_attention_decode
@@ -16,12 +19,15 @@ NAME = "triton"
 
 def supports(op: str, **meta) -> str | None:
     """Why the Triton kernels cannot run `op` for these inputs (see `backends.unsupported_reason`), or None."""
+    if op.endswith("_extend"):
+        return (f"there is no fused Triton kernel for {op} yet (R > 1 new tokens against a cache); the flex and "
+                f"reference backends run it")
     if op.startswith("full_attention"):
         return full_attention_supports(op, **meta)
-    return sparse_attention_supports(**meta)
+    return sparse_attention_supports(**{"op": op, **meta})
 
 
 __all__ = [
     "full_attention_fwd", "full_attention_bwd", "full_attention_decode",
-    "sparse_attention_fwd", "sparse_attention_bwd", "sparse_attention_decode", "supports",
+    "sparse_attention_fwd", "sparse_attention_bwd", "sparse_attention_decode", "supports", "NAME",
 ]

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .online_softmax import LOG2E
+from .common import LOG2E, soft_cap, soft_cap_with_slope, softcap2
 
 
 @triton.jit
@@ -67,9 +67,9 @@ def _block_kv(KS, VS, b, g, j, live, T, sksb, sksh, skst, svsb, svsh, svst, BLOC
 def _block_partials_kernel(
     Q, KS, VS, LIST, START, ITEM_BUCKET, ITEM_CHUNK, OP, LP,
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst,
-    T, T_BEGIN, TC, HKV, NB, NSEL, qk_scale2,
+    T, T_BEGIN, TC, HKV, NB, NSEL, qk_scale2, cap2,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     live, bg, j, b, g, lo, hi = _work_item(ITEM_BUCKET, ITEM_CHUNK, START, NB, HKV, CHUNK)
     dd = tl.arange(0, D)
@@ -87,7 +87,7 @@ def _block_partials_kernel(
         t = T_BEGIN + pair // NSEL
         s_slot = pair % NSEL
         q = tl.load(q_base[:, None] + t.to(tl.int64)[:, None] * sqt + dd[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale2  # [BLOCK_M, BLOCK_N], log2 domain
+        s = soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP)  # [BLOCK_M, BLOCK_N], log2 domain
         vis = ok[:, None] & (kpos[None, :] <= t[:, None])  # t < T, so the key exists
         s = tl.where(vis, s, float("-inf"))
         m = tl.max(s, axis=1)
@@ -109,9 +109,9 @@ def _block_partials_kernel(
 def _block_grads_kernel(
     Q, KS, VS, DO, L2, DELTA, LIST, START, ITEM_BUCKET, ITEM_CHUNK, DQ, DK, DV,
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst,
-    T, HKV, NB, NSEL, qk_scale2, scale,
+    T, HKV, NB, NSEL, qk_scale2, scale, cap2,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Sparse-branch gradients of one work item (key block j of one KV group, one chunk of its list): dq rows / scale
     added to DQ (fp32 [B, Hq, T, D]), dK_j/dV_j to DK/DV (fp32 [B, Hkv, T, D]). DO/L2/DELTA are contiguous [B, Hq, T, *]
@@ -137,9 +137,13 @@ def _block_grads_kernel(
         l2 = tl.load(L2 + r, mask=ok, other=0.0)
         delta = tl.load(DELTA + r, mask=ok, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale2
+        if SOFTCAP:
+            s, slope = soft_cap_with_slope(s, cap2)
         p = tl.where(ok[:, None] & (kpos[None, :] <= t[:, None]), tl.exp2(s - l2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * slope
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         tl.atomic_add(DQ + r[:, None] * D + dd[None, :], tl.dot(ds.to(k.dtype), k), mask=ok[:, None], sem="relaxed")
@@ -202,7 +206,7 @@ def default_config(G, D, block_size, tok=None, chunk=None, num_warps=None, num_s
 
 
 def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, op, lp, tok=None, chunk=None,
-                   num_warps=None, num_stages=None):
+                   num_warps=None, num_stages=None, softcap=0.0):
     """Sparse-branch partials of the tokens `t_begin .. t_begin + TC - 1`.
 
     q [B, Hq, T, d]; k_shared, v_shared [B, Hkv, T, d] (last dim unit stride); indices int32 [B, Hkv, TC, nsel]
@@ -220,8 +224,8 @@ def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, 
     _block_partials_kernel[(item_bucket.numel(),)](
         q, k_shared, v_shared, lists, start, item_bucket, item_chunk, op, lp,
         *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3],
-        T, t_begin, TC, Hkv, n_blocks, nsel, scale2,
-        G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk,
+        T, t_begin, TC, Hkv, n_blocks, nsel, scale2, softcap2(softcap),
+        G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk, SOFTCAP=bool(softcap),
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -241,7 +245,7 @@ def grads_config(G, D, block_size, tok=None, chunk=None, num_warps=None, num_sta
 
 
 def block_grads(q, k_shared, v_shared, do, l2, delta, indices, block_size, scale, dq, dk, dv, tok=None, chunk=None,
-                num_warps=None, num_stages=None):
+                num_warps=None, num_stages=None, softcap=0.0):
     """Sparse-branch gradients in K/V-block-major order, added into dq [B, Hq, T, d] (dq / scale: the caller scales
     it once), dk, dv [B, Hkv, T, d] (all float32, contiguous; the caller zeroes them). do, l2 (log2-sum-exp, sinks
     folded in), delta: contiguous [B, Hq, T, *] rows of the sparse branch; indices int32 [B, Hkv, T, nsel]. Knobs:
@@ -256,8 +260,8 @@ def block_grads(q, k_shared, v_shared, do, l2, delta, indices, block_size, scale
     _block_grads_kernel[(item_bucket.numel(),)](
         q, k_shared, v_shared, do, l2, delta, lists, start, item_bucket, item_chunk, dq, dk, dv,
         *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3],
-        T, Hkv, n_blocks, nsel, scale * LOG2E, scale,
-        G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk,
+        T, Hkv, n_blocks, nsel, scale * LOG2E, scale, softcap2(softcap),
+        G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk, SOFTCAP=bool(softcap),
         num_warps=num_warps, num_stages=num_stages,
     )
 

@@ -71,18 +71,25 @@ def tile_block_union(indices: torch.Tensor, m_tok: int):
     nT = ceil(T / m_tok) and U = m_tok * nsel; entries of union/member_bits past count are unspecified.
     """
     assert 1 <= m_tok <= 64, m_tok
-    B, Hkv, T, nsel = indices.shape
-    assert -(-T // 64) < 2**25 - 1, "block indices must fit 25 bits"
-    n_tiles = -(-T // m_tok)
-    U = m_tok * nsel
+    assert -(-indices.shape[2] // 64) < 2**25 - 1, "block indices must fit 25 bits"
     idx = indices if indices.dtype == torch.int32 else indices.to(torch.int32)
     if idx.stride(-1) != 1:
         idx = idx.contiguous()
-    union = torch.empty(B, Hkv, n_tiles, U, device=idx.device, dtype=torch.int32)
-    bits = torch.empty(B, Hkv, n_tiles, U, device=idx.device, dtype=torch.int64)
-    count = torch.empty(B, Hkv, n_tiles, device=idx.device, dtype=torch.int32)
+    return launch_tile_union(idx, m_tok)
+
+
+def launch_tile_union(idx: torch.Tensor, m_tok: int, wrap=lambda kernel: kernel):
+    """The launcher of `_tile_union_kernel`: idx int32 [B, Hkv, T, nsel] with unit last stride -> (union, bits,
+    count) as `tile_block_union`. `wrap`: how the kernel is launched (`torch.library.wrap_triton` inside a
+    `triton_op`)."""
+    B, Hkv, T, nsel = idx.shape
+    n_tiles = -(-T // m_tok)
+    U = m_tok * nsel
+    union = torch.empty((B, Hkv, n_tiles, U), device=idx.device, dtype=torch.int32)
+    bits = torch.empty((B, Hkv, n_tiles, U), device=idx.device, dtype=torch.int64)
+    count = torch.empty((B, Hkv, n_tiles), device=idx.device, dtype=torch.int32)
     n_p2 = max(16, triton.next_power_of_2(U))
-    _tile_union_kernel[(n_tiles, B * Hkv)](
+    wrap(_tile_union_kernel)[(n_tiles, B * Hkv)](
         idx, union, bits, count, *idx.stride()[:3], T, Hkv, nsel, n_tiles,
         M_TOK=m_tok, N_P2=n_p2, U=U, num_warps=4 if n_p2 <= 512 else 8)
     return union, bits, count

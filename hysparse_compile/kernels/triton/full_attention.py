@@ -8,20 +8,24 @@ merges the G heads of each KV group. No T x T/B score tensor is written. Derivat
 
 Backward: FA2-style (delta = rowsum(dO * O); dk/dv over query tiles, summed over the G heads of a group; dq over
 key tiles). Selection is not differentiated.
-"""
 
-import os
+Options, constexpr so that a launch without them compiles the arithmetic it always had: `SOFTCAP` (logits ->
+softcap * tanh(logits / softcap); the cap is monotone, so the block maxima of the capped logits are the capped
+maxima and the running top list is unchanged) and `HAS_SINKS` (a per-head sink logit joins each row's denominator;
+`lse` stays the keys' own, the candidates' log block scores and the backward's probabilities use the sink-inclusive
+denominator, which the backward receives folded into `lse`).
+
+Launchers (`launch_forward`, `launch_block_scores`) are public: the eager functions below and the AOTInductor
+`triton_op`s (export/aoti_triton.py) both call them, the latter with `wrap=torch.library.wrap_triton`.
+"""
 
 import torch
 import triton
 import triton.language as tl
 
-from .select_blocks import merge_head_candidates
+from .common import INTERPRET, LN2_C, LOG2E, LOG2E_C, soft_cap, soft_cap_with_slope, softcap2
+from .select_blocks import launch_merge_heads
 
-LOG2E = 1.4426950408889634
-LOG2E_C = tl.constexpr(LOG2E)  # globals used inside kernels must be constexpr
-LN2 = tl.constexpr(0.6931471805599453)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Tuned on H100 (bench/tune_full_attention.py); the interpreter uses the smallest legal tiles.
 FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
@@ -82,9 +86,9 @@ def _insert_block(top_v, top_i, m_blk, blk):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, start_n, offs_m, offs_n, offs_d, skt, svt, T, qk_scale,
+def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, start_n, offs_m, offs_n, offs_d, skt, svt, T, qk_scale, cap2,
               DIAG: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
-              SELECT: tl.constexpr):
+              SELECT: tl.constexpr, SOFTCAP: tl.constexpr):
     kn = start_n + offs_n
     if DIAG:
         k = tl.load(K + kn[:, None] * skt + offs_d[None, :], mask=kn[:, None] < T, other=0.0)
@@ -96,6 +100,8 @@ def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, start_n, offs_m, offs_n, off
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] unscaled; qk_scale > 0 so max(qk) * s == max(qk * s)
+    if SOFTCAP:  # capped logits, back in qk's units (the cap is monotone: the block maxima below stay maxima)
+        qk = soft_cap(qk * qk_scale, cap2, True) / qk_scale
     if DIAG:
         qk = tl.where((offs_m[:, None] >= kn[None, :]) & (kn[None, :] < T), qk, float("-inf"))
     # block scores: row max of each key block in this tile (scaled, log2 units)
@@ -127,11 +133,12 @@ def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, start_n, offs_m, offs_n, off
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, CandS, CandI,
+    Q, K, V, Out, Lse, CandS, CandI, Sinks,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, Hq, G, qk_scale,
+    T, Hq, G, qk_scale, cap2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     NSEL: tl.constexpr, NSEL_P2: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # a traced caller (AOTInductor, wrap_triton) passes Python floats as fp64
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query tiles first
@@ -154,21 +161,29 @@ def _fwd_kernel(
     lo = start_m * BLOCK_M
     for start_n in range(0, lo, BLOCK_N):  # strictly below the diagonal: no masks
         acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, start_n, offs_m, offs_n,
-                                                offs_d, skt, svt, T, qk_scale, False, BLOCK_N, BS, IEEE, SELECT)
+                                                offs_d, skt, svt, T, qk_scale, cap2, False, BLOCK_N, BS, IEEE, SELECT,
+                                                SOFTCAP)
     hi = tl.minimum(lo + BLOCK_M, T)
     for start_n in range(lo, hi, BLOCK_N):  # diagonal tiles: causal + bounds masks
         acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, start_n, offs_m, offs_n,
-                                                offs_d, skt, svt, T, qk_scale, True, BLOCK_N, BS, IEEE, SELECT)
+                                                offs_d, skt, svt, T, qk_scale, cap2, True, BLOCK_N, BS, IEEE, SELECT,
+                                                SOFTCAP)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    if HAS_SINKS:  # the sink's exp joins the denominator (rows past T have m = -inf: never stored)
+        l_den = l_i + tl.math.exp2(tl.load(Sinks + h).to(tl.float32) * LOG2E_C - m_i)
+        out = acc / l_den[:, None]
+    else:
+        out = acc / l_safe[:, None]
     row_ok = offs_m < T
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
     lse2 = m_i + tl.math.log2(l_safe)  # log2 units
-    tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse2 * LN2, mask=row_ok)
+    tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse2 * LN2_C, mask=row_ok)
+    if HAS_SINKS:
+        lse2 = m_i + tl.math.log2(l_den)  # the block scores' denominator includes the sink
     # candidates: log block score (m_j - lse), natural log; empty / dead slots -> (-inf, -1)
     real = top_i >= 0
-    cand_s = tl.where(real, (top_v - lse2[:, None]) * LN2, float("-inf"))
+    cand_s = tl.where(real, (top_v - lse2[:, None]) * LN2_C, float("-inf"))
     cand_i = tl.where(real, top_i, -1)
     c_off = (bh.to(tl.int64) * T + offs_m[:, None]) * NSEL_P2 + tl.arange(0, NSEL_P2)[None, :]
     if SELECT:
@@ -178,8 +193,9 @@ def _fwd_kernel(
 
 @triton.jit
 def _block_scores_kernel(
-    Q, K, Lse, Scores, sqb, sqh, sqt, skb, skh, skt, T, Hq, G, NB, qk_scale,
+    Q, K, Lse, Sinks, Scores, sqb, sqh, sqt, skb, skh, skt, T, Hq, G, NB, qk_scale, cap2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     """Per-head block scores S [B, Hq, T, NB] (inspection path, return_scores=True)."""
     start_m = tl.program_id(0)
@@ -191,6 +207,10 @@ def _block_scores_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
     lse2 = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0) * LOG2E_C
+    if HAS_SINKS:  # scores are probabilities of the sink-inclusive softmax
+        sink2 = tl.load(Sinks + h).to(tl.float32) * LOG2E_C
+        top = tl.maximum(lse2, sink2)
+        lse2 = top + tl.math.log2(tl.math.exp2(lse2 - top) + tl.math.exp2(sink2 - top))
     Kb = K + b * skb + (h // G) * skh
     row = (bh.to(tl.int64) * T + offs_m) * NB
     for j in range(0, NB):
@@ -200,6 +220,7 @@ def _block_scores_kernel(
             qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         else:
             qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = soft_cap(qk, cap2, SOFTCAP)
         qk = tl.where((offs_m[:, None] >= kn[None, :]) & (kn[None, :] < T), qk, float("-inf"))
         s = tl.math.exp2(tl.max(qk, 1) - lse2)  # 0 for future blocks
         tl.store(Scores + row + j, s, mask=offs_m < T)
@@ -208,7 +229,8 @@ def _block_scores_kernel(
 INTERPRET_FWD_CONFIG = None  # tests set this to exercise the GPU tiling (BLOCK_N > block_size) on the interpreter
 
 
-def _fwd_config(block_size, head_dim):
+def forward_config(block_size, head_dim):
+    """Tiles of the forward kernel: tuned on H100 (FWD_CONFIG), the smallest legal ones in the interpreter."""
     if INTERPRET and INTERPRET_FWD_CONFIG is not None:
         return dict(INTERPRET_FWD_CONFIG)
     if INTERPRET:
@@ -219,61 +241,74 @@ def _fwd_config(block_size, head_dim):
     return cfg
 
 
-def full_attention_fwd(q, k, v, block_size, topk, scale, return_scores):
+def _eager(kernel):
+    return kernel
+
+
+def full_attention_fwd(q, k, v, block_size, topk, scale, return_scores, *, sinks=None, softcap=0.0):
     """Causal attention + block selection.
 
     q [B, Hq, T, d], k/v [B, Hkv, T, d] -> out [B, Hq, T, d] (q.dtype), indices int32 [B, Hkv, T, nsel]
-    (ascending, -1 padded), lse float32 [B, Hq, T], scores float32 [B, Hq, T, ceil(T/block_size)] or empty.
+    (ascending, -1 padded), lse float32 [B, Hq, T] (the keys' own: sinks excluded), scores float32
+    [B, Hq, T, ceil(T/block_size)] or empty. sinks [Hq] or None; softcap 0.0 (off) or > 0.
     """
     if INTERPRET and q.dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot is wrong: run fp32, cast back
         out, indices, lse, scores = full_attention_fwd(q.float(), k.float(), v.float(), block_size, topk, scale,
-                                                       return_scores)
+                                                       return_scores, sinks=sinks, softcap=softcap)
         return out.to(q.dtype), indices, lse, scores
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out, lse, cand_s, cand_i = attention_with_candidates(q, k, v, block_size, topk, scale)
+    out, lse, cand_s, cand_i = launch_forward(q, k, v, sinks, block_size, topk, scale, softcap)
     if topk >= block_size:
-        indices = merge_head_candidates(cand_s, cand_i, Hkv, topk // block_size)  # [B, Hkv, T, nsel]
+        indices = launch_merge_heads(cand_s, cand_i, Hkv, topk // block_size, length=T)  # [B, Hkv, T, nsel]
     else:
         indices = torch.empty(B, Hkv, T, 0, dtype=torch.int32, device=q.device)
     scores = torch.empty(0, dtype=torch.float32, device=q.device)
     if return_scores:
-        nb = triton.cdiv(T, block_size)
-        scores = torch.empty(B, Hq, T, nb, dtype=torch.float32, device=q.device)
-        bm = max(16, min(64, triton.next_power_of_2(T)))
-        _block_scores_kernel[(triton.cdiv(T, bm), B * Hq)](
-            q, k, lse, scores, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            T, Hq, Hq // Hkv, nb, scale * LOG2E, HEAD_DIM=d, BLOCK_M=bm, BS=block_size,
-            IEEE=q.dtype == torch.float32, num_warps=4,
-        )
+        scores = launch_block_scores(q, k, lse, sinks, block_size, scale, softcap)
     return out, indices, lse, scores
 
 
-def attention_with_candidates(q, k, v, block_size, topk, scale):
-    """The flash pass alone: out [B, Hq, T, d], lse [B, Hq, T], per-head candidates cand_s float32 / cand_i int32
-    [B, Hq, T, NSEL_P2] (log block score, block index; -inf / -1 in empty slots). q/k/v: unit last stride."""
+def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=_eager):
+    """The flash pass: out [B, Hq, T, d], lse [B, Hq, T], per-head candidates cand_s float32 / cand_i int32
+    [B, Hq, T, NSEL_P2] (log block score, block index; -inf / -1 in empty slots). q/k/v: unit last stride; sinks
+    [Hq] or None. `wrap`: how the kernel is launched (`torch.library.wrap_triton` inside a `triton_op`)."""
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     nsel = max(1, topk // block_size)
     nsel_p2 = triton.next_power_of_2(nsel)
     out = torch.empty_like(q)  # [B, Hq, T, d]
-    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
-    cand_s = torch.empty(B, Hq, T, nsel_p2, dtype=torch.float32, device=q.device)
-    cand_i = torch.empty(B, Hq, T, nsel_p2, dtype=torch.int32, device=q.device)
-    cfg = _fwd_config(block_size, d)
-    ieee = q.dtype == torch.float32
-    qk_scale = scale * LOG2E
+    lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
+    cand_s = torch.empty((B, Hq, T, nsel_p2), dtype=torch.float32, device=q.device)
+    cand_i = torch.empty((B, Hq, T, nsel_p2), dtype=torch.int32, device=q.device)
+    cfg = forward_config(block_size, d)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, cand_s, cand_i,
+    wrap(_fwd_kernel)[grid](
+        q, k, v, out, lse, cand_s, cand_i, sinks if sinks is not None else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        T, Hq, Hq // Hkv, qk_scale,
+        T, Hq, Hq // Hkv, scale * LOG2E, softcap2(softcap),
         HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BS=block_size, NSEL=nsel, NSEL_P2=nsel_p2,
-        IEEE=ieee, SELECT=topk >= block_size, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        IEEE=q.dtype == torch.float32, SELECT=topk >= block_size, SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse, cand_s, cand_i
+
+
+def launch_block_scores(q, k, lse, sinks, block_size, scale, softcap=0.0, wrap=_eager):
+    """Per-head block scores float32 [B, Hq, T, ceil(T / block_size)] from q, k and the forward's lse."""
+    B, Hq, T, d = q.shape
+    nb = triton.cdiv(T, block_size)
+    scores = torch.empty(B, Hq, T, nb, dtype=torch.float32, device=q.device)
+    bm = max(16, min(64, triton.next_power_of_2(T)))
+    wrap(_block_scores_kernel)[(triton.cdiv(T, bm), B * Hq)](
+        q, k, lse, sinks if sinks is not None else lse, scores, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+        k.stride(1), k.stride(2), T, Hq, Hq // k.shape[1], nb, scale * LOG2E, softcap2(softcap),
+        HEAD_DIM=d, BLOCK_M=bm, BS=block_size, IEEE=q.dtype == torch.float32, SOFTCAP=bool(softcap),
+        HAS_SINKS=sinks is not None, num_warps=4,
+    )
+    return scores
 
 
 @triton.jit
@@ -287,8 +322,9 @@ def _dot(a, b, IEEE: tl.constexpr):
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,  # DO shares q's layout via its own strides
-    T, Hq, Hkv, qk_scale, scale,
+    T, Hq, Hkv, qk_scale, scale, cap2,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bg = tl.program_id(1)
@@ -316,11 +352,15 @@ def _bwd_dkdv_kernel(
             lse2 = tl.load(Lse + row + offs_m, mask=m_ok, other=0.0) * LOG2E_C
             delta = tl.load(Delta + row + offs_m, mask=m_ok, other=0.0)
             qkT = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BLOCK_N, BLOCK_M]
+            if SOFTCAP:
+                qkT, slopeT = soft_cap_with_slope(qkT, cap2)
             pT = tl.math.exp2(qkT - lse2[None, :])
             pT = tl.where((offs_m[None, :] >= offs_n[:, None]) & m_ok[None, :], pT, 0.0)
             dv += _dot(pT.to(do.dtype), do, IEEE)
             dpT = _dot(v, tl.trans(do), IEEE)  # [BLOCK_N, BLOCK_M]
             dsT = pT * (dpT - delta[None, :])
+            if SOFTCAP:
+                dsT = dsT * slopeT
             dk += _dot(dsT.to(q.dtype), q, IEEE)
     # DK/DV are contiguous [B, Hkv, T, d]
     o_off = ((b * Hkv + g).to(tl.int64) * T + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
@@ -332,8 +372,9 @@ def _bwd_dkdv_kernel(
 def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    T, Hq, G, qk_scale, scale,
+    T, Hq, G, qk_scale, scale, cap2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -357,10 +398,14 @@ def _bwd_dq_kernel(
         k = tl.load(Kb + offs_n[:, None] * skt + offs_d[None, :], mask=n_ok, other=0.0)
         v = tl.load(Vb + offs_n[:, None] * svt + offs_d[None, :], mask=n_ok, other=0.0)
         qk = _dot(q, tl.trans(k), IEEE) * qk_scale
+        if SOFTCAP:
+            qk, slope = soft_cap_with_slope(qk, cap2)
         p = tl.math.exp2(qk - lse2[:, None])
         p = tl.where((offs_m[:, None] >= offs_n[None, :]) & m_ok[:, None], p, 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * slope
         dq += _dot(ds.to(k.dtype), k, IEEE)
     o_off = (bh.to(tl.int64) * T + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + o_off, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
@@ -394,17 +439,21 @@ def _bwd_delta(dout, out):
     return delta
 
 
-def full_attention_bwd(dout, q, k, v, out, lse, scale):
-    """Plain causal flash backward. dout/q/out [B, Hq, T, d], k/v [B, Hkv, T, d], lse float32 [B, Hq, T].
+def full_attention_bwd(dout, q, k, v, out, lse, scale, *, sinks=None, softcap=0.0):
+    """Plain causal flash backward. dout/q/out [B, Hq, T, d], k/v [B, Hkv, T, d], lse float32 [B, Hq, T] (the
+    keys' own); sinks [Hq] or None (a constant here: the op computes their gradient); softcap 0.0 or > 0.
 
     Returns dq [B, Hq, T, d], dk/dv [B, Hkv, T, d] (contiguous, dtype of the inputs); GQA heads summed per group.
     """
     if INTERPRET and q.dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot is wrong: run fp32, cast back
-        grads = full_attention_bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, scale)
+        grads = full_attention_bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, scale,
+                                   sinks=sinks, softcap=softcap)
         return tuple(g.to(q.dtype) for g in grads)
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     q, k, v, dout, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout, out))
+    if sinks is not None:  # the probabilities' denominator includes the sink
+        lse = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
     lse = lse.contiguous()
     delta = _bwd_delta(dout, out)  # [B, Hq, T] fp32, without fp32 copies of dout and out
     dq = torch.empty(B, Hq, T, d, dtype=q.dtype, device=q.device)
@@ -418,11 +467,12 @@ def full_attention_bwd(dout, q, k, v, out, lse, scale):
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _bwd_dkdv_kernel[(triton.cdiv(T, bn), B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, *strides, T, Hq, Hkv, scale * LOG2E, scale,
-        G=Hq // Hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages,
+        q, k, v, dout, lse, delta, dk, dv, *strides, T, Hq, Hkv, scale * LOG2E, scale, softcap2(softcap),
+        G=Hq // Hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, SOFTCAP=bool(softcap), num_warps=warps,
+        num_stages=stages,
     )
     _bwd_dq_kernel[(triton.cdiv(T, bn), B * Hq)](
-        q, k, v, dout, lse, delta, dq, *strides, T, Hq, Hq // Hkv, scale * LOG2E, scale,
-        HEAD_DIM=d, BLOCK_M=bn, BLOCK_N=bm, IEEE=ieee, num_warps=warps, num_stages=stages,
+        q, k, v, dout, lse, delta, dq, *strides, T, Hq, Hq // Hkv, scale * LOG2E, scale, softcap2(softcap),
+        HEAD_DIM=d, BLOCK_M=bn, BLOCK_N=bm, IEEE=ieee, SOFTCAP=bool(softcap), num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv

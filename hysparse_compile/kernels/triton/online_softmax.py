@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # logits are scaled by scale * LOG2E so that exp2 gives exp
+from .common import LOG2E  # noqa: F401  (re-exported: the serving plugin's kernels import it from here)
 
 
 @triton.jit

@@ -57,20 +57,23 @@ def _merge_heads_kernel(
     tl.store(out, picked, mask=(offs_t[:, None] < T) & (col[None, :] < NSEL))
 
 
-def merge_head_candidates(cand_scores, cand_ids, num_kv_heads, nsel):
+def launch_merge_heads(cand_scores, cand_ids, num_kv_heads, nsel, length=None, wrap=lambda kernel: kernel):
     """Group selection from per-head candidates.
 
     cand_scores float32 [B, Hq, T, NSEL_P2] (log block scores, -inf empty), cand_ids int32 same shape (-1 empty).
-    Returns indices int32 [B, Hkv, T, nsel], sorted ascending, -1 padded.
+    Returns indices int32 [B, Hkv, T, nsel], sorted ascending, -1 padded. `length`: T when known on the host (the
+    row tile is then no taller than the sequence); None in a traced `triton_op` (`wrap=wrap_triton`), where T is
+    symbolic.
     """
     B, Hq, T, nsel_p2 = cand_scores.shape
     G = Hq // num_kv_heads
-    indices = torch.empty(B, num_kv_heads, T, nsel, dtype=torch.int32, device=cand_scores.device)
+    indices = torch.empty((B, num_kv_heads, T, nsel), dtype=torch.int32, device=cand_scores.device)
     # keep the candidate tile near 4k elements per program
     block_t = max(1, min(64, 4096 // (triton.next_power_of_2(G) * nsel_p2)))
-    block_t = min(block_t, triton.next_power_of_2(T))
+    if length is not None:
+        block_t = min(block_t, triton.next_power_of_2(length))
     grid = (triton.cdiv(T, block_t), B * num_kv_heads)
-    _merge_heads_kernel[grid](
+    wrap(_merge_heads_kernel)[grid](
         cand_scores, cand_ids, indices, T, Hq, num_kv_heads,
         G=G, G_P2=triton.next_power_of_2(G), NSEL=nsel, NSEL_P2=nsel_p2, BLOCK_T=block_t, num_warps=4,
     )

@@ -7,6 +7,9 @@ that row's token did not select and the keys after it; the SWA branch then walks
 `[t0 - window + 1, t0 + m_tok - 1]`. Each branch keeps its own online softmax; the per-head sink logit joins each
 denominator; gates are applied in the epilogue and `out` is written once. `merge=True` runs one softmax over the
 selected blocks and the window keys not already selected (the window walk skips selected blocks per row).
+`SOFTCAP` (constexpr) caps both branches' logits; a launch without it compiles the arithmetic it always had.
+`launch_forward` is the token-major kernel's public launcher: the eager function below and the AOTInductor
+`triton_op` (export/aoti_triton.py) both call it.
 
 Semantics and shapes: docs/design.md (backend interface); design notes and numbers: docs/kernels_sparse.md.
 """
@@ -19,23 +22,24 @@ import triton.language as tl
 
 from .block_major import block_partials
 from .block_union import choose_tokens_per_tile, tile_block_union, tokens_per_tile
-from .online_softmax import LOG2E, normalize_with_sink, online_softmax_step
+from .common import INTERPRET, LN2_C, LOG2E, LOG2E_C, soft_cap, softcap2
+from .online_softmax import normalize_with_sink, online_softmax_step
 
 
 @triton.jit
-def _row_member(bits, row_tok):
+def row_member(bits, row_tok):
     """Rows whose token has bit `row_tok` set in the tile-union membership word `bits`."""
     return ((bits >> row_tok.to(tl.int64)) & 1) != 0
 
 
 @triton.jit
-def _row_selected(sel, j):
+def row_selected(sel, j):
     """[M] rows whose selection list `sel [M, NSEL]` contains block `j`."""
     return tl.sum((sel == j).to(tl.int32), axis=1) > 0
 
 
 @triton.jit
-def _row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2: tl.constexpr):
+def row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2: tl.constexpr):
     """[M, NSEL_P2] the selected blocks of each row's token (-1 padded)."""
     i_off = b.to(tl.int64) * sib + g.to(tl.int64) * sih + tpos.to(tl.int64) * sit
     slots = tl.arange(0, NSEL_P2)
@@ -43,7 +47,7 @@ def _row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2: tl.con
 
 
 @triton.jit
-def _kv_block(k_base, v_base, j, skt, svt, T, BLOCK_N: tl.constexpr, D: tl.constexpr):
+def kv_block(k_base, v_base, j, skt, svt, T, BLOCK_N: tl.constexpr, D: tl.constexpr):
     """Key block j of one KV head: positions [BLOCK_N] and k, v [BLOCK_N, D] (zeros past T)."""
     kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
     kmask = (kpos < T)[:, None]
@@ -54,19 +58,19 @@ def _kv_block(k_base, v_base, j, skt, svt, T, BLOCK_N: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _window_blocks(t0, T, window, M_TOK: tl.constexpr, BLOCK_N: tl.constexpr):
+def window_blocks(t0, T, window, M_TOK: tl.constexpr, BLOCK_N: tl.constexpr):
     """First and last own-K/V block that the SWA windows of tokens t0 .. t0 + M_TOK - 1 reach."""
     return tl.maximum(t0 - window + 1, 0) // BLOCK_N, tl.minimum(t0 + M_TOK - 1, T - 1) // BLOCK_N
 
 
 @triton.jit
-def _in_window(kpos, tpos, row_ok, window):
+def in_window(kpos, tpos, row_ok, window):
     """[M, BLOCK_N] keys at or before each row's token and within its last `window` positions."""
     return row_ok[:, None] & (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - window)
 
 
 @triton.jit
-def _gate_offsets(b, heads, tpos, sgb, sgh, sgt, sgd, MODE: tl.constexpr, D: tl.constexpr):
+def gate_offsets(b, heads, tpos, sgb, sgh, sgt, sgd, MODE: tl.constexpr, D: tl.constexpr):
     """[M, D] element offsets of a gate's rows: per channel (MODE 2) or one value per head, repeated over d (1)."""
     off = b.to(tl.int64) * sgb + heads.to(tl.int64) * sgh + tpos.to(tl.int64) * sgt
     if MODE == 2:
@@ -78,9 +82,9 @@ def _gate_offsets(b, heads, tpos, sgb, sgh, sgt, sgd, MODE: tl.constexpr, D: tl.
 
 @triton.jit
 def _swa_branch(q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok,
-                skob, skoh, skot, svob, svoh, svot, sib, sih, sit, T, NSEL, qk_scale2, window,
+                skob, skoh, skot, svob, svoh, svot, sib, sih, sit, T, NSEL, qk_scale2, cap2, window,
                 M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr):
+                NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, SOFTCAP: tl.constexpr):
     """SWA branch (own K/V, positions t-window+1..t) of a tile; merged into the sparse softmax state when MERGE.
 
     Returns the sparse state (changed only when MERGE) and the SWA branch's (m_w, l_w, acc_w)."""
@@ -89,16 +93,16 @@ def _swa_branch(q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok,
     acc_w = tl.zeros([BLOCK_M, D], tl.float32)
     if HAS_SWA:
         if MERGE:
-            sel = _row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2)
+            sel = row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2)
         ko_base = KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh
         vo_base = VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh
-        lo, hi = _window_blocks(t0, T, window, M_TOK, BLOCK_N)
+        lo, hi = window_blocks(t0, T, window, M_TOK, BLOCK_N)
         for j in range(lo, hi + 1):
-            kpos, k, v = _kv_block(ko_base, vo_base, j, skot, svot, T, BLOCK_N, D)
-            s = tl.dot(q, tl.trans(k)) * qk_scale2
-            ok = _in_window(kpos, tpos, row_ok, window)
+            kpos, k, v = kv_block(ko_base, vo_base, j, skot, svot, T, BLOCK_N, D)
+            s = soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP)
+            ok = in_window(kpos, tpos, row_ok, window)
             if MERGE:
-                ok = ok & (~_row_selected(sel, j))[:, None]
+                ok = ok & (~row_selected(sel, j))[:, None]
                 s = tl.where(ok, s, float("-inf"))
                 m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
             else:
@@ -116,15 +120,15 @@ def _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, 
     `out` is written once. Both kernels that call it run on a grid whose axis 1 is B * Hkv."""
     dd = tl.arange(0, D)
     if HAS_SINKS:
-        sink2 = tl.load(SINKS + heads).to(tl.float32) * 1.4426950408889634
+        sink2 = tl.load(SINKS + heads).to(tl.float32) * LOG2E_C
     else:
         sink2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     o_s = normalize_with_sink(m_s, l_s, acc_s, sink2)
     o_w = normalize_with_sink(m_w, l_w, acc_w, sink2)
 
     o_off = ((b * (HKV * G) + heads).to(tl.int64) * T + tpos)  # row of a contiguous [B, Hq, T, *] tensor
-    lse_s = tl.where(l_s > 0, (m_s + tl.log2(l_s)) * 0.6931471805599453, float("-inf"))
-    lse_w = tl.where(l_w > 0, (m_w + tl.log2(l_w)) * 0.6931471805599453, float("-inf"))
+    lse_s = tl.where(l_s > 0, (m_s + tl.log2(l_s)) * LN2_C, float("-inf"))
+    lse_w = tl.where(l_w > 0, (m_w + tl.log2(l_w)) * LN2_C, float("-inf"))
     tl.store(LSE + o_off * 2, lse_s, mask=row_ok)
     tl.store(LSE + o_off * 2 + 1, lse_w, mask=row_ok)
     if SAVE:
@@ -132,10 +136,10 @@ def _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, 
         tl.store(BR + o_off[:, None] * D + dd[None, :], o_s.to(BR.dtype.element_ty), mask=row_ok[:, None])
         tl.store(BR + (n_rows + o_off)[:, None] * D + dd[None, :], o_w.to(BR.dtype.element_ty), mask=row_ok[:, None])
     if GS_MODE > 0:  # 1: per head [.., 1], 2: per channel [.., d]
-        gs_off = _gate_offsets(b, heads, tpos, sgsb, sgsh, sgst, sgsd, GS_MODE, D)
+        gs_off = gate_offsets(b, heads, tpos, sgsb, sgsh, sgst, sgsd, GS_MODE, D)
         o_s = o_s * tl.load(GS + gs_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
     if GW_MODE > 0:
-        gw_off = _gate_offsets(b, heads, tpos, sgwb, sgwh, sgwt, sgwd, GW_MODE, D)
+        gw_off = gate_offsets(b, heads, tpos, sgwb, sgwh, sgwt, sgwd, GW_MODE, D)
         o_w = o_w * tl.load(GW + gw_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
     tl.store(OUT + o_off[:, None] * D + dd[None, :], (o_s + o_w).to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
@@ -146,10 +150,10 @@ def _sparse_fwd_kernel(
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst, skob, skoh, skot, svob, svoh, svot,
     sub, suh, sut, sib, sih, sit,
     sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd,
-    T, HKV, NSEL, qk_scale2, window,
+    T, HKV, NSEL, qk_scale2, cap2, window,
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_SINKS: tl.constexpr,
-    GS_MODE: tl.constexpr, GW_MODE: tl.constexpr, SAVE: tl.constexpr, PAIR: tl.constexpr,
+    GS_MODE: tl.constexpr, GW_MODE: tl.constexpr, SAVE: tl.constexpr, PAIR: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     qk_scale2 = tl.cast(qk_scale2, tl.float32)  # a traced caller (AOTInductor, wrap_triton) passes floats as fp64
     tile = tl.program_id(0)
@@ -189,25 +193,25 @@ def _sparse_fwd_kernel(
             ld = ((kpos < T) & (cols2 < tl.minimum(n_union - u, 2) * BLOCK_N))[:, None]
             k = tl.load(ks_base + kpos.to(tl.int64)[:, None] * skst + dd[None, :], mask=ld, other=0.0)
             v = tl.load(vs_base + kpos.to(tl.int64)[:, None] * svst + dd[None, :], mask=ld, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale2
-            mem0 = (_row_member(bits0, row_tok) & row_ok)[:, None]
-            mem1 = (_row_member(bits1, row_tok) & row_ok)[:, None]
+            s = soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP)
+            mem0 = (row_member(bits0, row_tok) & row_ok)[:, None]
+            mem1 = (row_member(bits1, row_tok) & row_ok)[:, None]
             ok = tl.where(hi_half[None, :], mem1, mem0) & (kpos[None, :] <= tpos[:, None])
             s = tl.where(ok, s, float("-inf"))
             m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
     else:
         for u in range(0, n_union):
             j = tl.load(UNION + u_base + u)
-            kpos, k, v = _kv_block(ks_base, vs_base, j, skst, svst, T, BLOCK_N, D)
+            kpos, k, v = kv_block(ks_base, vs_base, j, skst, svst, T, BLOCK_N, D)
             bits = tl.load(BITS + u_base + u)
-            s = tl.dot(q, tl.trans(k)) * qk_scale2  # [BLOCK_M, BLOCK_N], log2 domain
-            ok = (_row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
+            s = soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP)  # [BLOCK_M, BLOCK_N], log2 domain
+            ok = (row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
             s = tl.where(ok, s, float("-inf"))
             m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
 
     m_s, l_s, acc_s, m_w, l_w, acc_w = _swa_branch(
         q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
-        T, NSEL, qk_scale2, window, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, MERGE, HAS_SWA)
+        T, NSEL, qk_scale2, cap2, window, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, MERGE, HAS_SWA, SOFTCAP)
     _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, heads, tpos, row_ok,
               sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, T, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE, SAVE)
 
@@ -217,10 +221,10 @@ def _sparse_fwd_partials_kernel(
     Q, KO, VO, OP, LP, IDX, GS, GW, SINKS, OUT, LSE, BR,
     sqb, sqh, sqt, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
     sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd,
-    T, T_BEGIN, TC, HKV, NSEL, qk_scale2, window,
+    T, T_BEGIN, TC, HKV, NSEL, qk_scale2, cap2, window,
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NSEL_P2: tl.constexpr, HAS_SWA: tl.constexpr, HAS_SINKS: tl.constexpr,
-    GS_MODE: tl.constexpr, GW_MODE: tl.constexpr, SAVE: tl.constexpr,
+    GS_MODE: tl.constexpr, GW_MODE: tl.constexpr, SAVE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Block-major path, second pass: the tile's rows fold their `NSEL` sparse partials (`block_major.py`: normalized
     output and log2-sum-exp per (row, slot)) into the sparse branch's (m, l, acc) state, then the SWA branch and the
@@ -260,20 +264,20 @@ def _sparse_fwd_partials_kernel(
         q = tl.load(Q + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
     m_s, l_s, acc_s, m_w, l_w, acc_w = _swa_branch(
         q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
-        T, NSEL, qk_scale2, window, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, False, HAS_SWA)
+        T, NSEL, qk_scale2, cap2, window, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, False, HAS_SWA, SOFTCAP)
     _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, heads, tpos, row_ok,
               sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, T, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE, SAVE)
 
 
-def _last_dim_unit(x):
+def last_dim_unit(x):
     return x if x is None or x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def _gate_mode(gate):
+def gate_mode(gate):
     return 0 if gate is None else (2 if gate.shape[-1] > 1 else 1)
 
 
-def _gate_strides(gate):
+def gate_strides(gate):
     return (0, 0, 0, 0) if gate is None else tuple(gate.stride())
 
 
@@ -328,7 +332,7 @@ def choose_order(count, nsel, T, G=None):
 
 def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
                          block_size, window, scale, merge, save_branches, m_tok=None, num_warps=None,
-                         num_stages=None, pair=False, order=None, block_major=None):
+                         num_stages=None, pair=False, order=None, block_major=None, *, softcap=0.0):
     """Fused sparse layer forward.
 
     q [B, Hq, T, d]; k_own, v_own, k_shared, v_shared [B, Hkv, T, d]; indices int32 [B, Hkv, T, nsel] (ascending,
@@ -349,6 +353,7 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
     (they tune that kernel). `merge=True` always runs token-major.
     `block_major`: dict of knobs of the block-major pass: tok (tokens per step, ~64 rows), chunk (entries per
     program), num_warps, num_stages (see `block_major.default_config`), max_partial_bytes (default 1 GiB).
+    softcap: 0.0 (off) or c > 0, both branches' logits -> c * tanh(logits / c).
     """
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]
@@ -360,8 +365,8 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
     if merge:  # one softmax over selected + window keys of the layer's own K/V, passed as k_shared/v_shared
         k_own, v_own = k_shared, v_shared
         order = "token"
-    q, k_own, v_own, k_shared, v_shared = (_last_dim_unit(x) for x in (q, k_own, v_own, k_shared, v_shared))
-    gate_sparse, gate_swa = _last_dim_unit(gate_sparse), _last_dim_unit(gate_swa)
+    q, k_own, v_own, k_shared, v_shared = (last_dim_unit(x) for x in (q, k_own, v_own, k_shared, v_shared))
+    gate_sparse, gate_swa = last_dim_unit(gate_sparse), last_dim_unit(gate_swa)
     indices = indices.contiguous()
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, 2, device=q.device, dtype=torch.float32)
@@ -370,8 +375,8 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
     dummy = out
     common = (gate_sparse if gate_sparse is not None else dummy, gate_swa if gate_swa is not None else dummy,
               sinks if sinks is not None else dummy, out, lse, branch_out if save_branches else dummy)
-    epi_meta = dict(HAS_SWA=window > 0, HAS_SINKS=sinks is not None, GS_MODE=_gate_mode(gate_sparse),
-                    GW_MODE=_gate_mode(gate_swa), SAVE=bool(save_branches))
+    epi_meta = dict(HAS_SWA=window > 0, HAS_SINKS=sinks is not None, GS_MODE=gate_mode(gate_sparse),
+                    GW_MODE=gate_mode(gate_swa), SAVE=bool(save_branches), SOFTCAP=bool(softcap))
     if order == "block":
         union = None
     elif m_tok == "auto":  # 128 or 64 rows from the union sizes (one host sync); measured no faster, see docs
@@ -383,21 +388,40 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
         order = "token" if pair or m_tok_given else choose_order(count, nsel, T, G)
     if order == "block":
         _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, common, epi_meta,
-                         block_size, window, scale, None if m_tok == "auto" else m_tok, num_warps, num_stages,
-                         block_major or {})
+                         block_size, window, scale, softcap, None if m_tok == "auto" else m_tok, num_warps,
+                         num_stages, block_major or {})
         return out, lse, branch_out
+    launch_forward(q, k_own, v_own, k_shared, v_shared, indices, (union, bits, count), gate_sparse, gate_swa, common,
+                   epi_meta, block_size, window, scale, softcap, merge, m_tok, num_warps, num_stages, pair)
+    return out, lse, branch_out
+
+
+def _eager(kernel):
+    return kernel
+
+
+def launch_forward(q, k_own, v_own, k_shared, v_shared, indices, work, gate_sparse, gate_swa, outputs, meta,
+                   block_size, window, scale, softcap, merge, m_tok, num_warps=None, num_stages=None, pair=False,
+                   wrap=_eager):
+    """Launch the token-major kernel. q, K/V, gates with unit last stride; work = (union, bits, count) of
+    `block_union.launch_tile_union` for `m_tok` tokens per tile; outputs = (gate_sparse, gate_swa, sinks, out, lse,
+    branch_out), each a tensor (a stand-in where absent, never read); meta = HAS_SWA, HAS_SINKS, GS_MODE, GW_MODE,
+    SAVE, SOFTCAP. `wrap`: how the kernel is launched (`torch.library.wrap_triton` inside a `triton_op`)."""
+    B, Hq, T, D = q.shape
+    Hkv = k_shared.shape[1]
+    G = Hq // Hkv
+    nsel = indices.shape[-1]
+    union, bits, count = work
     m_tok, block_m, num_warps, num_stages = launch_config(G, D, block_size, m_tok, num_warps, num_stages)
-    grid = (triton.cdiv(T, m_tok), B * Hkv)
-    _sparse_fwd_kernel[grid](
-        q, k_shared, v_shared, k_own, v_own, union, bits, count, indices, *common,
+    wrap(_sparse_fwd_kernel)[(triton.cdiv(T, m_tok), B * Hkv)](
+        q, k_shared, v_shared, k_own, v_own, union, bits, count, indices, *outputs,
         *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3], *k_own.stride()[:3], *v_own.stride()[:3],
         *union.stride()[:3], *indices.stride()[:3],
-        *_gate_strides(gate_sparse), *_gate_strides(gate_swa),
-        T, Hkv, nsel, scale * LOG2E, window,
+        *gate_strides(gate_sparse), *gate_strides(gate_swa),
+        T, Hkv, nsel, scale * LOG2E, softcap2(softcap), window,
         G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
-        MERGE=bool(merge), PAIR=bool(pair), num_warps=num_warps, num_stages=num_stages, **epi_meta,
+        MERGE=bool(merge), PAIR=bool(pair), num_warps=num_warps, num_stages=num_stages, **meta,
     )
-    return out, lse, branch_out
 
 
 def partial_chunk_tokens(B, Hq, T, D, nsel, elt, m_tok, max_partial_bytes=None):
@@ -409,7 +433,7 @@ def partial_chunk_tokens(B, Hq, T, D, nsel, elt, m_tok, max_partial_bytes=None):
 
 
 def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, common, epi_meta,
-                     block_size, window, scale, m_tok, num_warps, num_stages, knobs):
+                     block_size, window, scale, softcap, m_tok, num_warps, num_stages, knobs):
     """order="block": per token chunk, sparse partials (`block_major.block_partials`), then
     `_sparse_fwd_partials_kernel` (merge, SWA branch, epilogue) writes out/lse/branch_out of the chunk's rows."""
     B, Hq, T, D = q.shape
@@ -429,12 +453,12 @@ def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, 
         n = min(tc, T - t_begin)
         lp.fill_(float("-inf"))  # slots that selected no block keep -inf (the merge skips them)
         idx = indices[:, :, t_begin:t_begin + n]
-        block_partials(q, k_shared, v_shared, idx, block_size, scale2, t_begin, op, lp, **knobs)
+        block_partials(q, k_shared, v_shared, idx, block_size, scale2, t_begin, op, lp, softcap=softcap, **knobs)
         _sparse_fwd_partials_kernel[(triton.cdiv(n, m_tok), B * Hkv)](
             q, k_own, v_own, op, lp, indices, *common,
             *q.stride()[:3], *k_own.stride()[:3], *v_own.stride()[:3], *indices.stride()[:3],
-            *_gate_strides(gate_sparse), *_gate_strides(gate_swa),
-            T, t_begin, n, Hkv, nsel, scale2, window,
+            *gate_strides(gate_sparse), *gate_strides(gate_swa),
+            T, t_begin, n, Hkv, nsel, scale2, softcap2(softcap), window,
             G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
             num_warps=num_warps, num_stages=num_stages, **epi_meta,
         )
@@ -452,7 +476,7 @@ def sparse_attention_supports(op="sparse_attention", **meta):
     if op not in ("sparse_attention", "sparse_attention_decode"):
         return f"{op} is not a sparse-layer op"
     device = meta.get("device")
-    if device is not None and torch.device(device).type != "cuda" and not _interpreting():
+    if device is not None and torch.device(device).type != "cuda" and not INTERPRET:
         return f"triton {op} needs a CUDA device (got {device}); set TRITON_INTERPRET=1 to run on CPU"
     dtype = meta.get("dtype")
     if dtype is not None and str(dtype).replace("torch.", "") not in ("float16", "bfloat16", "float32"):
@@ -469,9 +493,5 @@ def sparse_attention_supports(op="sparse_attention", **meta):
     return None
 
 
-def _interpreting():
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-__all__ = ["sparse_attention_fwd", "sparse_attention_supports", "launch_config", "forward_order", "choose_order"]
+__all__ = ["sparse_attention_fwd", "sparse_attention_supports", "launch_config", "launch_forward", "forward_order",
+           "choose_order"]

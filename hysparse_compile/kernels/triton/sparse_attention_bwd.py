@@ -17,21 +17,27 @@ import torch
 import triton
 import triton.language as tl
 
-from . import sparse_attention as _fwd
+from . import sparse_attention as fwd
 from .block_major import block_grads
 from .block_union import tile_block_union
-from .sparse_attention import (LOG2E, _gate_mode, _gate_offsets, _gate_strides, _in_window, _kv_block,
-                               _last_dim_unit, _row_member, _row_selected, _row_selection, _window_blocks,
+from .common import soft_cap_with_slope, softcap2
+from .sparse_attention import (LOG2E, gate_mode, gate_offsets, gate_strides, in_window, kv_block,
+                               last_dim_unit, row_member, row_selected, row_selection, window_blocks,
                                launch_config, sparse_attention_fwd)
 
 
 @triton.jit
-def _block_grads(q, do, k, v, ok, l2, delta, qk_scale2):
-    """dS, P of one K/V block for the tile's rows (0 outside `ok`). Returns (ds, p) in float32."""
+def _block_grads(q, do, k, v, ok, l2, delta, qk_scale2, cap2, SOFTCAP: tl.constexpr):
+    """dS, P of one K/V block for the tile's rows (0 outside `ok`); dS is with respect to the raw (uncapped)
+    logits. Returns (ds, p) in float32."""
     s = tl.dot(q, tl.trans(k)) * qk_scale2
+    if SOFTCAP:
+        s, slope = soft_cap_with_slope(s, cap2)
     p = tl.where(ok, tl.exp2(s - l2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * slope
     return ds, p
 
 
@@ -41,10 +47,10 @@ def _sparse_bwd_kernel(
     DQ_ACC, DQ, DKS, DVS, DKO, DVO,
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst, skob, skoh, skot, svob, svoh, svot,
     sub, suh, sut, sib, sih, sit,
-    T, HKV, NSEL, qk_scale2, scale, window,
+    T, HKV, NSEL, qk_scale2, scale, cap2, window,
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, ATOMIC_KV: tl.constexpr,
-    SPARSE: tl.constexpr, DQ_INIT: tl.constexpr,
+    SPARSE: tl.constexpr, DQ_INIT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """dq of one query tile (and dK/dV with atomics when ATOMIC_KV). SPARSE: walk the tile union (False: the sparse
     branch is done block-major, `block_major.block_grads`, whose fp32 dq sum DQ_INIT loads and completes)."""
@@ -81,9 +87,9 @@ def _sparse_bwd_kernel(
     for u in range(0, n_union):
         j = tl.load(UNION + u_base + u)
         bits = tl.load(BITS + u_base + u)
-        kpos, k, v = _kv_block(ks_base, vs_base, j, skst, svst, T, BLOCK_N, D)
-        ok = (_row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
-        ds, p = _block_grads(q, do_s, k, v, ok, l2_s, delta_s, qk_scale2)
+        kpos, k, v = kv_block(ks_base, vs_base, j, skst, svst, T, BLOCK_N, D)
+        ok = (row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
+        ds, p = _block_grads(q, do_s, k, v, ok, l2_s, delta_s, qk_scale2, cap2, SOFTCAP)
         dq += tl.dot(ds.to(k.dtype), k)
         if ATOMIC_KV:
             g_off = (kv_row + kpos)[:, None] * D + dd[None, :]
@@ -96,20 +102,20 @@ def _sparse_bwd_kernel(
             do_w = do_s
             l2_w = l2_s
             delta_w = delta_s
-            sel = _row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2)
+            sel = row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2)
         else:
             do_w = tl.load(DOW + r_off[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
             l2_w = tl.load(LW + r_off, mask=row_ok, other=0.0)
             delta_w = tl.load(DW + r_off, mask=row_ok, other=0.0)
         ko_base = KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh
         vo_base = VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh
-        lo, hi = _window_blocks(t0, T, window, M_TOK, BLOCK_N)
+        lo, hi = window_blocks(t0, T, window, M_TOK, BLOCK_N)
         for j in range(lo, hi + 1):
-            kpos, k, v = _kv_block(ko_base, vo_base, j, skot, svot, T, BLOCK_N, D)
-            ok = _in_window(kpos, tpos, row_ok, window)
+            kpos, k, v = kv_block(ko_base, vo_base, j, skot, svot, T, BLOCK_N, D)
+            ok = in_window(kpos, tpos, row_ok, window)
             if MERGE:
-                ok = ok & (~_row_selected(sel, j))[:, None]
-            ds, p = _block_grads(q, do_w, k, v, ok, l2_w, delta_w, qk_scale2)
+                ok = ok & (~row_selected(sel, j))[:, None]
+            ds, p = _block_grads(q, do_w, k, v, ok, l2_w, delta_w, qk_scale2, cap2, SOFTCAP)
             dq += tl.dot(ds.to(k.dtype), k)
             if ATOMIC_KV:
                 g_off = (kv_row + kpos)[:, None] * D + dd[None, :]
@@ -144,9 +150,9 @@ def _sparse_bwd_dkdv_kernel(
     Q, KS, VS, KO, VO, DOS, DOW, LS, LW, DS, DW, TILE_OF, BITS_OF, START, IDX,
     DKS, DVS, DKO, DVO,
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
-    T, HKV, NSEL, qk_scale2, scale, window,
+    T, HKV, NSEL, qk_scale2, scale, cap2, window,
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, SPARSE: tl.constexpr,
+    NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, SPARSE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """dK, dV of key block j of one KV group, written once: shared K/V from the query tiles whose union holds j
     (the inverse of the tile unions, CSR in TILE_OF/BITS_OF/START), own K/V from the tiles whose window covers j.
@@ -160,7 +166,7 @@ def _sparse_bwd_dkdv_kernel(
     kmask = (kpos < T)[:, None]
     g_off = ((bg.to(tl.int64) * T + kpos)[:, None] * D + dd[None, :])  # rows of contiguous [B, Hkv, T, D]
     if SPARSE:
-        _, k, v = _kv_block(KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh,
+        _, k, v = kv_block(KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh,
                             VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh, j, skst, svst, T, BLOCK_N, D)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -172,14 +178,14 @@ def _sparse_bwd_dkdv_kernel(
             bits = tl.load(BITS_OF + e)
             q, do, l2, delta, tpos, row_ok, row_tok = _tile_rows(tile, b, g, HKV, T, Q, sqb, sqh, sqt, DOS, LS, DS,
                                                                  G, M_TOK, BLOCK_M, D)
-            ok = (_row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
-            ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2)
+            ok = (row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
+            ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2, cap2, SOFTCAP)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         tl.store(DKS + g_off, (dk * scale).to(DKS.dtype.element_ty), mask=kmask)
         tl.store(DVS + g_off, dv.to(DVS.dtype.element_ty), mask=kmask)
     if HAS_SWA:
-        _, k, v = _kv_block(KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh,
+        _, k, v = kv_block(KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh,
                             VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh, j, skot, svot, T, BLOCK_N, D)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -189,13 +195,13 @@ def _sparse_bwd_dkdv_kernel(
             if MERGE:
                 q, do, l2, delta, tpos, row_ok, row_tok = _tile_rows(tile, b, g, HKV, T, Q, sqb, sqh, sqt, DOS, LS,
                                                                      DS, G, M_TOK, BLOCK_M, D)
-                sel = _row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2)
-                row_ok = row_ok & ~_row_selected(sel, j)
+                sel = row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2)
+                row_ok = row_ok & ~row_selected(sel, j)
             else:
                 q, do, l2, delta, tpos, row_ok, row_tok = _tile_rows(tile, b, g, HKV, T, Q, sqb, sqh, sqt, DOW, LW,
                                                                      DW, G, M_TOK, BLOCK_M, D)
-            ok = _in_window(kpos, tpos, row_ok, window)
-            ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2)
+            ok = in_window(kpos, tpos, row_ok, window)
+            ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2, cap2, SOFTCAP)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         tl.store(DKO + g_off, (dk * scale).to(DKO.dtype.element_ty), mask=kmask)
@@ -247,7 +253,7 @@ def _bwd_preprocess_kernel(
             tl.store(DGS + off, (dout * o_s).to(DGS.dtype.element_ty), mask=ok[:, None])
         else:
             tl.store(DGS + rr, tl.sum(dout * o_s, axis=1).to(DGS.dtype.element_ty), mask=ok)
-        g_off = _gate_offsets(b, h, t, sgsb, sgsh, sgst, sgsd, GS_MODE, D)
+        g_off = gate_offsets(b, h, t, sgsb, sgsh, sgst, sgsd, GS_MODE, D)
         do_s = dout * tl.load(GS + g_off, mask=ok[:, None], other=0.0).to(tl.float32)
     do_w = dout
     if GW_MODE > 0:
@@ -255,7 +261,7 @@ def _bwd_preprocess_kernel(
             tl.store(DGW + off, (dout * o_w).to(DGW.dtype.element_ty), mask=ok[:, None])
         else:
             tl.store(DGW + rr, tl.sum(dout * o_w, axis=1).to(DGW.dtype.element_ty), mask=ok)
-        g_off = _gate_offsets(b, h, t, sgwb, sgwh, sgwt, sgwd, GW_MODE, D)
+        g_off = gate_offsets(b, h, t, sgwb, sgwh, sgwt, sgwd, GW_MODE, D)
         do_w = dout * tl.load(GW + g_off, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DOS + off, do_s.to(DOS.dtype.element_ty), mask=ok[:, None])
     tl.store(DOW + off, do_w.to(DOW.dtype.element_ty), mask=ok[:, None])
@@ -277,7 +283,7 @@ def choose_backward_order(T, G):
 
 
 def _block_major_bwd(q, k_own, v_own, k_shared, v_shared, rows, indices, dq, strides, meta, block_size, window,
-                     scale, knobs):
+                     scale, knobs, softcap=0.0):
     """order="block": the sparse branch block-major (`block_major.block_grads`, fp32 dq/dK/dV sums), then the
     token-major kernels for the SWA branch only; the dq kernel adds the block-major sum and writes dq once.
     Returns (dq, dk_own, dv_own, dk_shared, dv_shared)."""
@@ -288,26 +294,28 @@ def _block_major_bwd(q, k_own, v_own, k_shared, v_shared, rows, indices, dq, str
     dq_acc = torch.zeros(B, Hq, T, D, device=q.device, dtype=torch.float32)
     dk_s, dv_s = (torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32) for _ in range(2))
     block_grads(q, k_shared, v_shared, do_s, l2_s, delta_s, indices, block_size, scale, dq_acc, dk_s, dv_s,
-                **(knobs or {}))
+                softcap=softcap, **(knobs or {}))
+    cap2 = softcap2(softcap)
     new = torch.empty if window > 0 else torch.zeros  # no SWA branch: the own K/V get zero gradients
     dk_o, dv_o = (new(B, Hkv, T, D, device=q.device, dtype=k_own.dtype) for _ in range(2))
     unused = indices  # union/inverse-union arguments of the token-major kernels, not read with SPARSE=False
     _sparse_bwd_kernel[(triton.cdiv(T, meta["M_TOK"]), B * Hkv)](
         q, k_shared, v_shared, k_own, v_own, *rows, unused, unused, unused, indices,
         dq_acc, dq, dk_s, dv_s, dk_o, dv_o, *strides, *indices.stride()[:3], *indices.stride()[:3],
-        T, Hkv, nsel, scale * LOG2E, scale, window, ATOMIC_KV=False, SPARSE=False, DQ_INIT=True, **meta)
+        T, Hkv, nsel, scale * LOG2E, scale, cap2, window, ATOMIC_KV=False, SPARSE=False, DQ_INIT=True,
+        **meta)
     if window > 0:
         _sparse_bwd_dkdv_kernel[(triton.cdiv(T, block_size), B * Hkv)](
             q, k_shared, v_shared, k_own, v_own, *rows, unused, unused, unused, indices,
             dk_s, dv_s, dk_o, dv_o, *strides, *indices.stride()[:3],
-            T, Hkv, nsel, scale * LOG2E, scale, window, SPARSE=False, **meta)
+            T, Hkv, nsel, scale * LOG2E, scale, cap2, window, SPARSE=False, **meta)
     dt = k_shared.dtype
     return dq, dk_o, dv_o, dk_s.to(dt), dv_s.to(dt)
 
 
 def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
                          out, lse, branch_out, block_size, window, scale, merge, m_tok=None, kv_mode="kv_major",
-                         num_warps=None, num_stages=None, order=None, block_major=None):
+                         num_warps=None, num_stages=None, order=None, block_major=None, *, softcap=0.0):
     """Gradients of `sparse_attention_fwd`.
 
     dout [B, Hq, T, d]; the rest as the forward, with its out, lse [B, Hq, T, 2] and branch_out [2, B, Hq, T, d]
@@ -322,17 +330,19 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
     for the SWA branch only. "auto": `choose_backward_order`. merge, kv_mode="atomic" and
     `torch.use_deterministic_algorithms(True)` run token-major (block-major's fp32 atomics make the summation
     order, so the last bits of dq/dK/dV, vary from run to run).
-    `block_major`: knobs of `block_grads` (tok, chunk, num_warps, num_stages).
+    `block_major`: knobs of `block_grads` (tok, chunk, num_warps, num_stages). softcap: as the forward's.
     """
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]
     G = Hq // Hkv
     nsel = indices.shape[-1]
+    cap2 = softcap2(softcap)
     if branch_out is None or branch_out.numel() == 0:
         _, lse, branch_out = sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse,
-                                                  gate_swa, sinks, block_size, window, scale, merge, True)
+                                                  gate_swa, sinks, block_size, window, scale, merge, True,
+                                                  softcap=softcap)
     dout, branch_out = dout.contiguous(), branch_out.contiguous()
-    gate_sparse, gate_swa = _last_dim_unit(gate_sparse), _last_dim_unit(gate_swa)
+    gate_sparse, gate_swa = last_dim_unit(gate_sparse), last_dim_unit(gate_swa)
     n_rows = B * Hq * T
     do_s = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)  # dout * gate_sparse
     do_w = torch.empty_like(do_s)
@@ -346,8 +356,8 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
         dout, branch_out, gate_sparse if gate_sparse is not None else dout, gate_swa if gate_swa is not None else dout,
         do_s, do_w, delta_s, delta_w, dgate_sparse if gate_sparse is not None else dout,
         dgate_swa if gate_swa is not None else dout,
-        *_gate_strides(gate_sparse), *_gate_strides(gate_swa), n_rows, T, Hq,
-        D=D, BLOCK_R=block_r, GS_MODE=_gate_mode(gate_sparse), GW_MODE=_gate_mode(gate_swa), num_warps=4)
+        *gate_strides(gate_sparse), *gate_strides(gate_swa), n_rows, T, Hq,
+        D=D, BLOCK_R=block_r, GS_MODE=gate_mode(gate_sparse), GW_MODE=gate_mode(gate_swa), num_warps=4)
     lse_s, lse_w = lse[..., 0], lse[..., 1]
     dsinks = None
     if sinks is not None:
@@ -361,11 +371,11 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
     k_own_in, v_own_in = k_own, v_own
     if merge:  # the window is read from k_shared/v_shared (see the forward)
         k_own, v_own = k_shared, v_shared
-    q, k_own, v_own, k_shared, v_shared = (_last_dim_unit(x) for x in (q, k_own, v_own, k_shared, v_shared))
+    q, k_own, v_own, k_shared, v_shared = (last_dim_unit(x) for x in (q, k_own, v_own, k_shared, v_shared))
     indices = indices.contiguous()
     m_tok, block_m, num_warps, num_stages = launch_config(G, D, block_size, m_tok, num_warps, num_stages or 2)
     atomic = kv_mode == "atomic"
-    order = order or _fwd.DEFAULT_ORDER
+    order = order or fwd.DEFAULT_ORDER
     assert order in ("token", "block", "auto"), order
     if merge or atomic or torch.are_deterministic_algorithms_enabled():
         order = "token"
@@ -375,11 +385,12 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
     strides = (*q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3], *k_own.stride()[:3],
                *v_own.stride()[:3])
     meta = dict(G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
-                MERGE=bool(merge), HAS_SWA=window > 0, num_warps=num_warps, num_stages=num_stages)
+                MERGE=bool(merge), HAS_SWA=window > 0, SOFTCAP=bool(softcap), num_warps=num_warps,
+                num_stages=num_stages)
     rows = (do_s, do_w, l2_s, l2_w, delta_s, delta_w)
     if order == "block":
         grads = _block_major_bwd(q, k_own, v_own, k_shared, v_shared, rows, indices, dq, strides, meta, block_size,
-                                 window, scale, block_major)
+                                 window, scale, block_major, softcap)
         return (*grads, dgate_sparse, dgate_swa, dsinks)
     union, bits, count = tile_block_union(indices, m_tok)
     new = torch.zeros if atomic else torch.empty  # atomics accumulate in fp32; kv_major writes each block once
@@ -388,14 +399,15 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
     _sparse_bwd_kernel[(triton.cdiv(T, m_tok), B * Hkv)](
         q, k_shared, v_shared, k_own, v_own, *rows, union, bits, count, indices,
         dq, dq, dk_s, dv_s, dk_o, dv_o, *strides, *union.stride()[:3], *indices.stride()[:3],
-        T, Hkv, nsel, scale * LOG2E, scale, window, ATOMIC_KV=atomic, SPARSE=True, DQ_INIT=False, **meta)
+        T, Hkv, nsel, scale * LOG2E, scale, cap2, window, ATOMIC_KV=atomic, SPARSE=True, DQ_INIT=False,
+        **meta)
     if not atomic:
         n_blocks = triton.cdiv(T, block_size)
         tile_of, bits_of, start = inverse_union(union, bits, count, n_blocks)
         _sparse_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
             q, k_shared, v_shared, k_own, v_own, *rows, tile_of, bits_of, start, indices, dk_s, dv_s, dk_o, dv_o,
             *strides, *indices.stride()[:3],
-            T, Hkv, nsel, scale * LOG2E, scale, window, SPARSE=True, **meta)
+            T, Hkv, nsel, scale * LOG2E, scale, cap2, window, SPARSE=True, **meta)
         if window <= 0:
             dk_o.zero_(), dv_o.zero_()
     if merge:  # every key gradient belongs to k_shared/v_shared; k_own/v_own are not read (zeros, as the reference)

@@ -11,17 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .online_softmax import online_softmax_step
-from .sparse_attention import LOG2E, _last_dim_unit
+from .common import LOG2E, LOG2E_C, soft_cap, softcap2
+from .online_softmax import normalize_with_sink, online_softmax_step
+from .sparse_attention import last_dim_unit
 
 
 @triton.jit
 def _sparse_decode_kernel(
     Q, KS, VS, KW, VW, IDX, CLEN, M, L, ACC,
     sqb, sqh, sksb, sksh, skst, svsb, svsh, svst, skwb, skwh, skwt, svwb, svwh, svwt, sib, sih,
-    HKV, NSEL, W, qk_scale2, window,
+    HKV, NSEL, W, qk_scale2, cap2, window,
     G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, NSEL_P2: tl.constexpr,
-    N_SPLIT: tl.constexpr, MERGE: tl.constexpr,
+    N_SPLIT: tl.constexpr, MERGE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     bg = tl.program_id(0)
     split = tl.program_id(1)
@@ -47,7 +48,7 @@ def _sparse_decode_kernel(
             kok = (kpos >= 0) & (kpos <= t)  # j = -1 (padding) gives negative positions
             k = tl.load(ks_base + kpos.to(tl.int64)[:, None] * skst + dd[None, :], mask=kok[:, None], other=0.0)
             v = tl.load(vs_base + kpos.to(tl.int64)[:, None] * svst + dd[None, :], mask=kok[:, None], other=0.0)
-            s = tl.where(kok[None, :], tl.dot(q, tl.trans(k)) * qk_scale2, float("-inf"))
+            s = tl.where(kok[None, :], soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP), float("-inf"))
             m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
     else:  # SWA window t-window+1..t (ring buffer), or with merge the unselected window keys of the shared cache
         if MERGE:
@@ -66,7 +67,7 @@ def _sparse_decode_kernel(
                 vw_base = VW + b.to(tl.int64) * svwb + g.to(tl.int64) * svwh
                 k = tl.load(kw_base + slot[:, None] * skwt + dd[None, :], mask=kok[:, None], other=0.0)
                 v = tl.load(vw_base + slot[:, None] * svwt + dd[None, :], mask=kok[:, None], other=0.0)
-            s = tl.where(kok[None, :], tl.dot(q, tl.trans(k)) * qk_scale2, float("-inf"))
+            s = tl.where(kok[None, :], soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP), float("-inf"))
             m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
     part = (bg * (N_SPLIT + 1) + split).to(tl.int64) * GP + rows  # [GP] row of the partial buffers
     tl.store(M + part, m_i)
@@ -88,16 +89,6 @@ def _merge_partial(m_i, l_i, acc, M, L, ACC, part, dd, D: tl.constexpr):
 
 
 @triton.jit
-def _finish(m_i, l_i, acc, sink2):
-    """Normalized output with the sink logit (log2 domain, -inf = none) in the denominator; 0 without keys."""
-    top = tl.maximum(m_i, sink2)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    den = l_i * tl.exp2(m_i - top) + tl.exp2(sink2 - top)
-    den = tl.where(den == 0.0, 1.0, den)
-    return acc * (tl.exp2(m_i - top) / den)[:, None]
-
-
-@triton.jit
 def _sparse_decode_combine_kernel(
     M, L, ACC, SINKS, GS, GW, OUT, sgsb, sgsh, sgsd, sgwb, sgwh, sgwd, HKV,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, N_SPLIT: tl.constexpr, N_SPARSE: tl.constexpr,
@@ -113,7 +104,7 @@ def _sparse_decode_combine_kernel(
     heads = g * G + rows
     dd = tl.arange(0, D)
     if HAS_SINKS:
-        sink2 = tl.load(SINKS + heads, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        sink2 = tl.load(SINKS + heads, mask=row_ok, other=0.0).to(tl.float32) * LOG2E_C
     else:
         sink2 = tl.full([GP], float("-inf"), tl.float32)
     m_s = tl.full([GP], float("-inf"), tl.float32)
@@ -121,7 +112,7 @@ def _sparse_decode_combine_kernel(
     acc_s = tl.zeros([GP, D], tl.float32)
     for s in range(0, N_SPARSE):  # N_SPLIT, or N_SPLIT + 1 with merge (the window split joins the same softmax)
         m_s, l_s, acc_s = _merge_partial(m_s, l_s, acc_s, M, L, ACC, (bg * (N_SPLIT + 1) + s) * GP + rows, dd, D)
-    out = _finish(m_s, l_s, acc_s, sink2)
+    out = normalize_with_sink(m_s, l_s, acc_s, sink2)
     if GS_MODE > 0:
         g_off = b * sgsb + heads * sgsh
         if GS_MODE == 2:
@@ -136,7 +127,7 @@ def _sparse_decode_combine_kernel(
             acc_w = tl.zeros([GP, D], tl.float32)
             m_w, l_w, acc_w = _merge_partial(m_w, l_w, acc_w, M, L, ACC, (bg * (N_SPLIT + 1) + N_SPLIT) * GP + rows,
                                              dd, D)
-            o_w = _finish(m_w, l_w, acc_w, sink2)
+            o_w = normalize_with_sink(m_w, l_w, acc_w, sink2)
             if GW_MODE > 0:
                 g_off = b * sgwb + heads * sgwh
                 if GW_MODE == 2:
@@ -185,7 +176,7 @@ def default_split(batch_kv, nsel):
 
 
 def sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse, gate_swa, sinks,
-                            block_size, window, scale, merge, n_split=None, fused_combine=True):
+                            block_size, window, scale, merge, n_split=None, fused_combine=True, *, softcap=0.0):
     """One decode step of the sparse layer.
 
     q [B, Hq, 1, d]; k_win, v_win [B, Hkv, W, d] SWA ring buffer (position p in slot p % W; ignored with merge);
@@ -193,16 +184,17 @@ def sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_
     cache_len - 1); gates None or [B, Hq, 1, 1 | d]; sinks None or [Hq]. Returns out [B, Hq, 1, d].
     `n_split`: programs per (sequence, KV group) for the selected blocks; `fused_combine=False` merges the
     partials with torch ops instead of the combine kernel (the version timed on the GPU, docs/kernels_sparse.md).
+    softcap: 0.0 (off) or c > 0, both branches' logits -> c * tanh(logits / c).
     """
     B, Hq, _, D = q.shape
     Hkv = k_shared.shape[1]
     G = Hq // Hkv
     nsel = indices.shape[-1]
-    q, k_shared, v_shared = (_last_dim_unit(x) for x in (q, k_shared, v_shared))
+    q, k_shared, v_shared = (last_dim_unit(x) for x in (q, k_shared, v_shared))
     has_win = window > 0
     if merge or not has_win or k_win is None:
         k_win, v_win = k_shared, v_shared  # unused by the kernel
-    k_win, v_win = _last_dim_unit(k_win), _last_dim_unit(v_win)
+    k_win, v_win = last_dim_unit(k_win), last_dim_unit(v_win)
     W = k_win.shape[2]
     n_split = n_split or default_split(B * Hkv, nsel)
     gp = max(16, triton.next_power_of_2(G))
@@ -215,15 +207,15 @@ def sparse_attention_decode(q, k_win, v_win, k_shared, v_shared, indices, cache_
         q, k_shared, v_shared, k_win, v_win, indices, cache_len.to(torch.int32), m, l, acc,
         q.stride(0), q.stride(1), *k_shared.stride()[:3], *v_shared.stride()[:3], *k_win.stride()[:3],
         *v_win.stride()[:3], indices.stride(0), indices.stride(1),
-        Hkv, nsel, W, scale * LOG2E, window if has_win else 0,
+        Hkv, nsel, W, scale * LOG2E, softcap2(softcap), window if has_win else 0,
         G=G, GP=gp, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel), N_SPLIT=n_split,
-        MERGE=bool(merge), num_warps=4, num_stages=2,
+        MERGE=bool(merge), SOFTCAP=bool(softcap), num_warps=4, num_stages=2,
     )
     if not fused_combine:
         return _combine_with_torch(m, l, acc, sinks, gate_sparse, gate_swa, n_split, merge, has_win,
                                    (B, Hkv, G, D)).to(q.dtype)
     out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
-    gs, gw = _last_dim_unit(gate_sparse), _last_dim_unit(gate_swa)
+    gs, gw = last_dim_unit(gate_sparse), last_dim_unit(gate_swa)
     gstr = lambda x: (0, 0, 0) if x is None else (x.stride(0), x.stride(1), x.stride(3))  # noqa: E731
     _sparse_decode_combine_kernel[(B * Hkv,)](
         m, l, acc, sinks if sinks is not None else m, gs if gs is not None else m, gw if gw is not None else m, out,

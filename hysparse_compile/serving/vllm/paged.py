@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.reference.full_attention import _grouped, compute_dtype, query_chunks
-from ...kernels.reference.sparse_attention import block_key_mask, softmax_with_sink
+from ...kernels.naive import block_key_mask, compute_dtype, softmax_with_sink
+from ...kernels.naive import grouped as _grouped
+from ...kernels.reference import query_chunks
 from ...runtime import extend
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...kernels.reference.select_blocks import select_blocks
+from ...kernels.naive import select_blocks
 from ...kernels.triton.online_softmax import LOG2E, normalize_with_sink, online_softmax_step
 
 
@@ -179,7 +179,7 @@ def paged_full_attention(q, k_cache, v_cache, block_table, query_start_loc, seq_
             out.stride(1), nb, Hkv, float(scale) * LOG2E,
             G=G, GP=GP, D=D, BLOCK=block_size, PAGE=page,
         )
-    indices = select_blocks(scores.permute(1, 0, 2).unsqueeze(0), pos.long(), block_size, nsel)  # [1, Hkv, N, nsel]
+    indices = select_blocks(scores.permute(1, 0, 2).unsqueeze(0), block_size, nsel, pos.long())  # [1, Hkv, N, nsel]
     return out, indices[0].permute(1, 0, 2).contiguous()
 
 

@@ -3,14 +3,13 @@ and differentiate like any other code).
 
 Padding (docs/design.md "Padding"): a left-padded row becomes right-padded before each op (`roll_rows` by the row's
 count of leading pads) and the output is rolled back (`unroll_rows`), so causality keeps real tokens away from pads
-and block boundaries match the unpadded row.
+and block boundaries match the unpadded row. The graph passes the model's call in progress (`call`, a
+`runtime.state.CallState`): when it is known to carry no padding the rolls are the identity and are skipped.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from ..runtime import layers as runtime_layers
 
 
 def left_pad_shift(attention_mask: Tensor) -> Tensor:
@@ -26,22 +25,23 @@ def _row_index(x: Tensor, shift: Tensor, dim: int, sign: int) -> Tensor:
     return idx.view(shape).expand_as(x)
 
 
-def roll_rows(x: Tensor, shift: Tensor, dim: int = 2) -> Tensor:
-    """x [B, ..., T (at dim), ...] -> row b rolled left by shift[b]: out[b, ..., t] = x[b, ..., (t + shift[b]) % T]."""
-    if runtime_layers.padding_free():  # the roll is the identity: skip its gathers
+def roll_rows(x: Tensor, shift: Tensor, dim: int = 2, call=None) -> Tensor:
+    """x [B, ..., T (at dim), ...] -> row b rolled left by shift[b]: out[b, ..., t] = x[b, ..., (t + shift[b]) % T].
+    call: the model's `CallState` (the roll is skipped when the call is padding-free)."""
+    if call is not None and call.padding_free():  # the roll is the identity: skip its gathers
         return x
     return torch.gather(x, dim, _row_index(x, shift, dim, 1))
 
 
-def unroll_rows(x: Tensor, shift: Tensor, dim: int = 2) -> Tensor:
+def unroll_rows(x: Tensor, shift: Tensor, dim: int = 2, call=None) -> Tensor:
     """The inverse of `roll_rows`: out[b, ..., t] = x[b, ..., (t - shift[b]) % T]."""
-    if runtime_layers.padding_free():  # the roll is the identity: skip its gathers
+    if call is not None and call.padding_free():  # the roll is the identity: skip its gathers
         return x
     return torch.gather(x, dim, _row_index(x, shift, dim, -1))
 
 
 def branch_gates(x: Tensor, weight: Tensor, heads: int, branches: int) -> tuple[Tensor, ...]:
-    """Gates of a sparse layer from its input hidden state (SPEC §2.2: g~, g' = sigmoid(W x_t)).
+    """Gates of a sparse layer from its input hidden state (docs/compiler.md: g~, g' = sigmoid(W x_t)).
 
     x [B, T, hidden] (or [B*T, hidden] with T taken from the weight's use); weight [branches * heads * e, hidden]
     with e = head_dim (gate="element") or 1 (gate="head") -> `branches` tensors [B, heads, T, e]: the sparse-branch
@@ -56,3 +56,14 @@ def branch_gates(x: Tensor, weight: Tensor, heads: int, branches: int) -> tuple[
     B, T = x.shape[0], x.shape[1]
     g = g.view(B, T, branches, heads, -1).permute(2, 0, 3, 1, 4)  # [branches, B, heads, T, e]
     return g.unbind(0)
+
+
+def select_nothing(indices: Tensor) -> Tensor:
+    """int32 [B, Hkv, R, nsel] -> [B, Hkv, R, 1] of -1: no block selected (a full layer with topk=0; the ops take at
+    least one column and skip -1 entries, so the sparse layers reading it attend to their window alone)."""
+    return torch.full_like(indices[..., :1], -1)
+
+
+def window_only_indices(q: Tensor, kv_heads: int) -> Tensor:
+    """q [B, Hq, R, d] -> int32 [B, Hkv, R, 1] of -1: a window-only (`W`) layer has no full layer selecting for it."""
+    return torch.full((q.shape[0], kv_heads, q.shape[2], 1), -1, dtype=torch.int32, device=q.device)

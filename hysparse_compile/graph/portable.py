@@ -123,7 +123,7 @@ def _value(kind: str, dtype: torch.dtype | None, device: torch.device) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- at capture
-def compute_dtype(model: nn.Module) -> torch.dtype | None:
+def floating_dtype(model: nn.Module) -> torch.dtype | None:
     """The floating dtype holding most of the model's parameter values (what `.to(dtype)` changes)."""
     counts: Counter = Counter()
     for p in model.parameters():
@@ -166,7 +166,7 @@ def prepare(gm: GraphModule, model: nn.Module, call_inputs: dict, device: torch.
         twin, error = meta_twin(model), None
     except Exception as e:  # a model deepcopy refuses: dtype moves will say so
         twin, error = None, f"{type(e).__name__}: {e}"
-    dtype = compute_dtype(model)
+    dtype = floating_dtype(model)
     inputs = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in call_inputs.items()}
     info = Portable(dtype=dtype, device=device, capture_dtype=dtype, capture_device=device, num_nodes=len(nodes),
                     inputs=inputs, twin=twin, twin_error=error, checked={dtype} if dtype is not None else set())

@@ -1,0 +1,48 @@
+"""Constants and small `@triton.jit` helpers every HySparse kernel shares: the log2 units the kernels compute in,
+the interpreter switch, and logit soft-capping.
+
+Every kernel scales its logits by `scale * LOG2E` so that `exp2` gives `exp`. Soft-capping (`softcap * tanh(logit /
+softcap)`, Gemma 2) is a constexpr branch (`SOFTCAP`): a kernel launched without it compiles exactly the arithmetic
+it had before the option existed. In log2 units the cap is `softcap2 = softcap * LOG2E`:
+`LOG2E * softcap * tanh(x / softcap) = softcap2 * tanh(LOG2E * x / softcap2)`.
+"""
+import triton
+import triton.language as tl
+
+from ..interpret import triton_interpret
+
+LOG2E = 1.4426950408889634  # logits are scaled by scale * LOG2E so that exp2 gives exp
+LN2 = 0.6931471805599453
+LOG2E_C = tl.constexpr(LOG2E)  # globals used inside kernels must be constexpr
+LN2_C = tl.constexpr(LN2)
+INTERPRET = triton_interpret()  # at import: kernels are defined once, for the interpreter or for the GPU
+
+
+def softcap2(softcap: float) -> float:
+    """The cap in the kernels' log2 units (0.0: no capping)."""
+    return float(softcap) * LOG2E if softcap else 0.0
+
+
+@triton.jit
+def tanh(x):
+    """tanh(x) from exp2, exact for large |x| (no overflow): sign(x) * (1 - e) / (1 + e), e = exp(-2|x|)."""
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E_C))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def soft_cap(s, cap2, SOFTCAP: tl.constexpr):
+    """Logits `s` in log2 units, capped to `cap2 * tanh(s / cap2)` when SOFTCAP (mask after capping: the cap of
+    -inf is -cap2)."""
+    if SOFTCAP:
+        s = cap2 * tanh(s / cap2)
+    return s
+
+
+@triton.jit
+def soft_cap_with_slope(s, cap2):
+    """(capped logits, d capped / d s = 1 - tanh^2) of raw log2-unit logits `s`: a backward multiplies the gradient
+    of the capped logits by the slope."""
+    t = tanh(s / cap2)
+    return cap2 * t, 1.0 - t * t

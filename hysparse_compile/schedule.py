@@ -13,6 +13,16 @@ Per-layer overrides are a mapping from layer index to a dict of fields, e.g. `ov
 Sparse layers may override `window`, `swa`, `sinks`, `gate` and `kv_sharing`; full layers may override `topk`
 (how many tokens they select for the sparse layers that follow). `block_size` is global: the indices a full
 layer hands to its sparse layers are counted in blocks.
+
+Two more things a schedule can say, for models that already have sliding-window layers (`Schedule.from_model`):
+- `W` in the pattern: a **window-only** layer — its own sliding-window attention over its own K/V, no block
+  selection, no shared K/V, no gates or new sinks. It needs no full layer before it (the sliding layers of Gemma 3 or
+  gpt-oss that come before their first global layer become `W`). It may override `window` only.
+- `topk=0`: the full layers select nothing. Valid only with `mode="training_free"`, where a sparse layer's single
+  softmax then covers its window alone: the original sliding-window layer, exactly.
+
+    >>> Schedule.from_pattern("W F S", topk=0, mode="training_free").layers[0].role
+    'sparse'
 """
 from __future__ import annotations
 
@@ -28,6 +38,8 @@ GATES = ("element", "head", "none")
 MODES = ("paper", "training_free")
 SPARSE_OVERRIDES = ("window", "swa", "sinks", "gate", "kv_sharing")
 FULL_OVERRIDES = ("topk",)
+WINDOW_OVERRIDES = ("window",)
+LETTERS = {"F": "full", "S": "sparse", "W": "window-only"}
 FILE_KEYS = ("pattern", "block_size", "topk", "window", "kv_sharing", "swa", "sinks", "gate", "mode", "overrides")
 
 # What each mode means when the user leaves an option unset.
@@ -42,8 +54,8 @@ class LayerSpec:
     """One attention layer's resolved role and options (overrides applied)."""
 
     index: int
-    role: str  # "full" | "sparse"
-    kv_source: int | None  # the full layer a sparse layer reads K/V and indices from; None for full layers
+    role: str  # "full" | "sparse" (window-only layers are sparse layers with no kv_source and topk 0)
+    kv_source: int | None  # the full layer a sparse layer reads K/V and indices from; None for full and W layers
     block_size: int
     topk: int  # full: tokens selected; sparse: tokens its kv_source selects
     window: int | None  # SWA window, None when the SWA branch is off (and for full layers)
@@ -54,8 +66,13 @@ class LayerSpec:
 
     @property
     def nsel(self) -> int:
-        """Blocks selected per token and KV group."""
+        """Blocks selected per token and KV group (0: nothing is selected)."""
         return self.topk // self.block_size
+
+    @property
+    def window_only(self) -> bool:
+        """A `W` layer: its own sliding window and nothing else (no source, no selection, no gates)."""
+        return self.role == "sparse" and self.kv_source is None
 
 
 def _check_int(name: str, value: Any, *, minimum: int = 1) -> int:
@@ -87,10 +104,19 @@ def _check_block_size(value: Any) -> int:
     return value
 
 
-def _check_topk(name: str, value: Any, block_size: int) -> int:
+def _check_topk(name: str, value: Any, block_size: int, mode: str = "paper") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an integer number of tokens, got {value!r} ({type(value).__name__})")
-    if value <= 0 or value % block_size:
+    if value == 0 and mode != "training_free":
+        raise ValueError(
+            f"{name}=0 selects no blocks, which is valid only with mode='training_free' (each sparse layer's softmax "
+            f"then covers its own window alone: the original sliding-window layer, e.g. "
+            f"Schedule.from_model(model, mode='training_free', topk=0)); with mode={mode!r} give a positive multiple "
+            f"of block_size={block_size} (e.g. {block_size * 16}), or make a layer window-only with 'W' in the pattern"
+        )
+    if value == 0:
+        return value
+    if value < 0 or value % block_size:
         raise ValueError(
             f"{name} must be a positive multiple of block_size={block_size} (e.g. {block_size * 16}), got {value}"
         )
@@ -98,23 +124,27 @@ def _check_topk(name: str, value: Any, block_size: int) -> int:
 
 
 def normalize_pattern(pattern: Any) -> str:
-    """'F S s S' -> 'FSSS'. Raises on anything but F/S letters and whitespace."""
+    """'F S s S' -> 'FSSS'. Raises on anything but F/S/W letters and whitespace, and on a sparse layer before any
+    full layer."""
     if not isinstance(pattern, str):
-        raise TypeError(f"pattern must be a string of F and S letters, got {pattern!r} ({type(pattern).__name__})")
+        raise TypeError(f"pattern must be a string of F, S and W letters, got {pattern!r} ({type(pattern).__name__})")
     letters = "".join(pattern.split()).upper()
     if not letters:
         raise ValueError("pattern is empty: give one letter per attention layer, F (full) or S (sparse), e.g. 'FSSS'")
-    bad = sorted({c for c in letters if c not in "FS"})
+    bad = sorted({c for c in letters if c not in LETTERS})
     if bad:
         pos = next(i for i, c in enumerate(letters) if c in bad)
         raise ValueError(
             f"pattern has unknown letter(s) {', '.join(map(repr, bad))} (first at layer {pos}); "
-            f"only F (full) and S (sparse) are valid, got {pattern!r}"
+            f"only F (full), S (sparse) and W (window-only) are valid, got {pattern!r}"
         )
-    if letters[0] != "F":
+    first_s, first_f = letters.find("S"), letters.find("F")
+    if first_s >= 0 and (first_f < 0 or first_s < first_f):
+        where = "starts with a sparse layer" if first_s == 0 else "has a sparse layer before any full layer"
         raise ValueError(
-            f"pattern starts with a sparse layer: layer 0 is 'S' but a sparse layer reads K/V and indices from the "
-            f"most recent full layer before it, and there is none; start the pattern with 'F', got {pattern!r}"
+            f"pattern {where}: layer {first_s} is 'S' but a sparse layer reads K/V and indices from the most recent "
+            f"full layer before it, and there is none; start with 'F' (or make the leading layers window-only, "
+            f"'W'), got {pattern!r}"
         )
     return letters
 
@@ -139,7 +169,7 @@ class Schedule:
         set_("pattern", normalize_pattern(self.pattern))
         _check_choice("mode", self.mode, MODES)
         _check_block_size(self.block_size)
-        _check_topk("topk", self.topk, self.block_size)
+        _check_topk("topk", self.topk, self.block_size, self.mode)
         _check_int("window", self.window)
         defaults = _MODE_DEFAULTS[self.mode]
         for name in ("kv_sharing", "swa", "sinks", "gate"):
@@ -172,6 +202,29 @@ class Schedule:
         return cls.from_pattern("".join(roles), **options)
 
     @classmethod
+    def from_model(cls, model: Any, *, example_inputs: Any = None, sliding: str = "sparse",
+                   **options: Any) -> "Schedule":
+        """The schedule that keeps a model's own layer types: its global layers stay full (`F`), its sliding-window
+        layers become sparse layers (`S`) whose SWA branch is the original window, those before the first global
+        layer window-only layers (`W`). Layer types come from the HF config (`layer_types`, `sliding_window_pattern`,
+        `sliding_window` / `use_sliding_window`), else from the masks measured on the captured graph
+        (`example_inputs` then sets the probe length, which must exceed the window). `window=` replaces the
+        original window of the sparse layers; the other options are those of `from_pattern`. A model whose every
+        layer is sliding (Mistral with `sliding_window`) gets layer 0 full, attending to the whole prefix (warned).
+        `sliding="window"` keeps every sliding layer window-only instead: the original as a schedule, e.g. for its
+        KV plan (`plan_kv`).
+
+            >>> s = Schedule.from_model(gemma3, mode="training_free", topk=0)   # reproduces gemma3 exactly
+            >>> s = Schedule.from_model(gpt_oss, topk=1024)                       # Hybrid-SWA upgraded to HySparse
+
+        See docs/compiler.md, "Hybrid-SWA models: Schedule.from_model".
+        """
+        from .hybrid_swa import schedule_from_model
+
+        return schedule_from_model(cls, model, example_inputs=example_inputs, sliding=sliding,
+                                   options=_check_option_names(options))
+
+    @classmethod
     def preset(cls, name: str, **options: Any) -> "Schedule":
         """A named preset (see `Schedule.presets()`), optionally with options replaced."""
         if name not in PRESETS:
@@ -196,7 +249,8 @@ class Schedule:
 
     @property
     def num_sparse(self) -> int:
-        return self.pattern.count("S")
+        """Sparse layers, window-only (`W`) layers included: every layer that is not full."""
+        return len(self.pattern) - self.pattern.count("F")
 
     @property
     def nsel(self) -> int:
@@ -212,6 +266,9 @@ class Schedule:
                 last_full = i
                 full_topk[i] = o.get("topk", self.topk)
                 specs.append(LayerSpec(i, "full", None, self.block_size, full_topk[i], None, self.kv_sharing,
+                                       False, "none", False))
+            elif letter == "W":  # its own window over its own K/V: selects nothing, reads nothing shared
+                specs.append(LayerSpec(i, "sparse", None, self.block_size, 0, o.get("window", self.window), "none",
                                        False, "none", False))
             else:
                 swa = o.get("swa", self.swa)
@@ -304,7 +361,8 @@ class Schedule:
                 raise ValueError(f"overrides: layer {i} is out of range; the pattern has layers 0..{len(self.pattern) - 1}")
             if not isinstance(fields, Mapping):
                 raise TypeError(f"overrides[{i}] must be a mapping of field -> value, got {fields!r}")
-            role, allowed = ("full", FULL_OVERRIDES) if self.pattern[i] == "F" else ("sparse", SPARSE_OVERRIDES)
+            role, allowed = {"F": ("full", FULL_OVERRIDES), "S": ("sparse", SPARSE_OVERRIDES),
+                             "W": ("window-only", WINDOW_OVERRIDES)}[self.pattern[i]]
             where = f"overrides[{i}] ({role} layer)"
             for name, value in fields.items():
                 if name not in allowed:
@@ -313,7 +371,7 @@ class Schedule:
                         f"valid fields for a {role} layer: {', '.join(allowed)}"
                     )
                 if name == "topk":
-                    _check_topk(f"{where}.topk", value, self.block_size)
+                    _check_topk(f"{where}.topk", value, self.block_size, self.mode)
                 elif name == "window":
                     _check_int(f"{where}.window", value)
                 elif name in ("swa", "sinks"):

@@ -189,3 +189,153 @@ def compiled_pair(name: str, mode: str = "training_free", pattern: str = "FS", *
 
 def logits(out):
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+# ------------------------------------------------------------------------------------------- issue #20 families
+def _sharpen(model, factor: float = 8.0):
+    """Scale the query/key projections up: with random weights at the usual scale attention is near-uniform, so a
+    softcap, a window or a sink would barely change the outputs and block scores would tie to the last bit."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "query_key_value.weight")):
+                p.mul_(factor)
+    return model
+
+
+def hf_family(family: str, attn: str = "eager", layers: int | None = None, seed: int = 0):
+    """A tiny HF causal LM of a family issue #20 adds (random weights, head dim 16, sharpened attention):
+
+    "gemma2" (soft-capped logits, query_pre_attn_scalar, layers sliding/full/sliding/full), "gemma3" (text; layers
+    sliding/sliding/full/sliding), "mistral-window" (every layer sliding), "gpt_oss" (sinks, MoE, sliding/full
+    alternating), "falcon" (new_decoder_architecture: fused QKV, GQA). Windows are 8 tokens."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(_hf_common(layers or 4, 4, 2), max_position_embeddings=256)
+    types = {"gemma2": ["sliding_attention", "full_attention"] * 2,
+             "gemma3": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+             "gpt_oss": ["sliding_attention", "full_attention"] * 2}
+    n = layers or 4
+    if family == "gemma2":
+        config = tf.Gemma2Config(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                 attn_logit_softcapping=4.0, final_logit_softcapping=30.0,
+                                 layer_types=types["gemma2"][:n])
+        cls = tf.Gemma2ForCausalLM
+    elif family == "gemma3":
+        config = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                     layer_types=types["gemma3"][:n])
+        cls = tf.Gemma3ForCausalLM
+    elif family == "mistral-window":
+        config, cls = tf.MistralConfig(**common, sliding_window=8), tf.MistralForCausalLM
+    elif family == "gpt_oss":
+        config = tf.GptOssConfig(**common, head_dim=16, sliding_window=8, num_local_experts=4, num_experts_per_tok=2,
+                                 layer_types=types["gpt_oss"][:n],
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        cls = tf.GptOssForCausalLM
+    elif family == "falcon":
+        config = tf.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=n, num_attention_heads=4,
+                                 num_kv_heads=2, new_decoder_architecture=True, alibi=False, bias=False,
+                                 max_position_embeddings=256, tie_word_embeddings=False, attention_dropout=0.0,
+                                 hidden_dropout=0.0)
+        cls = tf.FalconForCausalLM
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    config._attn_implementation = attn
+    model = cls(config)
+    model.config._attn_implementation = attn
+    if family == "gpt_oss":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 1.0)  # HF initializes them near 0: make them matter
+    return _sharpen(model, 4.0 if family == "falcon" else 8.0).eval()
+
+
+def hf_smoke(family: str, attn: str = "sdpa", layers: int = 2, seed: int = 0):
+    """A tiny HF causal LM of a family that compiled before issue #20 (one shared config each, 2 layers):
+    qwen3_moe, mixtral, phi3, olmo2, gpt_neox, stablelm, granite, cohere, smollm3."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = _hf_common(layers, 4, 2)
+    if family == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(**common, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=32, decoder_sparse_step=1)
+        cls = tf.Qwen3MoeForCausalLM
+    elif family == "mixtral":
+        config, cls = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2), tf.MixtralForCausalLM
+    elif family == "phi3":
+        config, cls = tf.Phi3Config(**common, pad_token_id=0), tf.Phi3ForCausalLM
+    elif family == "olmo2":
+        config, cls = tf.Olmo2Config(**common), tf.Olmo2ForCausalLM
+    elif family == "gpt_neox":
+        config = tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+                                  num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=MAX_POS,
+                                  tie_word_embeddings=False, attention_dropout=0.0, hidden_dropout=0.0)
+        cls = tf.GPTNeoXForCausalLM
+    elif family == "stablelm":
+        config, cls = tf.StableLmConfig(**common), tf.StableLmForCausalLM
+    elif family == "granite":
+        config, cls = tf.GraniteConfig(**common), tf.GraniteForCausalLM
+    elif family == "cohere":
+        config, cls = tf.CohereConfig(**common), tf.CohereForCausalLM
+    elif family == "smollm3":
+        config, cls = tf.SmolLM3Config(**common, pad_token_id=0), tf.SmolLM3ForCausalLM
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    config._attn_implementation = attn
+    model = cls(config)
+    model.config._attn_implementation = attn
+    return model.eval()
+
+
+SMOKE_FAMILIES = ("qwen3_moe", "mixtral", "phi3", "olmo2", "gpt_neox", "stablelm", "granite", "cohere", "smollm3")
+
+
+def hf_refused(family: str, attn: str = "eager", layers: int = 2, seed: int = 0):
+    """A tiny HF causal LM of a family compile refuses: "deepseek_v3" (multi-head latent attention: q/k head dim 32,
+    V head dim 16, MoE), "bloom" (ALiBi through baddbmm), "mpt" (ALiBi added to the logits)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if family == "deepseek_v3":
+        config = tf.DeepseekV3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+                                     moe_intermediate_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                     num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16,
+                                     qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                                     n_group=1, topk_group=1, first_k_dense_replace=1, max_position_embeddings=MAX_POS,
+                                     tie_word_embeddings=False)
+        cls = tf.DeepseekV3ForCausalLM
+    elif family == "bloom":
+        config, cls = tf.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=layers, n_head=4), tf.BloomForCausalLM
+    elif family == "mpt":
+        config = tf.MptConfig(vocab_size=VOCAB, d_model=HIDDEN, n_layers=layers, n_heads=4, max_seq_len=MAX_POS)
+        cls = tf.MptForCausalLM
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    config._attn_implementation = attn
+    model = cls(config)
+    model.config._attn_implementation = attn
+    return model.eval()
+
+
+class _ChunkedAttention(_SoftmaxAttention):
+    """Causal attention inside chunks of 8 tokens (Llama 4's chunked attention): neither causal nor a sliding window."""
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.d).transpose(1, 2)  # [B, Hq, T, d]
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.d).transpose(1, 2).repeat_interleave(
+            self.heads // self.kv_heads, dim=1)  # [B, Hq, T, d]
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.d).transpose(1, 2).repeat_interleave(
+            self.heads // self.kv_heads, dim=1)
+        pos = torch.arange(T, device=x.device)
+        other_chunk = (pos[:, None] // 8) != (pos[None, :] // 8)
+        att = ((q @ k.transpose(-2, -1)) * self.scale).masked_fill(other_chunk, float("-inf"))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v  # [B, Hq, T, d]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def chunked_softmax(layers: int = 2, seed: int = 0) -> TinyDecoder:
+    torch.manual_seed(seed)
+    return TinyDecoder(lambda: _ChunkedAttention(HIDDEN, 4, 2, MAX_POS), layers=layers).eval()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hysparse_compile as hs
-from models import MLPOnly, WINDOW, build, nano_gpt, softmax_gqa
+from models import MLPOnly, WINDOW, build, chunked_softmax, hf_refused, nano_gpt, softmax_gqa
 
 
 def _schedule(pattern="FS"):
@@ -45,12 +45,31 @@ def test_bidirectional_softmax_attention_is_rejected_as_non_causal():
     assert "query 0 sees key 1" in msg
 
 
-def test_sliding_window_mask_is_rejected_with_what_the_query_sees():
-    _fails(softmax_gqa(layers=2, mask="window"), _schedule(), r"does not see key 0 \(a causal mask should")
+def test_chunked_mask_is_rejected_with_what_the_query_sees():
+    # sliding-window masks are recognized (tests/families); a chunked mask is neither causal nor a window: the last
+    # query sees the 8 keys of its chunk (a window of 8 is measured), but query 8 starts a chunk and sees only itself
+    msg = _fails(chunked_softmax(layers=2), _schedule(), r"is not causal within a sliding window of \d+ keys")
+    assert "layer 0 (h.0.attn)" in msg and "chunked" in msg
 
 
 def test_position_bias_in_the_logits_is_rejected():
     _fails(softmax_gqa(layers=2, mask="alibi"), _schedule(), "not scale \\* q.k plus a 0/-inf mask")
+
+
+def test_multi_head_latent_attention_is_refused_naming_the_layer_and_head_dims():
+    msg = _fails(hf_refused("deepseek_v3"), _schedule(), "multi-head latent attention")
+    assert "layer 0 (model.layers.0.self_attn)" in msg and "query/key heads of dim 32 and value heads of dim 16" in msg
+
+
+def test_alibi_added_to_the_logits_is_refused_as_alibi_naming_the_layer():
+    msg = _fails(hf_refused("mpt"), _schedule(), "ALiBi: a per-head bias linear in the query-key distance")
+    assert "layer 0 (transformer.blocks.0.attn)" in msg and "slopes 0.25, 0.0625" in msg and "take no additive bias" in msg
+
+
+def test_bloom_alibi_through_baddbmm_is_refused_naming_each_layer():
+    msg = _fails(hf_refused("bloom"), _schedule(), "no attention the compiler recognizes")
+    assert "softmax at transformer.h.0.self_attention (the logits are baddbmm(bias, q, k^T)" in msg
+    assert "Bloom's ALiBi" in msg and "transformer.h.1.self_attention" in msg
 
 
 def test_non_causal_sdpa_is_rejected():

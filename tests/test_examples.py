@@ -41,6 +41,14 @@ def test_inspect_and_render_writes_dot_and_html(tmp_path):
     assert "wrote" in out
 
 
+def test_convert_hybrid_swa_reproduces_then_converts_and_fine_tunes(tmp_path):
+    out = _run([ROOT / "examples" / "convert_hybrid_swa.py"], tmp_path)
+    assert "KV plan before (the original, pattern WWFWWF)" in out and "KV plan after (WWFSSF)" in out
+    assert "training_free, topk=0 (WWFSSF): max |compiled - original|" in out
+    assert "gates 4)" in out and "28 of 28 trainable tensors moved" in out and "gradient checkpointing: True" in out
+    assert "SWA ring buffer of 16 tokens (sparse branch reads layer 2)" in out
+
+
 def test_demo_trains_and_passes_the_exactness_check(tmp_path):
     out = _run(["-m", "hysparse_compile.cli", "demo"], tmp_path)
     assert "PASS" in out and "FAIL" not in out

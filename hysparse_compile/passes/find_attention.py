@@ -1,17 +1,26 @@
 """Pass 2 — find attention: every attention site of the captured graph, in layer order.
 
-Two forms are recognized, written here as the code they match:
+The forms recognized, written as the code they match:
 
     aten.scaled_dot_product_attention(q, k, v, attn_mask=mask | None, is_causal=..., scale=s)   # sdpa paths
     softmax(matmul(q, k^T) * s [+ mask | masked_fill | where]) -> [cast / dropout] -> matmul(p, v)   # eager paths
 
+and the eager variants of `eager_attention.py`: soft-capped logits `cap * tanh(s * q.k / cap)` (Gemma 2) and learned
+per-head sinks concatenated to the logits and dropped after the softmax (gpt-oss). A query pre-scale (`q * c`, Gemma's
+`query_pre_attn_scalar`) folds into the scale.
+
 For each site: q, k, v are walked back through layout ops (view, reshape, expand, unsqueeze, transpose,
 repeat_interleave, contiguous, ...) and scalar multiplies to the earliest `[B, h, T, d]` tensor, which is K/V before
 any GQA repeat (Hkv heads) and post-RoPE; scalar factors fold into the scale. The gate input is the activation of the
-nearest projection (linear / addmm / mm with a weight) upstream of q. The layer is the site's `nn_module_stack`.
-Then `probe.check_sites` runs the graph once on a probe batch and proves each site's mask is causal (with padding
-from attention_mask when the model honours it), that the logits are `scale * q.k`, and that K/V are repeated with
-the repeat_interleave convention.
+nearest projection (linear / addmm / mm / `x @ W.T` with a weight) upstream of q. The layer is the site's
+`nn_module_stack`. Then `probe.check_sites` runs the graph once on a probe batch and proves what each site computes:
+a causal mask, or a causal mask restricted to the last `w` keys (a sliding window: `w` is measured and recorded on the
+site), with padding from attention_mask when the model honours it; logits `scale * q.k` (soft-capped when found);
+K/V repeated with the repeat_interleave convention; the sinks' probabilities.
+
+A site the compiler cannot take stops the compile with an error naming the layer, what was seen and why: attention
+whose q/k and v head dims differ (multi-head latent attention, DeepSeek-V2/V3), a bias added to the logits (ALiBi:
+Bloom, MPT, Falcon with alibi=True; relative position biases), masks that are neither causal nor a sliding window.
 """
 from __future__ import annotations
 
@@ -19,27 +28,12 @@ import logging
 import math
 from dataclasses import dataclass
 
-import torch
 from torch.fx import GraphModule, Node
 
-from . import probe
+from . import eager_attention, probe
+from .graph_walk import SDPA, SOFTMAX, attr_of, const_value, gate_input, is_qkv_shape, module_path, peel, shape_of
 
 log = logging.getLogger(__name__)
-aten = torch.ops.aten
-
-LAYOUT_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
-              aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.clone.default,
-              aten.contiguous.default, aten.alias.default, aten.repeat_interleave.self_int, aten.transpose.int,
-              aten.permute.default}
-SCALAR_MUL = {aten.mul.Tensor, aten.mul.Scalar}
-SCALAR_DIV = {aten.div.Tensor, aten.div.Scalar}
-SDPA = {aten.scaled_dot_product_attention.default}
-SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
-MATMUL = {aten.matmul.default, aten.bmm.default}
-PASS_THROUGH = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
-                aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default}
-PROJECTIONS = {aten.linear.default: (0, 1), aten.addmm.default: (1, 2), aten.mm.default: (0, 1),
-               aten.matmul.default: (0, 1)}  # op -> (activation arg, weight arg)
 
 
 @dataclass
@@ -54,11 +48,11 @@ class AttentionSite:
     q: Node  # [B, Hq, T, d] as scored (post-RoPE)
     k: Node  # [B, Hkv, T, d] before any GQA repeat (post-RoPE)
     v: Node  # [B, Hkv, T, d] before any GQA repeat
-    scale: float  # the model's own softmax scale (scalar factors found on q included)
+    scale: float  # the model's own softmax scale (scalar factors found on q and k, a query pre-scale, included)
     heads: int
     kv_heads: int
     head_dim: int
-    gate_input: Node | None  # [B, T, hidden] (or [B*T, hidden]) feeding the Q projection
+    gate_input: Node | None  # [B, T, hidden] feeding the Q projection (or the fused QKV projection)
     hidden: int | None
     q_arg: Node  # q / k / v as the attention consumed them (for the probe's checks)
     k_arg: Node
@@ -66,180 +60,20 @@ class AttentionSite:
     arg_scale: float  # the scale applied to q_arg . k_arg
     mask: Node | None  # sdpa attn_mask
     is_causal: bool  # sdpa is_causal flag
-    logits: Node | None  # the softmax input (eager form)
+    logits: Node | None  # eager form: the masked logits before the softmax (without a sink column)
+    softcap: float | None = None  # logits = softcap * tanh(scale * q.k / softcap) (Gemma 2), None when plain
+    sinks: Node | None = None  # get_attr of the model's own per-head sink logits [Hq] (gpt-oss), None when absent
+    sinks_name: str | None = None  # their parameter's qualified name, e.g. "model.layers.0.self_attn.sinks"
+    probs: Node | None = None  # eager form: the probabilities that multiply V (the probe checks them with sinks)
+    window: int | None = None  # sliding window of the original layer (keys t-w+1 .. t), None when it is causal
+    window_source: str | None = None  # "probe" (measured on the probe batch) | "config" (the HF config's layer type)
 
     def describe(self) -> str:
+        extra = "".join([f" softcap={self.softcap:g}" if self.softcap else "",
+                         f" sinks={self.sinks_name}" if self.sinks is not None else "",
+                         f" window={self.window} ({self.window_source})" if self.window else ""])
         return (f"layer {self.index} ({self.module}, {self.kind}): Hq={self.heads} Hkv={self.kv_heads} "
-                f"d={self.head_dim} scale={self.scale:.6g}")
-
-
-def module_path(node: Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v and isinstance(v[0], str)]
-    return paths[-1] if paths else ""
-
-
-def _shape(node) -> tuple | None:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def const_value(gm: GraphModule, x):
-    """The Python number behind a scalar argument (a literal, torch.full([]) / scalar_tensor, a 0-d constant), or
-    None when it is not a constant."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return float(x)
-    if not isinstance(x, Node):
-        return None
-    if x.op == "get_attr":
-        t = gm
-        for part in x.target.split("."):
-            t = getattr(t, part, None)
-        learned = isinstance(t, torch.nn.Parameter) or getattr(t, "requires_grad", False)  # trained: not a constant
-        return float(t.item()) if isinstance(t, torch.Tensor) and t.numel() == 1 and not learned else None
-    if x.op != "call_function":
-        return None
-    if x.target is aten.full.default and not list(x.args[0]):
-        return const_value(gm, x.args[1])
-    if x.target is aten.scalar_tensor.default:
-        return const_value(gm, x.args[0])
-    if x.target in PASS_THROUGH or x.target is aten.lift_fresh_copy.default:
-        return const_value(gm, x.args[0])
-    if x.target is aten.sqrt.default:
-        c = const_value(gm, x.args[0])
-        return math.sqrt(c) if c is not None else None
-    if x.target is aten.reciprocal.default:
-        c = const_value(gm, x.args[0])
-        return 1.0 / c if c else None
-    return None
-
-
-def same_dim(a, b) -> bool:
-    """Size equality without guarding: symbolic sizes compare by expression, never equal to a plain int."""
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
-    return a == b
-
-
-def _is_qkv_shape(shape, B, T, d) -> bool:
-    return (shape is not None and len(shape) == 4 and same_dim(shape[0], B) and same_dim(shape[2], T)
-            and same_dim(shape[3], d))
-
-
-def peel(gm: GraphModule, node: Node, B, T, d) -> tuple[Node, float]:
-    """Walk back from a q/k/v argument through layout ops and scalar multiplies; returns the earliest node of shape
-    [B, h, T, d] on that chain and the scalar factor between it and the argument."""
-    best, factor, best_factor = node, 1.0, 1.0
-    cur = node
-    for _ in range(32):
-        if _is_qkv_shape(_shape(cur), B, T, d):
-            best, best_factor = cur, factor
-        if cur.op != "call_function":
-            break
-        if cur.target in LAYOUT_OPS or _full_slice(cur):
-            cur = cur.args[0]
-        elif cur.target in SCALAR_MUL and const_value(gm, cur.args[1]) is not None:
-            factor *= const_value(gm, cur.args[1])
-            cur = cur.args[0]
-        elif cur.target in SCALAR_MUL and const_value(gm, cur.args[0]) is not None:
-            factor *= const_value(gm, cur.args[0])
-            cur = cur.args[1]
-        elif cur.target in SCALAR_DIV and const_value(gm, cur.args[1]):
-            factor /= const_value(gm, cur.args[1])
-            cur = cur.args[0]
-        else:
-            break
-        if not isinstance(cur, Node):
-            break
-    return best, best_factor
-
-
-def _full_slice(node: Node) -> bool:
-    """`x[:, :, None]`-style indexing records a slice that keeps the whole axis; it is a layout op."""
-    if node.target is not aten.slice.Tensor:
-        return False
-    args = list(node.args) + [None] * (5 - len(node.args))
-    _, dim, start, end, step = args[:5]
-    size = _shape(node.args[0])[dim or 0] if _shape(node.args[0]) is not None else None
-    return (start in (None, 0) and (end is None or end >= 2**62 or (isinstance(end, int) and end == size))
-            and step in (None, 1))
-
-
-def _scores_chain(gm: GraphModule, node, scale: float = 1.0, depth: int = 0):
-    """From a softmax input back to `matmul(q, k^T)`: returns (matmul node, scalar scale) or None."""
-    if not isinstance(node, Node) or node.op != "call_function" or depth > 16:
-        return None
-    t = node.target
-    if t in MATMUL:
-        return node, scale
-    if t in SCALAR_MUL:
-        for a, b in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
-            c = const_value(gm, b)
-            if c is not None:
-                return _scores_chain(gm, a, scale * c, depth + 1)
-        return None
-    if t in SCALAR_DIV:
-        c = const_value(gm, node.args[1])
-        return _scores_chain(gm, node.args[0], scale / c, depth + 1) if c else None
-    if t in PASS_THROUGH or t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-        return _scores_chain(gm, node.args[0], scale, depth + 1)
-    if t is aten.sub.Tensor:
-        return _scores_chain(gm, node.args[0], scale, depth + 1)
-    if t is aten.add.Tensor:
-        for a in node.args[:2]:
-            found = _scores_chain(gm, a, scale, depth + 1)
-            if found:
-                return found
-    if t is aten.where.self:
-        for a in node.args[1:3]:
-            found = _scores_chain(gm, a, scale, depth + 1)
-            if found:
-                return found
-    return None
-
-
-def _value_matmul(softmax: Node) -> Node | None:
-    """The `matmul(probs, v)` fed by a softmax (through casts and dropout)."""
-    frontier, seen = [softmax], set()
-    while frontier:
-        n = frontier.pop()
-        for user in n.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if user.op == "call_function" and user.target in MATMUL and user.args[0] is n:
-                return user
-            if user.op == "call_function" and user.target in PASS_THROUGH:
-                frontier.append(user)
-    return None
-
-
-def gate_input(node: Node, B, T) -> tuple[Node | None, int | None]:
-    """The activation of the nearest projection upstream of q (breadth first), as [B, T, hidden] when it can be
-    recovered, else the projection's own [B*T, hidden] input."""
-    frontier, seen = [node], {node}
-    while frontier:
-        n = frontier.pop(0)
-        if n.op == "call_function" and n.target in PROJECTIONS:
-            act_i, w_i = PROJECTIONS[n.target]
-            weight = n.args[w_i] if len(n.args) > w_i else None
-            if isinstance(weight, Node) and weight.op == "get_attr":
-                act = n.args[act_i]
-                cur = act
-                for _ in range(4):  # undo a flattening view: [B*T, C] <- [B, T, C]
-                    shape = _shape(cur)
-                    if shape is not None and len(shape) == 3 and same_dim(shape[0], B) and same_dim(shape[1], T):
-                        return cur, int(shape[2])
-                    if cur.op == "call_function" and cur.target in LAYOUT_OPS:
-                        cur = cur.args[0]
-                    else:
-                        break
-                return None, None
-        for inp in n.all_input_nodes:
-            if inp not in seen and inp.op == "call_function":
-                seen.add(inp)
-                frontier.append(inp)
-    return None, None
+                f"d={self.head_dim} scale={self.scale:.6g}{extra}")
 
 
 def _sdpa_site(gm, node: Node):
@@ -248,7 +82,7 @@ def _sdpa_site(gm, node: Node):
     bound = {n: a for n, a in zip(names, args)}
     bound.update(kw)
     q_arg, k_arg, v_arg = bound["query"], bound["key"], bound["value"]
-    d = _shape(q_arg)[3]
+    d = shape_of(q_arg)[3]
     scale = bound.get("scale")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     dropout = const_value(gm, bound.get("dropout_p", 0.0))
@@ -259,18 +93,16 @@ def _sdpa_site(gm, node: Node):
 
 
 def _softmax_site(gm, node: Node):
-    found = _scores_chain(gm, node.args[0])
-    out = _value_matmul(node)
-    if found is None or out is None:
-        return None
-    scores, scale = found
-    q_arg, kt_arg = scores.args[0], scores.args[1]
-    kt_shape, q_shape, out_shape = _shape(kt_arg), _shape(q_arg), _shape(out)
-    if any(s is None or len(s) != 4 for s in (kt_shape, q_shape, out_shape)):
-        return None  # not the [B, H, T, d] layout (e.g. a router softmax): listed as seen, not matched
-    k_arg = kt_arg  # [B, H, d, T]: peel() walks through its transpose to [B, h, T, d]
-    return dict(kind="softmax", out=out, q_arg=q_arg, k_arg=k_arg, v_arg=out.args[1], arg_scale=scale, mask=None,
-                is_causal=False, logits=node.args[0])
+    found = eager_attention.match(gm, node)
+    if isinstance(found, str):
+        return found
+    q_arg, kt_arg = found.scores.args[0], found.scores.args[1]
+    if any(s is None or len(s) != 4 for s in (shape_of(kt_arg), shape_of(q_arg), shape_of(found.out))):
+        return "not the [B, H, T, d] layout"  # e.g. a router softmax: listed as seen, not matched
+    sinks_name = found.sinks.target if found.sinks is not None else None
+    return dict(kind="softmax", out=found.out, q_arg=q_arg, k_arg=kt_arg, v_arg=found.out.args[1],
+                arg_scale=found.scale, mask=None, is_causal=False, logits=found.logits, softcap=found.softcap,
+                sinks=found.sinks, sinks_name=sinks_name, probs=found.probs)
 
 
 def _describe_seen(gm: GraphModule) -> list[str]:
@@ -294,8 +126,8 @@ def find_sites(gm: GraphModule) -> list[AttentionSite]:
             found = _sdpa_site(gm, node)
         elif node.target in SOFTMAX:
             found = _softmax_site(gm, node)
-            if found is None:
-                rejected.append(f"softmax at {module_path(node) or node.name} (not softmax(q @ k^T) @ v)")
+            if isinstance(found, str):
+                rejected.append(f"softmax at {module_path(node) or node.name} ({found})")
                 continue
         else:
             continue
@@ -303,47 +135,48 @@ def find_sites(gm: GraphModule) -> list[AttentionSite]:
     if not sites:
         seen = _describe_seen(gm) + rejected
         raise ValueError("find_attention: no attention the compiler recognizes (aten.scaled_dot_product_attention or "
-                         "softmax(q @ k^T * scale [+ mask]) @ v); the graph has: " + "; ".join(seen))
+                         "softmax(q @ k^T * scale [+ mask]) @ v, with soft-capped logits or sinks); the graph has: "
+                         + "; ".join(seen))
     return sites
 
 
 def _complete(gm, node: Node, found: dict, index: int) -> AttentionSite:
-    q_shape = _shape(found["q_arg"])
+    path = module_path(node)
+    where = f"layer {index} ({path or node.name})"
+    q_shape = shape_of(found["q_arg"])
     if q_shape is None or len(q_shape) != 4:
-        raise ValueError(f"find_attention: attention at {module_path(node)} has a query of shape {q_shape}; "
+        raise ValueError(f"find_attention: attention at {where} has a query of shape {q_shape}; "
                          f"expected [B, heads, T, head_dim]")
     B, Hq, T, d = q_shape
+    v_shape = shape_of(found["v_arg"])
+    if v_shape is not None and len(v_shape) == 4 and v_shape[3] != d:
+        raise ValueError(f"find_attention: {where} attends with query/key heads of dim {d} and value heads of dim "
+                         f"{v_shape[3]}: multi-head latent attention (DeepSeek-V2/V3 MLA) or another layout whose "
+                         f"q.k and V head dims differ. Not supported: HySparse's ops take one head dim for q, k and v, "
+                         f"and a sparse layer attends over the full layer's K/V as if they were its own")
     q, q_factor = peel(gm, found["q_arg"], B, T, d)
     k, k_factor = peel(gm, found["k_arg"], B, T, d)
     v, _ = peel(gm, found["v_arg"], B, T, d)
-    if not _is_qkv_shape(_shape(k), B, T, d) or not _is_qkv_shape(_shape(v), B, T, d):
-        raise ValueError(f"find_attention: attention at {module_path(node)}: could not trace K/V back to "
-                         f"[B, Hkv, T, d] tensors (found K {_shape(k)}, V {_shape(v)}, q {q_shape})")
-    Hkv = _shape(k)[1]
-    if _shape(v)[1] != Hkv or Hq % Hkv:
-        raise ValueError(f"find_attention: attention at {module_path(node)} has {Hq} query heads, {Hkv} key heads "
-                         f"and {_shape(v)[1]} value heads; HySparse needs query heads = a multiple of the KV heads")
-    path = module_path(node)
-    x, hidden = gate_input(q, B, T)
+    if not is_qkv_shape(shape_of(k), B, T, d) or not is_qkv_shape(shape_of(v), B, T, d):
+        raise ValueError(f"find_attention: attention at {where}: could not trace K/V back to "
+                         f"[B, Hkv, T, d] tensors (found K {shape_of(k)}, V {shape_of(v)}, q {q_shape})")
+    Hkv = shape_of(k)[1]
+    if shape_of(v)[1] != Hkv or Hq % Hkv:
+        raise ValueError(f"find_attention: attention at {where} has {Hq} query heads, {Hkv} key heads "
+                         f"and {shape_of(v)[1]} value heads; HySparse needs query heads = a multiple of the KV heads")
+    sinks = found.get("sinks")
+    if sinks is not None and tuple(attr_of(gm, sinks).shape) != (Hq,):
+        raise ValueError(f"find_attention: {where} concatenates sinks of shape {tuple(attr_of(gm, sinks).shape)} to "
+                         f"its logits; sinks are one logit per query head ({Hq},)")
+    x, hidden = gate_input(gm, q, B, T)
     return AttentionSite(index=index, module=path, layer=path.rsplit(".", 1)[0] if "." in path else path,
-                         q=q, k=k, v=v, scale=found["arg_scale"] * q_factor * k_factor, heads=Hq, kv_heads=Hkv,
-                         head_dim=d, gate_input=x, hidden=hidden, **found)
-
-
-def _warn_long_range_masks(state) -> None:
-    """The probe sees masks at the example length only; a configured sliding window longer than that is invisible."""
-    config = getattr(state.model, "config", None)
-    window = getattr(config, "sliding_window", None)
-    if isinstance(window, int) and window > 0 and getattr(config, "use_sliding_window", True):
-        log.warning("find_attention: config.sliding_window=%d: the original model masks keys older than %d tokens; "
-                    "the compiled full layers attend to the whole prefix (outputs differ beyond %d tokens)",
-                    window, window, window)
+                         q=q, k=k, v=v, scale=found["arg_scale"] * q_factor * k_factor, heads=Hq, kv_heads=Hkv, head_dim=d, gate_input=x, hidden=hidden, **found)
 
 
 def run(state):
     sites = find_sites(state.gm)
-    _warn_long_range_masks(state)
     state.padding = probe.check_sites(state, sites)
+    _config_windows(state, sites)
     state.sites = sites
     for site in sites:
         log.info("find_attention: matched %s; gate input %s", site.describe(),
@@ -351,3 +184,29 @@ def run(state):
     log.info("find_attention: %d attention sites; masks causal%s", len(sites),
              " with padding from attention_mask" if state.padding else "")
     return state
+
+
+def _config_windows(state, sites) -> None:
+    """Windows the probe could not see (the probe batch is shorter than the window) come from the HF config's layer
+    types; a measured window that contradicts the config is reported (the measured one is what the graph does)."""
+    from ..hybrid_swa import config_layer_windows
+
+    try:
+        windows = config_layer_windows(state.model, len(sites))
+    except ValueError as e:  # a layer type that is neither global nor sliding: the probe has the last word
+        log.warning("find_attention: %s", e)
+        return
+    if windows is None or len(windows) != len(sites):
+        return
+    probe_len = probe.probe_inputs(state)[state.token_name].shape[1]
+    for site, window in zip(sites, windows):
+        if site.window is None and window is not None and window < probe_len:
+            log.warning("find_attention: layer %d (%s): the config gives a sliding window of %d but the graph "
+                        "attends to all %d keys of the probe batch; treating the layer as causal", site.index,
+                        site.module, window, probe_len)
+        elif site.window is None and window is not None:
+            site.window, site.window_source = window, "config"
+        elif site.window is not None and window is not None and window != site.window:
+            log.warning("find_attention: layer %d (%s): the config gives a sliding window of %d but the mask "
+                        "measured on the probe batch keeps %d keys; using %d", site.index, site.module, window,
+                        site.window, site.window)

@@ -1,6 +1,6 @@
 """Correctness of the Triton and Flex backends against the reference in float32, at real sizes, on the GPU.
 
-    PYTHONPATH=. python3 bench/check_gpu.py [--seqlens 4096,8192,32768] [--bwd-seqlens 4096,8192] [--smoke]
+    python -m bench.check_gpu [--seqlens 4096,8192,32768] [--bwd-seqlens 4096,8192] [--smoke]
         [--orders token,block]
 
 For bf16 inputs, both paper shapes (Hq/Hkv/d = 32/8/128 and 64/4/128), block 64, topk 1024, window 128:
@@ -22,11 +22,26 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hysparse_compile import functional as F  # noqa: E402
+from hysparse_compile import functional as F
 
 ORDERS: list[str] = []  # Triton sparse-layer loop orders checked on top of the default (--orders)
+PARAMS: dict = {}  # --softcap / --full-sinks: the op parameters every check passes (Gemma 2, gpt-oss)
+
+
+def full_kw(X) -> dict:
+    """softcap for the full-layer ops, and their own sinks with --full-sinks."""
+    return dict(softcap=PARAMS.get("softcap"), sinks=X["sinks_full"] if PARAMS.get("full_sinks") else None)
+
+
+def sparse_kw() -> dict:
+    return dict(softcap=PARAMS.get("softcap"))
+
+
+def tag(name: str) -> str:
+    """The check's name with the parameters it ran with (`full.out[cap,sinks]`)."""
+    parts = (["cap"] if PARAMS.get("softcap") else []) + (["sinks"] if PARAMS.get("full_sinks") else [])
+    return f"{name}[{','.join(parts)}]" if parts else name
 
 
 def forced_orders(backend):
@@ -48,6 +63,7 @@ def errors(x, ref) -> dict:
 
 
 def record(name, shape, T, backend, errs, extra=None, tol=2e-2):
+    name = tag(name)
     row = {"check": name, "shape": shape, "T": T, "backend": backend, **errs, **(extra or {})}
     row["ok"] = errs["rel_l2"] < tol and all(torch.isfinite(torch.tensor(v)) for v in errs.values())
     ROWS.append(row)
@@ -60,20 +76,22 @@ def inputs(B, Hq, Hkv, T, d, dtype, device, gen):
     r = lambda *s: torch.randn(*s, generator=gen, device=device).to(dtype)  # noqa: E731
     return dict(q=r(B, Hq, T, d), k=r(B, Hkv, T, d), v=r(B, Hkv, T, d), k_own=r(B, Hkv, T, d), v_own=r(B, Hkv, T, d),
                 gs=torch.sigmoid(r(B, Hq, T, d)), gw=torch.sigmoid(r(B, Hq, T, d)),
-                sinks=torch.randn(Hq, generator=gen, device=device), dout=r(B, Hq, T, d))
+                sinks=torch.randn(Hq, generator=gen, device=device), dout=r(B, Hq, T, d),
+                sinks_full=torch.randn(Hq, generator=gen, device=device))
 
 
 def check_forward(x, shape, T, backends, bs, topk, w):
     f32 = {k: v.float() for k, v in x.items()}
-    out_ref, idx_ref = F.full_attention(f32["q"], f32["k"], f32["v"], block_size=bs, topk=topk, backend="reference")
+    out_ref, idx_ref = F.full_attention(f32["q"], f32["k"], f32["v"], block_size=bs, topk=topk, backend="reference",
+                                        **full_kw(f32))
     sp = lambda X, idx, b, merge=False: F.sparse_attention(  # noqa: E731
         X["q"], X["k"] if merge else X["k_own"], X["v"] if merge else X["v_own"], X["k"], X["v"], idx,
         block_size=bs, window=w, gate_sparse=None if merge else X["gs"], gate_swa=None if merge else X["gw"],
-        sinks=X["sinks"], merge=merge, backend=b)
+        sinks=X["sinks"], merge=merge, backend=b, **sparse_kw())
     sparse_ref = sp(f32, idx_ref, "reference")
     merge_ref = sp(f32, idx_ref, "reference", merge=True)
     for b in backends:
-        out, idx = F.full_attention(x["q"], x["k"], x["v"], block_size=bs, topk=topk, backend=b)
+        out, idx = F.full_attention(x["q"], x["k"], x["v"], block_size=bs, topk=topk, backend=b, **full_kw(x))
         same = (idx == idx_ref).all(-1).float().mean().item()
         record("full.out", shape, T, b, errors(out, out_ref), {"indices_rows_equal": same})
         for sfx, ctx in forced_orders(b):
@@ -85,17 +103,22 @@ def check_forward(x, shape, T, backends, bs, topk, w):
 
 
 def check_backward(x, shape, T, backends, bs, topk, w):
+    GRADS = ("q", "k", "v", "k_own", "v_own", "gs", "gw", "sinks") + (("sinks_full",) if PARAMS.get("full_sinks")
+                                                                      else ())
+
     def run(X, b, save_branches=False):
-        leaves = {k: X[k].detach().requires_grad_() for k in ("q", "k", "v", "k_own", "v_own", "gs", "gw", "sinks")}
-        out, idx = F.full_attention(leaves["q"], leaves["k"], leaves["v"], block_size=bs, topk=topk, backend=b)
+        leaves = {k: X[k].detach().requires_grad_() for k in GRADS}
+        out, idx = F.full_attention(leaves["q"], leaves["k"], leaves["v"], block_size=bs, topk=topk, backend=b,
+                                    **full_kw(leaves))
         y = F.sparse_attention(leaves["q"], leaves["k_own"], leaves["v_own"], leaves["k"], leaves["v"], idx_fixed,
                                block_size=bs, window=w, gate_sparse=leaves["gs"], gate_swa=leaves["gw"],
-                               sinks=leaves["sinks"], save_branches=save_branches, backend=b)
+                               sinks=leaves["sinks"], save_branches=save_branches, backend=b, **sparse_kw())
         torch.autograd.backward([out, y], [X["dout"], X["dout"]])
         return {k: v.grad for k, v in leaves.items()}
 
     f32 = {k: v.float() for k, v in x.items()}
-    _, idx_fixed = F.full_attention(f32["q"], f32["k"], f32["v"], block_size=bs, topk=topk, backend="reference")
+    _, idx_fixed = F.full_attention(f32["q"], f32["k"], f32["v"], block_size=bs, topk=topk, backend="reference",
+                                    **full_kw(f32))
     ref = run(f32, "reference")
     for b in backends:
         # default: the backward recomputes the branch outputs; "[saved]": save_branches=True keeps them
@@ -103,7 +126,7 @@ def check_backward(x, shape, T, backends, bs, topk, w):
                                ("[saved]", contextlib.nullcontext(), True)]:
             with ctx:
                 got = run(x, b, save)
-            for name in ("q", "k", "v", "k_own", "v_own", "gs", "gw", "sinks"):
+            for name in GRADS:
                 record(f"grad.{name}{sfx}", shape, T, b, errors(got[name], ref[name]))
             del got
 
@@ -122,17 +145,47 @@ def check_decode(x, shape, S, backends, bs, topk, w):
         v_win[b][:, slot[b]] = x["v_own"][b][:, pos[b].clamp_min(0)]
     f = lambda t: t.float()  # noqa: E731
     o_ref, i_ref = F.full_attention_decode(f(q1), f(x["k"]), f(x["v"]), cache_len, block_size=bs, topk=topk,
-                                           backend="reference")
+                                           backend="reference", **full_kw(x))
     gs, gw = x["gs"][:, :, -1:], x["gw"][:, :, -1:]
     s_ref = F.sparse_attention_decode(f(q1), f(k_win), f(v_win), f(x["k"]), f(x["v"]), i_ref, cache_len,
                                       block_size=bs, window=w, gate_sparse=f(gs), gate_swa=f(gw), sinks=x["sinks"],
-                                      backend="reference")
+                                      backend="reference", **sparse_kw())
     for b in backends:
-        o, i = F.full_attention_decode(q1, x["k"], x["v"], cache_len, block_size=bs, topk=topk, backend=b)
+        o, i = F.full_attention_decode(q1, x["k"], x["v"], cache_len, block_size=bs, topk=topk, backend=b,
+                                       **full_kw(x))
         record("decode.full", shape, S, b, errors(o, o_ref), {"indices_rows_equal": (i == i_ref).all(-1).float().mean().item()})
         s = F.sparse_attention_decode(q1, k_win, v_win, x["k"], x["v"], i_ref, cache_len, block_size=bs, window=w,
-                                      gate_sparse=gs, gate_swa=gw, sinks=x["sinks"], backend=b)
+                                      gate_sparse=gs, gate_swa=gw, sinks=x["sinks"], backend=b, **sparse_kw())
         record("decode.sparse", shape, S, b, errors(s, s_ref))
+
+
+def extend_inputs(x, R: int):
+    """The last R tokens of `x` as an extend call over a linear cache holding all S tokens: start = S - R, the
+    SWA keys are the own cache itself (win_pos = its positions)."""
+    B, _, S, _ = x["q"].shape
+    start = torch.full((B,), S - R, dtype=torch.int32, device=x["q"].device)
+    win_pos = torch.arange(S, device=x["q"].device).expand(B, S).contiguous()
+    tail = {n: x[n][:, :, -R:].contiguous() for n in ("q", "gs", "gw")}
+    return start, win_pos, tail
+
+
+def check_extend(x, shape, S, backends, bs, topk, w, R=512):
+    """R new tokens against a filled cache (full and sparse layer) against the reference in float32."""
+    start, win_pos, t = extend_inputs(x, R)
+    f32 = {k: v.float() for k, v in x.items()}
+    ft = {k: v.float() for k, v in t.items()}
+    o_ref, i_ref = F.full_attention_extend(ft["q"], f32["k"], f32["v"], start, block_size=bs, topk=topk,
+                                           backend="reference", **full_kw(f32))
+    sp = lambda X, T_, b: F.sparse_attention_extend(  # noqa: E731
+        T_["q"], X["k"], X["v"], i_ref, X["k_own"], X["v_own"], win_pos, start, block_size=bs, window=w,
+        gate_sparse=T_["gs"], gate_swa=T_["gw"], sinks=X["sinks"], backend=b, **sparse_kw())
+    s_ref = sp(f32, ft, "reference")
+    for b in backends:
+        o, i = F.full_attention_extend(t["q"], x["k"], x["v"], start, block_size=bs, topk=topk, backend=b,
+                                       **full_kw(x))
+        record(f"extend.full(R={R})", shape, S, b, errors(o, o_ref),
+               {"indices_rows_equal": (i == i_ref).all(-1).float().mean().item()})
+        record(f"extend.sparse(R={R})", shape, S, b, errors(sp(x, t, b), s_ref))
 
 
 def main(argv=None):
@@ -143,8 +196,12 @@ def main(argv=None):
     p.add_argument("--backends", default="triton,flex")
     p.add_argument("--orders", default="token,block", help="Triton sparse-layer loop orders forced on top of auto")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, fp16, triton interpreted")
+    p.add_argument("--softcap", type=float, default=None, help="every op soft-caps its logits (Gemma 2: 50)")
+    p.add_argument("--full-sinks", action="store_true", help="the full-layer ops get per-head sinks (gpt-oss)")
+    p.add_argument("--extend", type=int, default=512, help="R of the extend checks at the largest T (0: none)")
     args = p.parse_args(argv)
     ORDERS[:] = [o for o in args.orders.split(",") if o]
+    PARAMS.update(softcap=args.softcap, full_sinks=args.full_sinks)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device, dtype, bs, topk, w, B = "cuda", torch.bfloat16, 64, 1024, 128, 1
@@ -152,6 +209,7 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")
         device, dtype, bs, topk, w, B = "cpu", torch.float16, 16, 32, 8, 2
         args.seqlens, args.bwd_seqlens, args.shapes = "70", "70", "8/2/16"
+        args.extend = min(args.extend, 21)
     gen = torch.Generator(device=device).manual_seed(0)
     t0 = time.time()
     backends = args.backends.split(",")
@@ -165,6 +223,9 @@ def main(argv=None):
             x2 = inputs(2, Hq, Hkv, T, d, dtype, device, gen) if T == max(map(int, args.seqlens.split(","))) else None
             if x2 is not None:
                 check_decode(x2, shape, T, backends, bs, topk, w)
+                if args.extend:  # every backend that has extend kernels (the Triton one takes auto's choice)
+                    check_extend(x2, shape, T, [b for b in backends if b != "triton"] or ["auto"], bs, topk, w,
+                                 R=min(args.extend, T // 2))
             del x, x2
             if device == "cuda":
                 torch.cuda.empty_cache()

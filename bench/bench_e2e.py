@@ -9,6 +9,14 @@ block 64, topk 1024, window 128, per-channel gates, sinks). Both share the weigh
 LM head and returns full logits for both.
 
 Sections (each row = original and compiled; ratio = original time / compiled time = the compiled model's speedup):
+- `best`     the fair forward (issue 22): the original at its best — `eager` (HF sdpa: mask dropped, causal,
+             enable_gqa), `compile[layers]` (each decoder layer compiled, the mask made eagerly and dropped),
+             `compile[causal]` (the whole model compiled with a registered attention function calling SDPA with
+             is_causal and enable_gqa, no mask built; bench/original_best.py) — against the compiled model `eager`
+             and `compile` (torch.compile(compiled)); each row the median of --calls calls with min and max; each
+             original variant's logits against the eager original's at the first length; ratios against the
+             original's fastest variant (`original_best`), the targets judged there;
+- `best_fwdbwd` the same for forward + backward (loss = logits.sum()) at 8k and 32k;
 - `fwd`      forward, eager, no grad, T = 8k, 16k, 32k, 128k (128k skipped with the reason when it cannot fit the
              budget or memory); peak memory of one call;
 - `fwdbwd`   forward + backward, eager, T = 8k, 32k, loss = logits.sum() for both (grads of every weight; gates and
@@ -27,6 +35,8 @@ and compiled runs ÷ the compiled model's compiled run), which is what the targe
 Targets (issue 9): forward >= 1.0x at 8k, >= 1.15x at 32k, >= 1.5x at 128k; fwd+bwd >= 1.0x at 8k, >= 1.1x at
 32k; peak memory within 5% of the original's; stack: moonshot >= 3x.
 
+    python -m bench.bench_e2e --sections best --seqlens 8k,32k,128k      # the fair forward rows
+    python -m bench.bench_e2e --sections best_fwdbwd                     # the fair fwd+bwd rows (8k, 32k)
     python -m bench.bench_e2e                        # GPU, all sections, stops starting rows after --budget-s
     python -m bench.bench_e2e --quick                # 8k and 32k only, shorter timing
     python -m bench.bench_e2e --sections compile     # one section (e.g. in a second device call)

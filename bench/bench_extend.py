@@ -81,8 +81,6 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}),
                           flush=True)
-            del q, gs, gw, idx, ref
-        del k, v, k_own, v_own
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                 command=" ".join(sys.argv), block=bs, topk=topk, window=w, dtype=str(dtype))

@@ -10,16 +10,46 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300  # about 40 s alone; generous for a loaded 2-core machine
 
 
-def test_bench_e2e_smoke_writes_every_row_and_ratio(tmp_path):
+def run_smoke(tmp_path, *args):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", COLUMNS="200")
     env.pop("OUT", None)
     result = subprocess.run([sys.executable, "-m", "bench.bench_e2e", "--smoke", "--budget-s", "1e9",
-                             "--out", str(tmp_path), "--profile", "64", "--profile-fwdbwd", "64"],
+                             "--out", str(tmp_path), *args],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
-    data = json.loads((tmp_path / "bench_e2e.json").read_text())
+    return json.loads((tmp_path / "bench_e2e.json").read_text()), out
+
+
+def test_best_sections_time_every_variant_and_judge_against_the_fastest_original(tmp_path):
+    data, out = run_smoke(tmp_path, "--sections", "best,best_fwdbwd", "--seqlens", "8k,32k", "--calls", "3")
+    rows = {(r["section"], r["label"], r["model"], r["mode"]): r for r in data["rows"]}
+    variants = {"original": ("eager", "compile[layers]", "compile[causal]"), "compiled": ("eager", "compile")}
+    for section in ("best", "best_fwdbwd"):
+        for label in ("8k", "32k"):
+            for model, modes in variants.items():
+                for mode in modes:
+                    row = rows[(section, label, model, mode)]
+                    assert "error" not in row and row["calls"] == 3, row
+                    assert row["ms_min"] <= row["ms"] <= row["ms_max"], row
+    for mode in ("compile[layers]", "compile[causal]"):  # the compiled originals compute the eager original
+        row = rows[("best", "8k", "original", mode)]
+        assert row["logits_rel_vs_eager"] < 1e-5 and row["argmax_agree_vs_eager"] == 1.0, row
+    ratios = [r for r in data["ratios"] if r["section"] in ("best", "best_fwdbwd")]
+    assert len(ratios) == 2 * 2 * 2
+    for r in ratios:
+        originals = {m: rows[(r["section"], r["label"], "original", m)]["ms"] for m in variants["original"]}
+        assert r["original_best"] == min(originals, key=originals.get)
+        compiled_ms = rows[(r["section"], r["label"], "compiled", r["mode"])]["ms"]
+        assert abs(r["speedup"] - min(originals.values()) / compiled_ms) < 1e-9
+        assert r["met"] == (r["speedup"] >= r["target"])
+    assert "compile[causal]" in out  # shown as text, not taken for rich markup
+
+
+def test_bench_e2e_smoke_writes_every_row_and_ratio(tmp_path):
+    data, out = run_smoke(tmp_path, "--sections", "fwd,fwdbwd,stack,compile,compile_fwdbwd", "--profile", "64",
+                          "--profile-fwdbwd", "64")
     rows = {(r["section"], r["label"], r["model"]): r for r in data["rows"] if not r.get("superseded")}
     expected = [("fwd", label) for label in ("8k", "16k", "32k", "128k")]
     expected += [("fwdbwd", "8k"), ("fwdbwd", "32k"), ("stack", "32k")]

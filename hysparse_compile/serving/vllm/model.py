@@ -73,7 +73,7 @@ class HySparseParams(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(heads)) if sinks else None
 
     def gates(self, x: torch.Tensor):
-        """SPEC 2.2: g~, g' = sigmoid(W x). x [N, hidden] -> (gate_sparse, gate_swa or None), each [N, Hq, e]."""
+        """Paper §3.3: g~, g' = sigmoid(W x). x [N, hidden] -> (gate_sparse, gate_swa or None), each [N, Hq, e]."""
         if not hasattr(self, "gate"):
             return None, None
         g = torch.sigmoid(F.linear(x, self.gate.weight)).view(x.shape[0], self.branches, self.heads, -1)

@@ -61,8 +61,8 @@ def _requests(query_start_loc: Tensor, seq_lens: Tensor):
 def paged_full_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                                query_start_loc: Tensor, seq_lens: Tensor, block_size: int, nsel: int,
                                scale: float) -> tuple[Tensor, Tensor]:
-    """The full layer (SPEC 2.1) for a varlen batch: q [N, Hq, d] -> out [N, Hq, d], indices int32 [N, Hkv, nsel]
-    (selected block indices per token and KV group, ascending, -1 padded). Rows past the last request are zero / -1.
+    """The full layer (paper §3.2; docs/design.md, full_attention) for a varlen batch: q [N, Hq, d] -> out
+    [N, Hq, d], indices int32 [N, Hkv, nsel] (selected block indices per token and KV group, ascending, -1 padded). Rows past the last request are zero / -1.
     """
     N, Hq, d = q.shape
     Hkv = k_cache.shape[1]
@@ -115,7 +115,8 @@ def paged_sparse_attention_torch(q: Tensor, k_shared: Tensor, v_shared: Tensor, 
                                  k_win: Tensor, v_win: Tensor, win_block_table: Tensor, indices: Tensor,
                                  query_start_loc: Tensor, seq_lens: Tensor, sinks: Tensor | None, block_size: int,
                                  window: int, scale: float, merge: bool) -> Tensor:
-    """The sparse layer (SPEC 2.2 / 2.4) for a varlen batch, gates not applied.
+    """The sparse layer (paper §3.3; the training-free merge: docs/design.md, sparse_attention) for a varlen batch,
+    gates not applied.
 
     q [N, Hq, d]; k_shared/v_shared: the pages the sparse branch reads (the full layer's, or the layer's own for
     kv_sharing="none" / merge) with shared_block_table; k_win/v_win + win_block_table: the pages the SWA branch reads
@@ -145,7 +146,7 @@ def paged_sparse_attention_torch(q: Tensor, k_shared: Tensor, v_shared: Tensor, 
 
 
 def apply_gates(branches: Tensor, gate_sparse: Tensor | None, gate_swa: Tensor | None) -> Tensor:
-    """out = gate_sparse * o_sparse + gate_swa * o_swa (SPEC 2.2; a missing gate is 1, a missing branch is 0).
+    """out = gate_sparse * o_sparse + gate_swa * o_swa (paper §3.3; a missing gate is 1, a missing branch is 0).
 
     branches [N, 2, Hq, d]; gates [N, Hq, 1] (gate="head") or [N, Hq, d] (gate="element") -> [N, Hq, d].
     Computed in float32 (float64 for float64 inputs) like the reference, then cast to the branches' dtype.

@@ -1,12 +1,15 @@
 """Extend (R new tokens against a filled cache: chunked prefill, speculative verification) per backend, one GPU.
 
-    python -m bench.bench_extend [--cache 32768] [--rs 64,512] [--shapes 32/8/128,64/4/128] [--backends reference,flex]
+    python -m bench.bench_extend [--cache 32768] [--rs 64,512] [--shapes 32/8/128,64/4/128]
+                                 [--backends reference,flex,triton]
 
 bf16, B = 1, block 64, topk 1024, window 128, per-channel gates, sinks; one full-layer extend (attention + block
 scores + selection) and one sparse-layer extend (its selection, the SWA keys read from a linear own cache) per
 row. `reference` is the PyTorch path (the naive math in query chunks); every other backend is reported as
 `speedup` = reference ms / its ms (issue 22 item 5: >= 5x at R = 512 over a 32k cache). Each backend's output is
-checked against the reference's first (`rel_l2`). Timing: `bench.timer.time_ms`. `--smoke`: CPU, tiny sizes.
+checked against the reference's first (`rel_l2`; the full layer's selection as `indices_rows_equal`, the share of
+rows equal to the reference's). Timing: `bench.timer.time_ms`. `--smoke`: CPU, tiny sizes, float32,
+Triton interpreted.
 Writes `bench_extend.json` to $OUT (default bench/results/).
 """
 from __future__ import annotations
@@ -18,6 +21,8 @@ import os
 import sys
 
 import torch
+
+os.environ.setdefault("HYSPARSE_TRITON_EXTEND", "1")  # the Triton extend kernels: off on a GPU until checked
 
 from hysparse_compile import functional as F
 from .timer import time_ms
@@ -32,11 +37,12 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=int, default=32768)
     p.add_argument("--rs", default="64,512")
     p.add_argument("--shapes", default="32/8/128,64/4/128")
-    p.add_argument("--backends", default="reference,flex")
+    p.add_argument("--backends", default="reference,flex,triton")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     device, dtype, bs, topk, w = "cuda", torch.bfloat16, 64, 1024, 128
     if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are imported (by their first call)
         device, dtype, bs, topk, w = "cpu", torch.float32, 16, 32, 8
         args.cache, args.rs, args.shapes = 96, "5,24", "8/2/16"
     gen = torch.Generator(device=device).manual_seed(0)
@@ -71,6 +77,8 @@ def main(argv=None) -> int:
                         with torch.no_grad():
                             out = fn()
                             row["rel_l2"] = rel_l2(out[0] if op == "full" else out, ref[op])
+                            if op == "full":  # rows whose selection is the reference's (near ties may differ)
+                                row["indices_rows_equal"] = (out[1] == idx).all(-1).float().mean().item()
                             row["ms"] = time_ms(fn, device)
                     except Exception as e:  # recorded, not fatal
                         row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -84,11 +92,12 @@ def main(argv=None) -> int:
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                 command=" ".join(sys.argv), block=bs, topk=topk, window=w, dtype=str(dtype))
-    print(f"\n{'shape':<10} {'R':>5} {'op':<7} {'backend':<10} {'ms':>9} {'speedup':>8} {'rel_l2':>9}")
+    print(f"\n{'shape':<10} {'R':>5} {'op':<7} {'backend':<10} {'ms':>9} {'speedup':>8} {'rel_l2':>9} {'idx_eq':>7}")
     for row in rows:
         print(f"{row['shape']:<10} {row['R']:>5} {row['op']:<7} {row['backend']:<10} "
               f"{row.get('ms', float('nan')):>9.3f} {row.get('speedup', float('nan')):>8.2f} "
-              f"{row.get('rel_l2', float('nan')):>9.2e} {row.get('error', '')}")
+              f"{row.get('rel_l2', float('nan')):>9.2e} {row.get('indices_rows_equal', float('nan')):>7.4f} "
+              f"{row.get('error', '')}")
     out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench_extend.json"), "w") as fh:

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+os.environ.setdefault("HYSPARSE_TRITON_EXTEND", "1")  # the Triton extend kernels: off on a GPU until checked
+
 
 from hysparse_compile import functional as F
 
@@ -223,8 +225,8 @@ def main(argv=None):
             x2 = inputs(2, Hq, Hkv, T, d, dtype, device, gen) if T == max(map(int, args.seqlens.split(","))) else None
             if x2 is not None:
                 check_decode(x2, shape, T, backends, bs, topk, w)
-                if args.extend:  # every backend that has extend kernels (the Triton one takes auto's choice)
-                    check_extend(x2, shape, T, [b for b in backends if b != "triton"] or ["auto"], bs, topk, w,
+                if args.extend:
+                    check_extend(x2, shape, T, backends, bs, topk, w,
                                  R=min(args.extend, T // 2))
             del x, x2
             if device == "cuda":

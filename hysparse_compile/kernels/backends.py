@@ -41,6 +41,9 @@ class Backend(Protocol):
     def full_attention_decode(self, q, k_cache, v_cache, cache_len, block_size, topk, scale, **options): ...
     def sparse_attention_decode(self, q, k_win, v_win, k_shared, v_shared, indices, cache_len, gate_sparse,
                                 gate_swa, sinks, block_size, window, scale, merge, **options): ...
+    def full_attention_extend(self, q, k_cache, v_cache, start, block_size, topk, scale, **options): ...
+    def sparse_attention_extend(self, q, k_shared, v_shared, indices, k_win, v_win, win_pos, start, gate_sparse,
+                                gate_swa, sinks, block_size, window, scale, merge, **options): ...
 
 
 def _triton_usable(device: torch.device) -> str | None:
@@ -103,8 +106,8 @@ def resolve(name: str, op: str, **meta) -> ModuleType:
 def for_op(name: str, op: str, **meta) -> str:
     """The backend a call of `op` runs with when the model (or call) asked for backend `name`: `name` itself when
     it can run the case, else "auto" (resolved by the rule of `resolve`). A model compiled for a named backend runs
-    that backend's kernels wherever they exist; an op it has no kernel for (the Triton backend has no extend
-    kernel yet) takes the `auto` choice instead of failing mid-generation."""
+    that backend's kernels wherever they exist; a case it cannot run (say, a head dim its kernels do not take, or an
+    extend call on a backend without extend kernels) takes the `auto` choice instead of failing mid-generation."""
     if name == "auto" or unsupported_reason(name, op, **meta) is None:
         return name
     return "auto"

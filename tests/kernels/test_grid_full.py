@@ -109,7 +109,7 @@ def test_full_layer_decode_matches_oracle(case: Case, dtype, backend):
 
 @pytest.mark.parametrize("backend", ["reference", "flex", "triton"])
 def test_equal_block_scores_select_the_lower_blocks(gen, backend):
-    """Every key block holds the same keys, so all complete blocks tie: prefill and decode keep the lowest."""
+    """Every key block holds the same keys, so all complete blocks tie: prefill, decode and extend keep the lowest."""
     B, Hq, Hkv, T, d, bs, nsel = 1, 4, 2, 64, 16, 16, 2
     q = torch.randn(B, Hq, T, d, generator=gen)
     k = torch.randn(B, Hkv, bs, d, generator=gen).repeat(1, 1, T // bs, 1)
@@ -118,10 +118,13 @@ def test_equal_block_scores_select_the_lower_blocks(gen, backend):
         _, idx = F.full_attention(q, k, v, block_size=bs, topk=nsel * bs, backend=name)
         _, idx_dec = F.full_attention_decode(q[:, :, -1:], k, v, torch.tensor([T], dtype=torch.int32),
                                              block_size=bs, topk=nsel * bs, backend=name)
+        _, idx_ext = F.full_attention_extend(q[:, :, T - 19:], k, v, torch.tensor([T - 19]), block_size=bs,
+                                             topk=nsel * bs, backend=name)
     _, _, i_ref = oracle_full(q, k, v, bs, nsel * bs)
     assert i_ref[0, :, T - 1].tolist() == [[0, 1]] * Hkv  # the oracle's rule, stated
     assert torch.equal(idx[:, :, T - 1].long(), i_ref[:, :, T - 1])
     assert torch.equal(idx_dec[:, :, 0].long(), i_ref[:, :, T - 1])
+    assert torch.equal(idx_ext.long(), i_ref[:, :, T - 19:])
 
 
 def _heads_that_disagree():
@@ -149,4 +152,6 @@ def test_group_selection_ranks_probabilities_not_logits(backend):
         _, idx = F.full_attention(q, k, v, block_size=16, topk=16, scale=1.0, backend=name)
         _, idx_dec = F.full_attention_decode(q[:, :, -1:], k, v, torch.tensor([32], dtype=torch.int32),
                                              block_size=16, topk=16, scale=1.0, backend=name)
-    assert idx[0, 0, 31].tolist() == [1] and idx_dec[0, 0, 0].tolist() == [1]
+        _, idx_ext = F.full_attention_extend(q[:, :, 29:], k, v, torch.tensor([29]), block_size=16, topk=16,
+                                             scale=1.0, backend=name)
+    assert idx[0, 0, 31].tolist() == [1] and idx_dec[0, 0, 0].tolist() == [1] and idx_ext[0, 0, 2].tolist() == [1]

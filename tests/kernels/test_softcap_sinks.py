@@ -1,7 +1,8 @@
 """Two op parameters threaded through every backend: logit soft-capping (`softcap`, Gemma 2) on both layers, and
 per-head sinks on the full layer (gpt-oss), against the float64 oracle (tests/oracle.py, which writes both from
 their definitions): prefill output, block scores and selection, gradients (q, K/V, gates, sinks), decode and
-extend. Reference and flex run with forced small query chunks where they have them; Triton runs interpreted."""
+extend (every backend, Triton's extend kernels included). Reference and flex run with forced small query chunks where
+they have them; Triton runs interpreted."""
 from __future__ import annotations
 
 import pytest
@@ -98,7 +99,7 @@ def _new_rows(x, start, R):
     return None if x is None else torch.stack([x[b, :, int(s):int(s) + R] for b, s in enumerate(start)])
 
 
-@pytest.mark.parametrize("case,dtype,backend,option", _grid(["reference-chunked", "flex"]))
+@pytest.mark.parametrize("case,dtype,backend,option", _grid(["reference-chunked", "flex", "triton"]))
 def test_full_layer_extend_with_softcap_and_sinks_matches_oracle(case, dtype, backend, option):
     softcap, use_sinks = OPTIONS[option]
     q_all, k, v = full_qkv(case, dtype, seed=6)
@@ -195,7 +196,7 @@ def test_sparse_layer_decode_with_softcap_matches_oracle(case, dtype, backend):
     assert rel_err(out, ref) < FWD_TOL[dtype]
 
 
-@pytest.mark.parametrize("case,dtype,backend", _sparse_points(["reference-chunked", "flex"]))
+@pytest.mark.parametrize("case,dtype,backend", _sparse_points(["reference-chunked", "flex", "triton"]))
 def test_sparse_layer_extend_with_softcap_matches_oracle(case, dtype, backend):
     """The SWA keys as a linear cache (position = slot); the ring layout is the runtime's (tests/runtime)."""
     x = sparse_leaves(case, dtype, seed=9)

@@ -1,33 +1,45 @@
-"""The Triton backend: fused kernels for both HySparse ops (forward, backward, decode). The default on CUDA.
+"""The Triton backend: fused kernels for both HySparse ops (forward, backward, decode, extend). The default on CUDA.
 
 Full layer: `full_attention.py` (flash forward with running per-head top-k of block maxima, GQA merge in
-`select_blocks.py`, FA2-style backward) and `full_attention_decode.py` (split-K). Sparse layer:
-`sparse_attention.py` (both branches in one kernel over the per-tile block union of `block_union.py`),
-`sparse_attention_bwd.py`, `sparse_attention_decode.py`. Shared constants and helpers: `common.py`. Every kernel
-takes the op parameters' options (soft-capping; sinks on the full layer) as constexpr flags. Design notes:
-docs/kernels_full.md, docs/kernels_sparse.md. The launchers (`launch_*`) are the public way in for other code
-(export/aoti_triton.py); the kernels themselves are private to this folder.
+`select_blocks.py`, FA2-style backward), `full_attention_decode.py` (split-K) and `full_attention_extend.py` (the
+forward kernel with per-row start positions). Sparse layer: `sparse_attention.py` (both branches in one kernel over
+the per-tile block union of `block_union.py`), `sparse_attention_bwd.py`, `sparse_attention_decode.py`,
+`sparse_attention_extend.py` (the token-major tiling for R new rows, SWA keys found by position). Shared constants
+and helpers: `common.py`. Every kernel takes the op parameters' options (soft-capping; sinks on the full layer) as
+constexpr flags. Design notes: docs/kernels_full.md, docs/kernels_sparse.md. The launchers (`launch_*`) are the
+public way in for other code (export/aoti_triton.py); the kernels themselves are private to this folder.
 """
+import os
+
+from .common import INTERPRET
 from .full_attention import full_attention_bwd, full_attention_fwd, full_attention_supports
 from .full_attention_decode import full_attention_decode
+from .full_attention_extend import full_attention_extend
 from .sparse_attention import sparse_attention_fwd, sparse_attention_supports
 from .sparse_attention_bwd import sparse_attention_bwd
 from .sparse_attention_decode import sparse_attention_decode
+from .sparse_attention_extend import sparse_attention_extend
 
 NAME = "triton"
+EXTEND_ENV = "HYSPARSE_TRITON_EXTEND"  # "1": run the extend kernels on a GPU before they have been checked there
 
 
 def supports(op: str, **meta) -> str | None:
-    """Why the Triton kernels cannot run `op` for these inputs (see `backends.unsupported_reason`), or None."""
-    if op.endswith("_extend"):
-        return (f"there is no fused Triton kernel for {op} yet (R > 1 new tokens against a cache); the flex and "
-                f"reference backends run it")
-    if op.startswith("full_attention"):
-        return full_attention_supports(op, **meta)
-    return sparse_attention_supports(**{"op": op, **meta})
+    """Why the Triton kernels cannot run `op` for these inputs (see `backends.unsupported_reason`), or None.
+
+    The extend kernels are tested under the interpreter only: on a GPU they wait for their first check
+    (`bench/check_gpu.py`, issue #22) unless HYSPARSE_TRITON_EXTEND=1, so `auto` and models compiled for Triton keep
+    running extend calls on Flex there."""
+    why = (full_attention_supports(op, **meta) if op.startswith("full_attention")
+           else sparse_attention_supports(**{"op": op, **meta}))
+    if why is None and op.endswith("_extend") and not INTERPRET and os.environ.get(EXTEND_ENV) != "1":
+        return (f"triton {op} has not been checked on a GPU yet; set {EXTEND_ENV}=1 to run it (bench/check_gpu.py "
+                f"does)")
+    return why
 
 
 __all__ = [
-    "full_attention_fwd", "full_attention_bwd", "full_attention_decode",
-    "sparse_attention_fwd", "sparse_attention_bwd", "sparse_attention_decode", "supports", "NAME",
+    "full_attention_fwd", "full_attention_bwd", "full_attention_decode", "full_attention_extend",
+    "sparse_attention_fwd", "sparse_attention_bwd", "sparse_attention_decode", "sparse_attention_extend", "supports",
+    "NAME",
 ]

@@ -15,6 +15,10 @@ maxima and the running top list is unchanged) and `HAS_SINKS` (a per-head sink l
 `lse` stays the keys' own, the candidates' log block scores and the backward's probabilities use the sink-inclusive
 denominator, which the backward receives folded into `lse`).
 
+Extend (R new rows at positions `start[b] + r` against a filled cache, `full_attention_extend.py`) runs the same
+forward kernel with the constexpr `HAS_START`: positions are offset per batch row, the tile loops' bounds come from
+the positions; without it the kernel is the prefill kernel as it was (one more, unread, pointer argument).
+
 Launchers (`launch_forward`, `launch_block_scores`) are public: the eager functions below and the AOTInductor
 `triton_op`s (export/aoti_triton.py) both call them, the latter with `wrap=torch.library.wrap_triton`.
 """
@@ -35,13 +39,14 @@ BWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}  #
 def full_attention_supports(op, **meta):
     """Reason why the Triton full-attention kernels cannot run a case, or None.
 
-    op: "full_attention" or "full_attention_decode". meta keys (all optional, as `backends.resolve` passes them):
-    device, dtype (torch.dtype or its name), head_dim, group (Hq // Hkv), block_size, nsel (or topk), scale.
+    op: "full_attention", "full_attention_decode" or "full_attention_extend" (the same kernels and limits). meta keys
+    (all optional, as `backends.resolve` passes them): device, dtype (torch.dtype or its name), head_dim, group
+    (Hq // Hkv), block_size, nsel (or topk), scale.
 
     >>> full_attention_supports("full_attention", head_dim=96)
     'triton full_attention supports head dims 16, 32, 64, 128, got 96'
     """
-    if op not in ("full_attention", "full_attention_decode"):
+    if op not in ("full_attention", "full_attention_decode", "full_attention_extend"):
         return f"{op} is not a full-attention op"
     device = meta.get("device")
     if device is not None and torch.device(device).type != "cuda" and not INTERPRET:
@@ -133,13 +138,15 @@ def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, start_n, offs_m, offs_n, off
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, CandS, CandI, Sinks,
+    Q, K, V, Out, Lse, CandS, CandI, Sinks, Start,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     T, Hq, G, qk_scale, cap2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     NSEL: tl.constexpr, NSEL_P2: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_START: tl.constexpr,
 ):
+    """T query rows per (b, h). Prefill (HAS_START False): row t at position t, keys 0..T-1. Extend (HAS_START):
+    row r at position Start[b] + r, keys 0..Start[b] + T - 1 of the cache; outputs indexed by row."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # a traced caller (AOTInductor, wrap_triton) passes Python floats as fp64
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query tiles first
     bh = tl.program_id(1)
@@ -158,16 +165,25 @@ def _fwd_kernel(
     slot = tl.arange(0, NSEL_P2)[None, :] + tl.zeros([BLOCK_M, 1], tl.int32)  # [BLOCK_M, NSEL_P2]
     top_v = tl.where(slot < NSEL, float("-inf"), float("inf"))  # slots >= NSEL are never evicted
     top_i = -1 - slot  # distinct negative ids for empty slots
-    lo = start_m * BLOCK_M
+    if HAS_START:  # extend: positions start + row; keys below lo (BLOCK_N-aligned) precede every row of the tile
+        s0 = tl.load(Start + b)
+        pos_m = s0 + offs_m
+        n_keys = s0 + T
+        lo = (s0 + start_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+        hi = s0 + tl.minimum((start_m + 1) * BLOCK_M, T)
+    else:  # prefill: position = row (BLOCK_M is a multiple of BLOCK_N)
+        pos_m = offs_m
+        n_keys = T
+        lo = start_m * BLOCK_M
+        hi = tl.minimum(lo + BLOCK_M, T)
     for start_n in range(0, lo, BLOCK_N):  # strictly below the diagonal: no masks
-        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, start_n, offs_m, offs_n,
-                                                offs_d, skt, svt, T, qk_scale, cap2, False, BLOCK_N, BS, IEEE, SELECT,
-                                                SOFTCAP)
-    hi = tl.minimum(lo + BLOCK_M, T)
+        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, start_n, pos_m, offs_n,
+                                                offs_d, skt, svt, n_keys, qk_scale, cap2, False, BLOCK_N, BS, IEEE,
+                                                SELECT, SOFTCAP)
     for start_n in range(lo, hi, BLOCK_N):  # diagonal tiles: causal + bounds masks
-        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, start_n, offs_m, offs_n,
-                                                offs_d, skt, svt, T, qk_scale, cap2, True, BLOCK_N, BS, IEEE, SELECT,
-                                                SOFTCAP)
+        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, start_n, pos_m, offs_n,
+                                                offs_d, skt, svt, n_keys, qk_scale, cap2, True, BLOCK_N, BS, IEEE,
+                                                SELECT, SOFTCAP)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     if HAS_SINKS:  # the sink's exp joins the denominator (rows past T have m = -inf: never stored)
         l_den = l_i + tl.math.exp2(tl.load(Sinks + h).to(tl.float32) * LOG2E_C - m_i)
@@ -285,13 +301,13 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=_e
     cfg = forward_config(block_size, d)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
     wrap(_fwd_kernel)[grid](
-        q, k, v, out, lse, cand_s, cand_i, sinks if sinks is not None else lse,
+        q, k, v, out, lse, cand_s, cand_i, sinks if sinks is not None else lse, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         T, Hq, Hq // Hkv, scale * LOG2E, softcap2(softcap),
         HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BS=block_size, NSEL=nsel, NSEL_P2=nsel_p2,
         IEEE=q.dtype == torch.float32, SELECT=topk >= block_size, SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_START=False, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse, cand_s, cand_i
 

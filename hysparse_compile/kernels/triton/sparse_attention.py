@@ -467,13 +467,14 @@ def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, 
 def sparse_attention_supports(op="sparse_attention", **meta):
     """Reason why the Triton sparse-layer kernels cannot run a case, or None.
 
-    op: "sparse_attention" or "sparse_attention_decode". meta keys (all optional, as `backends.resolve` passes them):
-    device, dtype (torch.dtype or its name), head_dim, group (Hq // Hkv), block_size, nsel.
+    op: "sparse_attention", "sparse_attention_decode" or "sparse_attention_extend" (the same limits). meta keys (all
+    optional, as `backends.resolve` passes them): device, dtype (torch.dtype or its name), head_dim, group
+    (Hq // Hkv), block_size, nsel.
 
     >>> sparse_attention_supports("sparse_attention", head_dim=96)
     'triton sparse_attention supports head dims 64 and 128 (16 and 32 for tests), got 96'
     """
-    if op not in ("sparse_attention", "sparse_attention_decode"):
+    if op not in ("sparse_attention", "sparse_attention_decode", "sparse_attention_extend"):
         return f"{op} is not a sparse-layer op"
     device = meta.get("device")
     if device is not None and torch.device(device).type != "cuda" and not INTERPRET:

@@ -85,7 +85,7 @@ def _write(prog: program.Program, path: Path, opset: int | None) -> None:
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(prog.exported, (), None, dynamo=True, opset_version=opset,
                                          input_names=list(prog.input_names), output_names=list(prog.output_names),
-                                         custom_translation_table=dict(onnx_standard.TRANSLATIONS), verbose=False)
+                                         custom_translation_table=onnx_standard.translations(), verbose=False)
     big = sum(t.numel() * t.element_size() for t in prog.exported.state_dict.values()) > 1 << 30
     onnx_program.save(str(path), external_data=big)
 

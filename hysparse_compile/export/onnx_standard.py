@@ -43,6 +43,25 @@ TRANSLATIONS = {
 }
 
 
+def translations() -> dict:
+    """The custom translation table for torch.onnx: ours, plus the ONNX translations transformers ships for its own
+    custom ops (the MoE experts' `transformers::grouped_mm_fallback`, e.g. gpt-oss) and for `aten._grouped_mm`,
+    which torch.onnx has none for. transformers keeps that table in a private module
+    (`transformers.exporters.exporter_onnx._ONNX_TRANSLATION_TABLE`, transformers >= 5.2x): when it is absent the
+    export of such a model fails as it would without us, naming the op."""
+    table = dict(TRANSLATIONS)
+    try:
+        from transformers.exporters import exporter_onnx
+    except Exception:  # older transformers, or onnxscript missing there
+        return table
+    theirs = getattr(exporter_onnx, "_ONNX_TRANSLATION_TABLE", {}) or {}
+    grouped = getattr(torch.ops.aten, "_grouped_mm", None)
+    for target, fn in theirs.items():
+        if str(target).startswith("transformers.") or (grouped is not None and target == grouped.default):
+            table.setdefault(target, fn)
+    return table
+
+
 def replacements() -> dict:
     """The capture-time op table for `ops="standard"`: the ATen decompositions."""
     from .decompositions import DECOMPOSITIONS

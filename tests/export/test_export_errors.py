@@ -48,3 +48,18 @@ def test_cli_export_refuses_an_empty_example(tmp_path, args, message):
     result = CliRunner().invoke(app, ["export", *args, str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_the_onnx_translations_include_those_transformers_ships_for_its_moe_op():
+    # gpt-oss's experts run transformers::grouped_mm_fallback, which torch.onnx cannot translate on its own
+    # (tests/families/test_families.py exports gpt-oss end to end under --full)
+    import torch
+
+    pytest.importorskip("onnxscript")
+    moe = pytest.importorskip("transformers.integrations.moe")  # registers the op
+    from hysparse_compile.export import onnx_standard
+
+    table = onnx_standard.translations()
+    assert set(onnx_standard.TRANSLATIONS) <= set(table)
+    if hasattr(moe, "_grouped_mm_fallback"):  # the transformers of the dev extra has it
+        assert torch.ops.transformers.grouped_mm_fallback.default in table

@@ -272,24 +272,33 @@ def full_attention_fwd(q, k, v, block_size, topk, scale, return_scores, *, sinks
         out, indices, lse, scores = full_attention_fwd(q.float(), k.float(), v.float(), block_size, topk, scale,
                                                        return_scores, sinks=sinks, softcap=softcap)
         return out.to(q.dtype), indices, lse, scores
-    B, Hq, T, d = q.shape
-    Hkv = k.shape[1]
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    q, k, v = unit_last_stride(q, k, v)
     out, lse, cand_s, cand_i = launch_forward(q, k, v, sinks, block_size, topk, scale, softcap)
-    if topk >= block_size:
-        indices = launch_merge_heads(cand_s, cand_i, Hkv, topk // block_size, length=T)  # [B, Hkv, T, nsel]
-    else:
-        indices = torch.empty(B, Hkv, T, 0, dtype=torch.int32, device=q.device)
+    indices = merged_indices(cand_s, cand_i, k.shape[1], block_size, topk)
     scores = torch.empty(0, dtype=torch.float32, device=q.device)
     if return_scores:
         scores = launch_block_scores(q, k, lse, sinks, block_size, scale, softcap)
     return out, indices, lse, scores
 
 
-def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=_eager):
+def unit_last_stride(*xs):
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
+
+
+def merged_indices(cand_s, cand_i, Hkv, block_size, topk):
+    """The group's selection [B, Hkv, rows, topk // block_size] from the per-head candidates of the forward."""
+    B, _, rows, _ = cand_s.shape
+    if topk >= block_size:
+        return launch_merge_heads(cand_s, cand_i, Hkv, topk // block_size, length=rows)
+    return torch.empty(B, Hkv, rows, 0, dtype=torch.int32, device=cand_s.device)
+
+
+def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=_eager, *, start=None, cfg=None):
     """The flash pass: out [B, Hq, T, d], lse [B, Hq, T], per-head candidates cand_s float32 / cand_i int32
     [B, Hq, T, NSEL_P2] (log block score, block index; -inf / -1 in empty slots). q/k/v: unit last stride; sinks
-    [Hq] or None. `wrap`: how the kernel is launched (`torch.library.wrap_triton` inside a `triton_op`)."""
+    [Hq] or None. `wrap`: how the kernel is launched (`torch.library.wrap_triton` inside a `triton_op`).
+    start int32 [B] (extend): the T rows sit at positions start[b] + row of a cache k/v [B, Hkv, S, d] that holds
+    them; cfg: the tiles (default `forward_config`)."""
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     nsel = max(1, topk // block_size)
@@ -298,16 +307,16 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=_e
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     cand_s = torch.empty((B, Hq, T, nsel_p2), dtype=torch.float32, device=q.device)
     cand_i = torch.empty((B, Hq, T, nsel_p2), dtype=torch.int32, device=q.device)
-    cfg = forward_config(block_size, d)
+    cfg = cfg or forward_config(block_size, d)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
     wrap(_fwd_kernel)[grid](
-        q, k, v, out, lse, cand_s, cand_i, sinks if sinks is not None else lse, lse,
+        q, k, v, out, lse, cand_s, cand_i, sinks if sinks is not None else lse, start if start is not None else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         T, Hq, Hq // Hkv, scale * LOG2E, softcap2(softcap),
         HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BS=block_size, NSEL=nsel, NSEL_P2=nsel_p2,
         IEEE=q.dtype == torch.float32, SELECT=topk >= block_size, SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
-        HAS_START=False, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_START=start is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse, cand_s, cand_i
 

@@ -12,13 +12,8 @@ never read. Forward only (extend serves inference).
 import torch
 import triton
 
-from .common import INTERPRET, LOG2E, softcap2
-from .full_attention import _fwd_kernel, forward_config
-from .select_blocks import launch_merge_heads
-
-
-def _eager(kernel):
-    return kernel
+from .common import INTERPRET
+from .full_attention import _eager, forward_config, launch_forward, merged_indices, unit_last_stride
 
 
 def extend_config(block_size, head_dim, rows):
@@ -35,24 +30,8 @@ def launch_extend(q, k_cache, v_cache, start, sinks, block_size, topk, scale, so
     q [B, Hq, R, d], k_cache/v_cache [B, Hkv, S, d] (unit last stride; S >= start[b] + R); start int32 [B] on q's
     device; sinks [Hq] or None. `wrap`: how the kernel is launched (`torch.library.wrap_triton` in a `triton_op`).
     """
-    B, Hq, R, d = q.shape
-    Hkv = k_cache.shape[1]
-    nsel = max(1, topk // block_size)
-    nsel_p2 = triton.next_power_of_2(nsel)
-    out = torch.empty_like(q)
-    lse = torch.empty((B, Hq, R), dtype=torch.float32, device=q.device)  # written by the kernel, not returned
-    cand_s = torch.empty((B, Hq, R, nsel_p2), dtype=torch.float32, device=q.device)
-    cand_i = torch.empty((B, Hq, R, nsel_p2), dtype=torch.int32, device=q.device)
-    cfg = extend_config(block_size, d, R)
-    wrap(_fwd_kernel)[(triton.cdiv(R, cfg["BLOCK_M"]), B * Hq)](
-        q, k_cache, v_cache, out, lse, cand_s, cand_i, sinks if sinks is not None else lse, start,
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        R, Hq, Hq // Hkv, scale * LOG2E, softcap2(softcap),
-        HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BS=block_size, NSEL=nsel, NSEL_P2=nsel_p2,
-        IEEE=q.dtype == torch.float32, SELECT=topk >= block_size, SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
-        HAS_START=True, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    out, _, cand_s, cand_i = launch_forward(q, k_cache, v_cache, sinks, block_size, topk, scale, softcap, wrap,
+                                            start=start, cfg=extend_config(block_size, q.shape[-1], q.shape[2]))
     return out, cand_s, cand_i
 
 
@@ -67,16 +46,10 @@ def full_attention_extend(q, k_cache, v_cache, start, block_size, topk, scale, *
         out, indices = full_attention_extend(q.float(), k_cache.float(), v_cache.float(), start, block_size, topk,
                                              scale, sinks=sinks, softcap=softcap)
         return out.to(q.dtype), indices
-    B, Hq, R, d = q.shape
-    Hkv = k_cache.shape[1]
-    q, k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cache, v_cache))
+    q, k_cache, v_cache = unit_last_stride(q, k_cache, v_cache)
     start = start.to(device=q.device, dtype=torch.int32).contiguous()
     out, cand_s, cand_i = launch_extend(q, k_cache, v_cache, start, sinks, block_size, topk, scale, softcap)
-    if topk >= block_size:
-        indices = launch_merge_heads(cand_s, cand_i, Hkv, topk // block_size, length=R)  # [B, Hkv, R, nsel]
-    else:
-        indices = torch.empty(B, Hkv, R, 0, dtype=torch.int32, device=q.device)
-    return out, indices
+    return out, merged_indices(cand_s, cand_i, k_cache.shape[1], block_size, topk)
 
 
 __all__ = ["full_attention_extend", "launch_extend", "extend_config"]

@@ -2,8 +2,6 @@
 import triton
 import triton.language as tl
 
-from .common import LOG2E  # noqa: F401  (re-exported: the serving plugin's kernels import it from here)
-
 
 @triton.jit
 def online_softmax_step(s, v, m, l, acc):

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from ...kernels.naive import select_blocks
-from ...kernels.triton.online_softmax import LOG2E, normalize_with_sink, online_softmax_step
+from ...kernels.triton.common import LOG2E, LOG2E_C
+from ...kernels.triton.online_softmax import normalize_with_sink, online_softmax_step
 
 
 @triton.jit
@@ -33,6 +34,18 @@ def _load_tile(C, BT, req, kpos, kok, g, s_page, s_head, s_row, s_bt, dd, PAGE: 
 
 
 @triton.jit
+def _token_query(Q, TREQ, TPOS, n, g, sq_n, sq_h, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+    """Token n's G query heads of KV group g: (q [GP, D], rows, row_ok, heads, its request, its position)."""
+    rows = tl.arange(0, GP)
+    row_ok = rows < G
+    dd = tl.arange(0, D)
+    heads = g * G + rows
+    q = tl.load(Q + n.to(tl.int64) * sq_n + heads[:, None].to(tl.int64) * sq_h + dd[None, :],
+                mask=row_ok[:, None], other=0.0)
+    return q, rows, row_ok, heads, tl.load(TREQ + n), tl.load(TPOS + n)
+
+
+@triton.jit
 def _paged_full_kernel(
     Q, KC, VC, BT, TREQ, TPOS, OUT, BMAX, SCORES,
     sq_n, sq_h, skp, skh, skr, svp, svh, svr, s_bt, so_n, so_h, NB, HKV, qk_scale2,
@@ -40,15 +53,9 @@ def _paged_full_kernel(
 ):
     n = tl.program_id(0)
     g = tl.program_id(1)
-    rows = tl.arange(0, GP)
-    row_ok = rows < G
+    q, rows, row_ok, heads, req, t = _token_query(Q, TREQ, TPOS, n, g, sq_n, sq_h, G, GP, D)
     dd = tl.arange(0, D)
     cols = tl.arange(0, BLOCK)
-    req = tl.load(TREQ + n)
-    t = tl.load(TPOS + n)
-    heads = g * G + rows
-    q = tl.load(Q + n.to(tl.int64) * sq_n + heads[:, None].to(tl.int64) * sq_h + dd[None, :],
-                mask=row_ok[:, None], other=0.0)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
@@ -83,17 +90,11 @@ def _paged_sparse_kernel(
 ):
     n = tl.program_id(0)
     g = tl.program_id(1)
-    rows = tl.arange(0, GP)
-    row_ok = rows < G
+    q, rows, row_ok, heads, req, t = _token_query(Q, TREQ, TPOS, n, g, sq_n, sq_h, G, GP, D)
     dd = tl.arange(0, D)
     cols = tl.arange(0, BLOCK)
-    req = tl.load(TREQ + n)
-    t = tl.load(TPOS + n)
-    heads = g * G + rows
-    q = tl.load(Q + n.to(tl.int64) * sq_n + heads[:, None].to(tl.int64) * sq_h + dd[None, :],
-                mask=row_ok[:, None], other=0.0)
     if HAS_SINKS:
-        sink2 = tl.load(SINKS + heads, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        sink2 = tl.load(SINKS + heads, mask=row_ok, other=0.0).to(tl.float32) * LOG2E_C
     else:
         sink2 = tl.full([GP], float("-inf"), tl.float32)
     i_base = IDX + n.to(tl.int64) * si_n + g.to(tl.int64) * si_h

@@ -134,19 +134,11 @@ def _cut(graph: Graph, path: str, settings: Settings, root_of: GraphModule) -> b
     region = [n for n in graph.nodes if n in members]
     order = {n: i for i, n in enumerate(graph.nodes)}
     last = max(order[n] for n in region)
-    inputs, outputs = [], []
-    for n in region:
-        for a in n.all_input_nodes:
-            if a not in members and a not in inputs:
-                inputs.append(a)
-        outside = [u for u in n.users if u not in members]
-        if outside:
-            early = [u for u in outside if order[u] < last]
-            if early:
-                log.warning("checkpointing: %s does not run as one piece in the compiled graph (%s outside it reads "
-                            "%s before it ends); it is not checkpointed", path, early[0].name, n.name)
-                return False
-            outputs.append(n)
+    inputs, outputs, early = fsdp.region_boundary(region, members, order, last)
+    if early:
+        log.warning("checkpointing: %s does not run as one piece in the compiled graph (%s outside it reads %s "
+                    "before it ends); it is not checkpointed", path, early[0].name, early[1].name)
+        return False
 
     sub = Graph()
     senv: dict[Node, Node] = {}

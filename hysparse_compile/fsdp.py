@@ -88,6 +88,24 @@ def region_stacks(graph: Graph) -> dict[Node, tuple[str, ...]]:
     return stacks
 
 
+def region_boundary(region: list[Node], members: set[Node], order: dict[Node, int], last: int):
+    """(inputs, outputs, early) of a region of a graph, to replace it by one call: the values it reads from outside
+    (in first-use order), its nodes read outside it, and (reader, node) when a node outside reads one of the
+    region's values before the region's last node (index `last` in `order`): the region then cannot run as one
+    call (early is None otherwise)."""
+    inputs: dict[Node, None] = {}
+    outputs = []
+    for n in region:
+        inputs.update((a, None) for a in n.all_input_nodes if a not in members)
+        outside = [u for u in n.users if u not in members]
+        if outside:
+            early = [u for u in outside if order[u] < last]
+            if early:
+                return list(inputs), outputs, (early[0], n)
+            outputs.append(n)
+    return list(inputs), outputs, None
+
+
 def extract_region(gm: GraphModule, path: str) -> Node | None:
     """Replace the nodes of `gm.graph` that run inside submodule `path` by one `call_module(path, ...)`, the module's
     forward becoming those nodes. Returns the call node (None when no node runs inside `path`)."""
@@ -101,23 +119,17 @@ def extract_region(gm: GraphModule, path: str) -> Node | None:
         return None
     order = {n: i for i, n in enumerate(graph.nodes)}
     last = max(order[n] for n in region if n.op != "get_attr")
-    inputs, outputs = [], []
-    for n in region:
-        for a in n.all_input_nodes:
-            if a not in members and a not in inputs:
-                inputs.append(a)
+    for n in (n for n in region if n.op == "get_attr"):
         outside = [u for u in n.users if u not in members]
         if outside:
-            if n.op == "get_attr":
-                raise RuntimeError(f"FSDP: {n.target!r} of the fully_shard-ed module {path!r} is also used outside "
-                                   f"it (by {outside[0].name}); its parameters would be sharded there. Shard the "
-                                   f"module that owns every use (e.g. its parent) instead")
-            early = [u for u in outside if order[u] < last]
-            if early:
-                raise RuntimeError(f"FSDP: the fully_shard-ed module {path!r} does not run as one piece in the "
-                                   f"compiled graph ({early[0].name} outside it reads {n.name} before the module "
-                                   f"finishes); shard its parent module instead")
-            outputs.append(n)
+            raise RuntimeError(f"FSDP: {n.target!r} of the fully_shard-ed module {path!r} is also used outside "
+                               f"it (by {outside[0].name}); its parameters would be sharded there. Shard the "
+                               f"module that owns every use (e.g. its parent) instead")
+    inputs, outputs, early = region_boundary(region, members, order, last)
+    if early:
+        raise RuntimeError(f"FSDP: the fully_shard-ed module {path!r} does not run as one piece in the "
+                           f"compiled graph ({early[0].name} outside it reads {early[1].name} before the module "
+                           f"finishes); shard its parent module instead")
 
     sub = Graph()
     env: dict[Node, Node] = {}

@@ -191,8 +191,20 @@ def logits(out):
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def cached_logits(compiled, tokens, chunks):
+    """Logits of `tokens` fed chunk by chunk (prefill, single tokens, extends) through one HySparseCache."""
+    from hysparse_compile.runtime import HySparseCache
+
+    cache, out, t = HySparseCache(compiled), [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(logits(compiled(tokens[:, t:t + n], past_key_values=cache, use_cache=True)))
+            t += n
+    return torch.cat(out, 1)
+
+
 # ------------------------------------------------------------------------------------------- issue #20 families
-def _sharpen(model, factor: float = 8.0):
+def sharpen(model, factor: float = 8.0):
     """Scale the query/key projections up: with random weights at the usual scale attention is near-uniform, so a
     softcap, a window or a sink would barely change the outputs and block scores would tie to the last bit."""
     with torch.no_grad():
@@ -247,7 +259,7 @@ def hf_family(family: str, attn: str = "eager", layers: int | None = None, seed:
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.sinks.normal_(0.0, 1.0)  # HF initializes them near 0: make them matter
-    return _sharpen(model, 4.0 if family == "falcon" else 8.0).eval()
+    return sharpen(model, 4.0 if family == "falcon" else 8.0).eval()
 
 
 def hf_smoke(family: str, attn: str = "sdpa", layers: int = 2, seed: int = 0):

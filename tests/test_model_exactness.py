@@ -10,7 +10,7 @@ import functools
 
 import pytest
 import torch
-from models import hf_model
+from models import hf_model, sharpen
 from oracle_model import OracleHySparseLlama, randomize_new_weights
 
 import hysparse_compile as hs
@@ -29,11 +29,7 @@ def rel(got, want) -> float:
 
 def sharp_llama(layers: int):
     model = hf_model("llama", "sdpa", layers=layers, heads=4, kv_heads=2, seed=0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return model
+    return sharpen(model, 8.0)
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,6 +2,7 @@
 import functools
 
 import torch
+from models import sharpen
 from oracle_model import randomize_new_weights
 
 BLOCK, TOPK, WINDOW = 16, 32, 16  # 2 blocks selected per token: at T = 1000 (63 blocks) selection is real
@@ -20,11 +21,7 @@ def sharp_original(layers: int = 2):
                             tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)  # no EOS: no early stop
     config._attn_implementation = "sdpa"
     model = tf.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return model
+    return sharpen(model, 8.0)
 
 
 @functools.lru_cache(maxsize=None)

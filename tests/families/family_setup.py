@@ -5,8 +5,8 @@ import functools
 import torch
 
 import hysparse_compile as hs
-from hysparse_compile.runtime import HySparseCache
-from models import hf_family, logits
+import models
+from models import hf_family
 
 BLOCK = 16
 CASES = {  # test name -> (family, attention implementation); sdpa where HF offers it for the family
@@ -61,9 +61,4 @@ def sites(name: str):
 
 def cached_logits(compiled, tokens, chunks=CHUNKS):
     """Logits of `tokens` fed chunk by chunk through one HySparseCache (prefill, decode steps, extends)."""
-    cache, out, t = HySparseCache(compiled), [], 0
-    with torch.no_grad():
-        for n in chunks:
-            out.append(logits(compiled(tokens[:, t:t + n], past_key_values=cache, use_cache=True)))
-            t += n
-    return torch.cat(out, 1)
+    return models.cached_logits(compiled, tokens, chunks)

@@ -179,6 +179,38 @@ def decode_selection(case: Case, cache_len, seed: int = 3) -> torch.Tensor:
                             torch.Generator().manual_seed(seed))
 
 
+def ring_then_new(k_own: torch.Tensor, start: torch.Tensor, R: int, W: int):
+    """The SWA keys as the runtime passes them to `sparse_attention_extend`: the W ring slots (slot s holds the
+    latest position p < start[b] with p % W == s; empty slots: garbage at position -1), then the R new tokens.
+    -> keys [B, Hkv, W + R, d], positions int64 [B, W + R]."""
+    B, H, _, d = k_own.shape
+    keys = 50 * torch.randn(B, H, W + R, d, generator=torch.Generator().manual_seed(21)).to(k_own.dtype)
+    pos = torch.full((B, W + R), -1, dtype=torch.int64)
+    for b in range(B):
+        s0 = int(start[b])
+        for p in range(max(0, s0 - W), s0):
+            keys[b, :, p % W], pos[b, p % W] = k_own[b, :, p], p
+        keys[b, :, W:], pos[b, W:] = k_own[b, :, s0:s0 + R], torch.arange(s0, s0 + R)
+    return keys, pos
+
+
+def sparse_decode_inputs(case: Case, dtype):
+    """One decode step of the sparse layer, a different length per row: (q, k_win, v_win, k_shared, v_shared,
+    indices, cache_len, gate_sparse, gate_swa, sinks). The new token of row b is at t = cache_len[b] - 1; the SWA
+    keys are a ring of W = window + 3 slots (stale slots hold garbage), the shared cache holds garbage past t."""
+    w = wire(case, sparse_leaves(case, dtype, seed=4))
+    cache_len = case.cache_lens()
+    t = cache_len.long() - 1
+    W = (case.window or 8) + 3
+
+    def row(x):  # [B, H, T, e] -> the row of each batch at t[b]: [B, H, 1, e]
+        return None if x is None else x[torch.arange(x.shape[0]), :, t].unsqueeze(2).contiguous()
+
+    return (row(w["q"]), ring_buffer(w["k_own"], cache_len, W), ring_buffer(w["v_own"], cache_len, W, seed=8),
+            stale_tail(w["k_shared"], cache_len), stale_tail(w["v_shared"], cache_len, seed=12),
+            decode_selection(case, cache_len), cache_len, row(w["gate_sparse"]), row(w["gate_swa"]), w["sinks"])
+
+
 def stale_tail(x: torch.Tensor, lengths, seed: int = 11) -> torch.Tensor:
     """A copy of a cache [B, H, S, d] whose slots at and after lengths[b] hold large garbage (must be ignored)."""
     x = x.clone()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grid import (BY_NAME, CASES, DEV, FWD_TOL, HAS_TRITON, Case, assert_selection_matches, dtype_id, full_qkv,
+from grid import (ring_then_new, BY_NAME, CASES, DEV, FWD_TOL, HAS_TRITON, Case, assert_selection_matches, dtype_id, full_qkv,
                   point, run_as, sparse_leaves, stale_tail)
 from hysparse_compile.runtime import extend
 from oracle import oracle_full_extend, oracle_sparse_extend, random_selection, rel_err
@@ -44,21 +44,6 @@ def on_dev(*xs):
 def new_rows(x, start: torch.Tensor, R: int):
     """[B, H, S, e] -> rows start[b] .. start[b] + R - 1 of each batch: [B, H, R, e] (None stays None)."""
     return None if x is None else torch.stack([x[b, :, int(s):int(s) + R] for b, s in enumerate(start)])
-
-
-def ring_then_new(k_own: torch.Tensor, start: torch.Tensor, R: int, W: int):
-    """The SWA keys as the runtime passes them: the W ring slots (slot s holds the latest position p < start[b] with
-    p % W == s; empty slots: garbage at position -1), then the R new tokens. -> [B, Hkv, W + R, d], int64 [B, W + R]
-    """
-    B, H, _, d = k_own.shape
-    keys = 50 * torch.randn(B, H, W + R, d, generator=torch.Generator().manual_seed(21)).to(k_own.dtype)
-    pos = torch.full((B, W + R), -1, dtype=torch.int64)
-    for b in range(B):
-        s0 = int(start[b])
-        for p in range(max(0, s0 - W), s0):
-            keys[b, :, p % W], pos[b, p % W] = k_own[b, :, p], p
-        keys[b, :, W:], pos[b, W:] = k_own[b, :, s0:s0 + R], torch.arange(s0, s0 + R)
-    return keys, pos
 
 
 # Default sample (interpreted Triton is slow): G = 1/4/8/16, float32 and bfloat16, each row layout, block 32, the

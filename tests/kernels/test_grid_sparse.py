@@ -8,8 +8,8 @@ import functools
 import pytest
 import torch
 
-from grid import (BY_NAME, CASES, FWD_TOL, GRAD_TOL, Case, alternate, decode_selection, dout_like, points,
-                  ring_buffer, run_as, sparse_leaves, stale_tail, wire)
+from grid import (BY_NAME, CASES, FWD_TOL, GRAD_TOL, Case, alternate, dout_like, points, run_as, sparse_decode_inputs,
+                  sparse_leaves, wire)
 from hysparse_compile import functional as F
 from oracle import dense_sparse, max_rel_err, oracle_sparse, oracle_sparse_decode, rel_err
 
@@ -121,29 +121,18 @@ DECODE_POINTS = points(["reference", "flex", "triton"], {
                ("g16_T33_Tlt_window_kvboth", "float32"), ("g4_T41_merge", "float32"), ("paper_d128_b64", "float32")}})
 
 
-def _row(x, t):
-    """[B, H, T, e] -> the row of each batch at t[b]: [B, H, 1, e]."""
-    return None if x is None else x[torch.arange(x.shape[0]), :, t].unsqueeze(2).contiguous()
-
 
 @pytest.mark.parametrize("case,dtype,backend", DECODE_POINTS)
 def test_sparse_layer_decode_matches_oracle(case: Case, dtype, backend):
     """One new token per row at t = cache_len[b] - 1 (a different length per row): sparse branch over the shared
     cache (slots past t hold garbage), SWA branch from a ring buffer of W > window slots (position p in slot
     p % W; stale slots hold garbage)."""
-    w = wire(case, sparse_leaves(case, dtype, seed=4))
-    cache_len = case.cache_lens()
-    t = cache_len.long() - 1
-    W = (case.window or 8) + 3
-    k_win, v_win = ring_buffer(w["k_own"], cache_len, W), ring_buffer(w["v_own"], cache_len, W, seed=8)
-    k_sh, v_sh = stale_tail(w["k_shared"], cache_len), stale_tail(w["v_shared"], cache_len, seed=12)
-    idx = decode_selection(case, cache_len)
-    q, gs, gw = _row(w["q"], t), _row(w["gate_sparse"], t), _row(w["gate_swa"], t)
+    q, k_win, v_win, k_sh, v_sh, idx, cache_len, gs, gw, sinks = sparse_decode_inputs(case, dtype)
     with run_as(backend, 1) as name:
         out = F.sparse_attention_decode(q, k_win, v_win, k_sh, v_sh, idx, cache_len, block_size=case.block,
-                                        window=case.window, gate_sparse=gs, gate_swa=gw, sinks=w["sinks"],
+                                        window=case.window, gate_sparse=gs, gate_swa=gw, sinks=sinks,
                                         merge=case.merge, backend=name)
     ref = oracle_sparse_decode(q, k_win, v_win, k_sh, v_sh, idx, cache_len, case.block, case.window, gs, gw,
-                               w["sinks"], merge=case.merge)
+                               sinks, merge=case.merge)
     assert out.shape == q.shape and out.dtype == dtype
     assert rel_err(out, ref) < FWD_TOL[dtype]

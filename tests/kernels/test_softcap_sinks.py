@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grid import (BY_NAME, FWD_TOL, GRAD_TOL, alternate, assert_selection_matches, decode_selection, dout_like,
-                  full_qkv, ring_buffer, run_as, sparse_leaves, stale_tail, wire)
+from grid import (BY_NAME, FWD_TOL, GRAD_TOL, alternate, assert_selection_matches, dout_like, full_qkv, run_as,
+                  sparse_decode_inputs, sparse_leaves, stale_tail, wire)
 from hysparse_compile import functional as F
 from hysparse_compile.runtime import extend
 from oracle import (dense_full, dense_sparse, max_rel_err, oracle_full, oracle_full_decode, oracle_full_extend,
@@ -173,26 +173,16 @@ def test_sparse_layer_gradients_with_softcap_match_oracle(case, dtype, backend):
         assert max_rel_err(g, wt) < GRAD_TOL[dtype], f"{name}: {max_rel_err(g, wt):.2e}"
 
 
-def _row(x, t):
-    return None if x is None else x[torch.arange(x.shape[0]), :, t].unsqueeze(2).contiguous()
-
 
 @pytest.mark.parametrize("case,dtype,backend", _sparse_points(["reference", "flex", "triton"]))
 def test_sparse_layer_decode_with_softcap_matches_oracle(case, dtype, backend):
-    w = wire(case, sparse_leaves(case, dtype, seed=4))
-    cache_len = case.cache_lens()
-    t = cache_len.long() - 1
-    W = (case.window or 8) + 3
-    k_win, v_win = ring_buffer(w["k_own"], cache_len, W), ring_buffer(w["v_own"], cache_len, W, seed=8)
-    k_sh, v_sh = stale_tail(w["k_shared"], cache_len), stale_tail(w["v_shared"], cache_len, seed=12)
-    idx = decode_selection(case, cache_len)
-    q, gs, gw = _row(w["q"], t), _row(w["gate_sparse"], t), _row(w["gate_swa"], t)
+    q, k_win, v_win, k_sh, v_sh, idx, cache_len, gs, gw, sinks = sparse_decode_inputs(case, dtype)
     with run_as(backend, 1) as name:
         out = F.sparse_attention_decode(q, k_win, v_win, k_sh, v_sh, idx, cache_len, block_size=case.block,
-                                        window=case.window, gate_sparse=gs, gate_swa=gw, sinks=w["sinks"],
+                                        window=case.window, gate_sparse=gs, gate_swa=gw, sinks=sinks,
                                         merge=case.merge, backend=name, softcap=CAP)
     ref = oracle_sparse_decode(q, k_win, v_win, k_sh, v_sh, idx, cache_len, case.block, case.window, gs, gw,
-                               w["sinks"], merge=case.merge, softcap=CAP)
+                               sinks, merge=case.merge, softcap=CAP)
     assert rel_err(out, ref) < FWD_TOL[dtype]
 
 

@@ -12,8 +12,7 @@ import torch
 
 import hysparse_compile as hs
 from grid import HAS_TRITON
-from hysparse_compile.runtime import HySparseCache
-from models import hf_model, logits
+from models import cached_logits, hf_model
 
 CHUNKS = (37, 1, 4, 1)  # prefill 37 tokens (3 blocks of 16 > top-k 32), a token, an extend of 4, a token
 
@@ -39,12 +38,7 @@ def _compiled(backend: str):
 def _cached_logits(backend: str) -> torch.Tensor:
     compiled = _compiled(backend)
     ids = torch.randint(1, 128, (2, sum(CHUNKS)), generator=torch.Generator().manual_seed(1))
-    cache, out, t = HySparseCache(compiled), [], 0
-    with torch.no_grad():
-        for n in CHUNKS:
-            out.append(logits(compiled(ids[:, t:t + n], past_key_values=cache, use_cache=True)))
-            t += n
-    return torch.cat(out, 1)
+    return cached_logits(compiled, ids, CHUNKS)
 
 
 @pytest.mark.parametrize("backend", ["flex", "triton"])

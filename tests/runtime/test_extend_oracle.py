@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grid import CASES, DTYPES, FWD_TOL, Case, alternate, dtype_id, full_qkv, point, run_as, sparse_leaves, stale_tail
+from grid import ring_then_new, CASES, DTYPES, FWD_TOL, Case, alternate, dtype_id, full_qkv, point, run_as, sparse_leaves, stale_tail
 from hysparse_compile.runtime import extend
 from oracle import oracle_full_extend, oracle_sparse_extend, random_selection, rel_err
 
@@ -34,21 +34,6 @@ def test_full_layer_extend_matches_oracle(case: Case, dtype, chunked):
     assert out.dtype == dtype and out.shape == q.shape
     assert rel_err(out, o_ref) < FWD_TOL[dtype]
     assert torch.equal(idx.long(), i_ref)
-
-
-def ring_then_new(k_own: torch.Tensor, start: torch.Tensor, R: int, W: int):
-    """The SWA keys as the runtime passes them to `sparse_attention_extend`: the W ring slots (slot s holds the
-    latest position p < start[b] with p % W == s; empty slots: garbage at position -1), then the R new tokens.
-    -> keys [B, Hkv, W + R, d], positions int64 [B, W + R]."""
-    B, H, _, d = k_own.shape
-    keys = 50 * torch.randn(B, H, W + R, d, generator=torch.Generator().manual_seed(21)).to(k_own.dtype)
-    pos = torch.full((B, W + R), -1, dtype=torch.int64)
-    for b in range(B):
-        s0 = int(start[b])
-        for p in range(max(0, s0 - W), s0):
-            keys[b, :, p % W], pos[b, p % W] = k_own[b, :, p], p
-        keys[b, :, W:], pos[b, W:] = k_own[b, :, s0:s0 + R], torch.arange(s0, s0 + R)
-    return keys, pos
 
 
 @pytest.mark.parametrize("case,dtype,layout", _points(["ring", "linear"]))

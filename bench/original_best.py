@@ -38,11 +38,14 @@ def register() -> None:
     AttentionInterface.register(CAUSAL, causal_sdpa)
 
 
+def configs_of(model) -> list:
+    """The distinct configs of `model` and its submodules (what an attention implementation is read from)."""
+    return list({id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values())
+
+
 @contextlib.contextmanager
-def attention(model, name: str):
-    """Run `model` with attention implementation `name` (its config and sub-configs), restored after."""
-    configs = [m.config for m in model.modules() if hasattr(m, "config")]
-    configs = list({id(c): c for c in configs}.values())
+def attention(configs: list, name: str):
+    """Run with attention implementation `name` set on `configs` (from `configs_of`), restored after."""
     before = [c._attn_implementation for c in configs]
     for c in configs:
         c._attn_implementation = name
@@ -66,10 +69,10 @@ def variants(model, call, backend: str = "inductor", dynamic: bool = True) -> di
     included). The per-layer compiled calls are attached for the call only, so `eager` stays eager."""
     register()
     whole = torch.compile(model, dynamic=dynamic, backend=backend)
+    layers, configs = decoder_layers(model), configs_of(model)  # found once: not inside the timed calls
     impls: list = []
 
     def layers_compiled(ids):
-        layers = decoder_layers(model)
         if not impls:
             impls.extend(torch.compile(layer._call_impl, dynamic=dynamic, backend=backend) for layer in layers)
         for layer, impl in zip(layers, impls):
@@ -81,7 +84,7 @@ def variants(model, call, backend: str = "inductor", dynamic: bool = True) -> di
                 layer._compiled_call_impl = None
 
     def causal_compiled(ids):
-        with attention(model, CAUSAL):
+        with attention(configs, CAUSAL):
             return call(whole, ids)
 
     return {"eager": lambda ids: call(model, ids), "compile[layers]": layers_compiled,

@@ -22,8 +22,6 @@ import sys
 
 import torch
 
-os.environ.setdefault("HYSPARSE_TRITON_EXTEND", "1")  # the Triton extend kernels: off on a GPU until checked
-
 from hysparse_compile import functional as F
 from .timer import time_ms
 

@@ -22,9 +22,6 @@ import time
 
 import torch
 
-os.environ.setdefault("HYSPARSE_TRITON_EXTEND", "1")  # the Triton extend kernels: off on a GPU until checked
-
-
 from hysparse_compile import functional as F
 
 ORDERS: list[str] = []  # Triton sparse-layer loop orders checked on top of the default (--orders)

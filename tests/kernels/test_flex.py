@@ -227,3 +227,22 @@ def test_coarse_mask_blocks_give_the_same_sparse_branch():
     fine, _ = flex_attend(q, k, v, sparse_block_mask(idx, T, Hq, bs), 0.25)
     coarse, _ = flex_attend(q, k, v, sparse_block_mask(idx, T, Hq, bs, kv_block=128), 0.25)
     assert torch.allclose(fine, coarse, atol=1e-6)
+
+
+def test_extend_forces_the_main_flex_kernel_past_the_decoding_kernels_rows():
+    # On CUDA, Inductor picks flex's decoding kernel below 128 query rows; it packs R x G rows of a KV head into one
+    # tile and had no valid configuration at R = 64, G = 4 on an H100 (docs/benchmarks.md, "Extend").
+    from hysparse_compile.kernels.flex import extend
+
+    class Fake:
+        def __init__(self, shape, device):
+            self.shape, self.device = shape, torch.device(device)
+
+    k = Fake((1, 8, 4096, 128), "cuda")
+    force = {"FORCE_USE_FLEX_ATTENTION": True}
+    assert extend._options(Fake((1, 32, 8, 128), "cuda"), k) is None  # 8 x 4 = 32 rows: the decoding kernel ran
+    assert extend._options(Fake((1, 32, 16, 128), "cuda"), k) is None  # 64 rows
+    assert extend._options(Fake((1, 32, 17, 128), "cuda"), k) == force
+    assert extend._options(Fake((1, 32, 64, 128), "cuda"), k) == force  # the case that failed
+    assert extend._options(Fake((1, 64, 8, 128), "cuda"), Fake((1, 4, 4096, 128), "cuda")) == force  # G = 16
+    assert extend._options(Fake((1, 32, 64, 128), "cpu"), Fake((1, 8, 4096, 128), "cpu")) is None

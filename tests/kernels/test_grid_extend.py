@@ -172,16 +172,13 @@ def test_triton_supports_extend_and_names_what_it_refuses():
         assert why is not None and "96" in why and op in why
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 @pytest.mark.parametrize("op", ["full_attention_extend", "sparse_attention_extend"])
-def test_on_a_gpu_the_extend_kernels_wait_for_their_check_unless_asked_for(op, monkeypatch):
-    # compiled (not interpreted) Triton: auto and triton-compiled models keep Flex for extend until a GPU check
-    import hysparse_compile.kernels.triton as triton_backend
+def test_on_a_gpu_auto_runs_extend_on_the_triton_kernels(op):
+    # checked on an H100 on 2026-12-05 (docs/benchmarks.md, "Extend"): extend takes the auto rule of every op
+    from hysparse_compile.kernels import backends
 
-    monkeypatch.setattr(triton_backend, "INTERPRET", False)
-    monkeypatch.delenv(triton_backend.EXTEND_ENV, raising=False)
-    why = triton_backend.supports(op, device="cuda", dtype=torch.bfloat16, head_dim=64, block_size=64)
-    assert why is not None and "HYSPARSE_TRITON_EXTEND=1" in why and "not been checked on a GPU" in why
-    monkeypatch.setenv(triton_backend.EXTEND_ENV, "1")
-    assert triton_backend.supports(op, device="cuda", dtype=torch.bfloat16, head_dim=64, block_size=64) is None
-    assert "decode" not in op and triton_backend.supports(op.replace("_extend", "_decode"), device="cuda",
-                                                         dtype=torch.bfloat16, head_dim=64, block_size=64) is None
+    meta = dict(device="cuda", dtype=torch.bfloat16, head_dim=64, block_size=64)
+    assert backends.resolve("auto", op, **meta).NAME == "triton"
+    assert backends.for_op("triton", op, **meta) == "triton"
+    assert backends.resolve("auto", op, **{**meta, "dtype": torch.float32}).NAME == "reference"

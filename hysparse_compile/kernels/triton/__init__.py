@@ -9,9 +9,6 @@ and helpers: `common.py`. Every kernel takes the op parameters' options (soft-ca
 constexpr flags. Design notes: docs/kernels_full.md, docs/kernels_sparse.md. The launchers (`launch_*`) are the
 public way in for other code (export/aoti_triton.py); the kernels themselves are private to this folder.
 """
-import os
-
-from .common import INTERPRET
 from .full_attention import full_attention_bwd, full_attention_fwd, full_attention_supports
 from .full_attention_decode import full_attention_decode
 from .full_attention_extend import full_attention_extend
@@ -21,21 +18,12 @@ from .sparse_attention_decode import sparse_attention_decode
 from .sparse_attention_extend import sparse_attention_extend
 
 NAME = "triton"
-EXTEND_ENV = "HYSPARSE_TRITON_EXTEND"  # "1": run the extend kernels on a GPU before they have been checked there
 
 
 def supports(op: str, **meta) -> str | None:
-    """Why the Triton kernels cannot run `op` for these inputs (see `backends.unsupported_reason`), or None.
-
-    The extend kernels are tested under the interpreter only: on a GPU they wait for their first check
-    (`bench/check_gpu.py`, issue #22) unless HYSPARSE_TRITON_EXTEND=1, so `auto` and models compiled for Triton keep
-    running extend calls on Flex there."""
-    why = (full_attention_supports(op, **meta) if op.startswith("full_attention")
-           else sparse_attention_supports(**{"op": op, **meta}))
-    if why is None and op.endswith("_extend") and not INTERPRET and os.environ.get(EXTEND_ENV) != "1":
-        return (f"triton {op} has not been checked on a GPU yet; set {EXTEND_ENV}=1 to run it (bench/check_gpu.py "
-                f"does)")
-    return why
+    """Why the Triton kernels cannot run `op` for these inputs (see `backends.unsupported_reason`), or None."""
+    return (full_attention_supports(op, **meta) if op.startswith("full_attention")
+            else sparse_attention_supports(**{"op": op, **meta}))
 
 
 __all__ = [

@@ -4,17 +4,8 @@
 #   before issue 19) on the same machine; issue 22 item 5: the Triton extend kernels checked and timed; then, in the
 #   time left, issue 22 item 1's fwd+bwd rows against the original at its best.
 # Run from the repo root on the device with the base tree carried as .bench_base (`git archive 8c69ec0`).
-# Each step gets min(its limit, the time left before DEADLINE); logs and JSON go to $OUT/s/, one tarball comes back.
-set -u
-DEADLINE=$((SECONDS + ${BUDGET_S:-560}))
-W="$OUT/s"; mkdir -p "$W/main" "$W/base" "$W/e2e"
-step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS left=$((DEADLINE - SECONDS))
-  ((left < limit)) && limit=$left
-  ((limit < 30)) && { echo "=== $name skipped: ${left}s left"; return; }
-  echo "=== $name (limit ${limit}s)"; timeout "$limit" "$@" >"$W/$name.log" 2>&1; local rc=$?
-  echo "=== $name rc=$rc in $((SECONDS - t0))s"; tail -n "${TAIL:-25}" "$W/$name.log"; }
-nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
-pip install -e . --no-deps --no-build-isolation -q >/dev/null 2>&1 || echo "pip install failed"
+# Steps: bench/sessions/steps.sh; logs and JSON go to $OUT/s/, one tarball comes back.
+BUDGET_S=${BUDGET_S:-560}; . "$(dirname "$0")/steps.sh"; mkdir -p "$W/main" "$W/base" "$W/e2e"
 OUT="$W" TAIL=12 step check_gpu 180 python -m bench.check_gpu --shapes 32/8/128 --seqlens 4096,32768 --bwd-seqlens 4096 --extend 512
 OUT="$W" TAIL=30 step bench_extend 80 python -m bench.bench_extend --shapes 32/8/128 --rs 8,64,512
 KB="--ops full,sparse --shapes 32/8/128 --seqlens 32768 --selections random,tile --backends triton --no-check --budget-s 40"

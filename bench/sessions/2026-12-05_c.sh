@@ -2,16 +2,7 @@
 # GPU session 2026-12-05 (c), after (a): the extend rows (a) did not reach (Triton at R = 512; Flex past R = 8, with
 # flex's decoding kernel no longer chosen for many query rows), the G = 16 shape checked with softcap and full-layer
 # sinks, the full-layer kernel times of both trees again, and the 32k fwd+bwd rows in the time left. Same layout as (a).
-set -u
-DEADLINE=$((SECONDS + ${BUDGET_S:-500}))
-W="$OUT/s"; mkdir -p "$W/e2e" "$W/g16"
-step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS left=$((DEADLINE - SECONDS))
-  ((left < limit)) && limit=$left
-  ((limit < 30)) && { echo "=== $name skipped: ${left}s left"; return; }
-  echo "=== $name (limit ${limit}s)"; timeout "$limit" "$@" >"$W/$name.log" 2>&1; local rc=$?
-  echo "=== $name rc=$rc in $((SECONDS - t0))s"; tail -n "${TAIL:-25}" "$W/$name.log"; }
-nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
-pip install -e . --no-deps --no-build-isolation -q >/dev/null 2>&1 || echo "pip install failed"
+BUDGET_S=${BUDGET_S:-500}; . "$(dirname "$0")/steps.sh"; mkdir -p "$W/e2e" "$W/g16"
 OUT="$W" TAIL=14 step bench_extend_triton 70 python -m bench.bench_extend --shapes 32/8/128,64/4/128 --rs 8,64,512 --backends reference,triton
 mv "$W/bench_extend.json" "$W/bench_extend_triton.json" 2>/dev/null
 OUT="$W" TAIL=14 step bench_extend_flex 110 python -m bench.bench_extend --shapes 32/8/128,64/4/128 --rs 8,64,512 --backends reference,flex

@@ -332,7 +332,8 @@ def section_best(b: Bench, model, compiled, labels, backward: bool = False):
     try:
         for i, label in enumerate(labels):
             T = b.seqlens[label]
-            why = long_row_blocker(b, b.fwd_ms) if label == "128k" and not b.smoke else None
+            per_call = {"original": len(orig) * (b.args.calls + 1), "compiled": len(comp) * (b.args.calls + 1)}
+            why = long_row_blocker(b, b.fwd_ms, per_call) if label == "128k" and not b.smoke else None
             for name, table in (("original", orig), ("compiled", comp)):
                 for mode, fn in table.items():
                     if b.over_budget() or why:
@@ -408,13 +409,15 @@ def section_fwd(b: Bench, model, compiled, labels):
     b.fwd_ms = done
 
 
-def long_row_blocker(b: Bench, done: dict) -> str | None:
-    """Why the 128k forward rows cannot run here (None: they can). The time estimate scales the 32k rows (attention
-    grows 16x, the rest 4x; taken as 10x) by the timer's at least 8 calls per row."""
-    t32 = [done.get(("32k", n)) for n in ("original", "compiled")]
+def long_row_blocker(b: Bench, done: dict, calls: dict | None = None) -> str | None:
+    """Why the 128k forward rows cannot run here (None: they can). The time estimate scales each model's 32k
+    forward (attention grows 16x, the rest 4x; taken as 10x) by the calls its 128k rows make: `calls[model]`, all
+    rows of that model together (default 8, the timer's least per row; the fair sections pass rows x (calls + 1))."""
+    calls = calls or {"original": 8, "compiled": 8}
+    t32 = {n: done.get(("32k", n)) for n in ("original", "compiled")}
     left = b.args.budget_s - b.elapsed()
-    if all(t is not None for t in t32):
-        need = sum(8 * 10 * t for t in t32) / 1e3
+    if all(t is not None for t in t32.values()):
+        need = sum(calls[n] * 10 * t for n, t in t32.items()) / 1e3
         if need > left:
             return f"time budget: ~{need:.0f}s needed (estimated from 32k), {left:.0f}s left"
     if b.device.type == "cuda":

@@ -81,3 +81,21 @@ def test_bench_e2e_smoke_writes_every_row_and_ratio(tmp_path):
     assert "Backward" in (tmp_path / "bench_e2e_profile_compiled_fwdbwd_64.txt").read_text()
     assert data["meta"]["save_branches"] is False
     assert "speedup = original ms / compiled ms" in out
+
+
+def test_the_128k_estimate_counts_every_row_and_call_of_the_fair_sections():
+    # 32k forwards of 0.3 s each: two single rows need 2 x 8 x 10 x 0.3 = 48 s; the fair forward section's five
+    # rows of 7 + 1 calls need (3 + 2) x 8 x 10 x 0.3 = 120 s
+    import types
+
+    import torch
+
+    from bench import bench_e2e
+
+    b = types.SimpleNamespace(args=types.SimpleNamespace(budget_s=100.0), elapsed=lambda: 0.0,
+                              device=torch.device("cpu"))
+    done = {("32k", "original"): 300.0, ("32k", "compiled"): 300.0}
+    assert bench_e2e.long_row_blocker(b, done) is None
+    why = bench_e2e.long_row_blocker(b, done, {"original": 3 * 8, "compiled": 2 * 8})
+    assert why is not None and "~120s needed" in why and "100s left" in why
+    assert bench_e2e.long_row_blocker(b, {}, {"original": 24, "compiled": 16}) is None  # no 32k rows: no estimate

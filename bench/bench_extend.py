@@ -60,13 +60,13 @@ def main(argv=None) -> int:
             def full(b):
                 return F.full_attention_extend(q, k, v, start, block_size=bs, topk=topk, backend=b)
 
-            _, idx = full("reference")
+            ref_full, idx = full("reference")
 
             def sparse(b):
                 return F.sparse_attention_extend(q, k, v, idx, k_own, v_own, win_pos, start, block_size=bs,
                                                  window=w, gate_sparse=gs, gate_swa=gw, sinks=sinks, backend=b)
 
-            ref = {"full": full("reference")[0], "sparse": sparse("reference")}
+            ref = {"full": ref_full, "sparse": sparse("reference")}
             base = {}
             for b in args.backends.split(","):
                 for op, fn in (("full", lambda: full(b)), ("sparse", lambda: sparse(b))):

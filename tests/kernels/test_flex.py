@@ -6,6 +6,7 @@ batch 2, gates and sinks on and off, merge, window 0.
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -230,19 +231,26 @@ def test_coarse_mask_blocks_give_the_same_sparse_branch():
 
 
 def test_extend_forces_the_main_flex_kernel_past_the_decoding_kernels_rows():
-    # On CUDA, Inductor picks flex's decoding kernel below 128 query rows; it packs R x G rows of a KV head into one
-    # tile and had no valid configuration at R = 64, G = 4 on an H100 (docs/benchmarks.md, "Extend").
-    from hysparse_compile.kernels.flex import extend
+    # On CUDA, Inductor picks flex's decoding kernel below 128 query rows with a one-head block mask; it packs R x G
+    # rows of a KV head into one tile and had no valid configuration at R = 64, G = 4 on an H100
+    # (docs/benchmarks.md, "Extend"). flex_attend forces the main kernel there, for every caller.
+    from hysparse_compile.kernels.flex.full_attention import kernel_choice
 
     class Fake:
         def __init__(self, shape, device):
             self.shape, self.device = shape, torch.device(device)
 
+    one_head = types.SimpleNamespace(kv_num_blocks=torch.zeros(1, 1, 1))
+    per_head = types.SimpleNamespace(kv_num_blocks=torch.zeros(1, 32, 1))
     k = Fake((1, 8, 4096, 128), "cuda")
     force = {"FORCE_USE_FLEX_ATTENTION": True}
-    assert extend._options(Fake((1, 32, 8, 128), "cuda"), k) is None  # 8 x 4 = 32 rows: the decoding kernel ran
-    assert extend._options(Fake((1, 32, 16, 128), "cuda"), k) is None  # 64 rows
-    assert extend._options(Fake((1, 32, 17, 128), "cuda"), k) == force
-    assert extend._options(Fake((1, 32, 64, 128), "cuda"), k) == force  # the case that failed
-    assert extend._options(Fake((1, 64, 8, 128), "cuda"), Fake((1, 4, 4096, 128), "cuda")) == force  # G = 16
-    assert extend._options(Fake((1, 32, 64, 128), "cpu"), Fake((1, 8, 4096, 128), "cpu")) is None
+    assert kernel_choice(Fake((1, 32, 8, 128), "cuda"), k, one_head, None) is None  # 32 rows: the decoding kernel ran
+    assert kernel_choice(Fake((1, 32, 16, 128), "cuda"), k, one_head, None) is None  # 64 rows
+    assert kernel_choice(Fake((1, 32, 17, 128), "cuda"), k, one_head, None) == force
+    assert kernel_choice(Fake((1, 32, 64, 128), "cuda"), k, one_head, None) == force  # the case that failed
+    assert kernel_choice(Fake((1, 64, 8, 128), "cuda"), Fake((1, 4, 4096, 128), "cuda"), one_head, None) == force
+    assert kernel_choice(Fake((1, 32, 64, 128), "cpu"), Fake((1, 8, 4096, 128), "cpu"), one_head, None) is None
+    # the main kernel already runs: 128 rows or more, or a block mask per query head; options are kept
+    assert kernel_choice(Fake((1, 32, 128, 128), "cuda"), k, one_head, None) is None
+    assert kernel_choice(Fake((1, 32, 64, 128), "cuda"), k, per_head, None) is None
+    assert kernel_choice(Fake((1, 32, 64, 128), "cuda"), k, one_head, {"BLOCK_M": 64}) == {"BLOCK_M": 64, **force}

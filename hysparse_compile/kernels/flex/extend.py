@@ -20,20 +20,6 @@ def _block_mask(mask_mod, B: int, H: int | None, R: int, S: int, device):
     return _fa.create_block_mask(mask_mod, B, H, R, S, device=device, _compile=device.type == "cuda")
 
 
-DECODING_ROWS = 64  # most query rows (R x the GQA group) left to flex's decoding kernel
-
-
-def _options(q: Tensor, k: Tensor) -> dict | None:
-    """Flex's kernel choice for R new rows: below 128 query rows and with one block-mask head, Inductor picks its
-    decoding kernel, which packs a KV head's R x G query rows into one tile and finds no valid configuration once
-    they are many (torch 2.11, H100: R = 64 at G = 4 failed with NoValidChoicesError, R = 8 ran). Past
-    DECODING_ROWS rows the main kernel is forced; it ran R = 64 at G = 4 there. The threshold sits between the two
-    points measured (32 rows ran on the decoding kernel, 256 did not); counts in between were not tried."""
-    if q.device.type != "cuda" or q.shape[2] * (q.shape[1] // k.shape[1]) <= DECODING_ROWS:
-        return None
-    return {"FORCE_USE_FLEX_ATTENTION": True}
-
-
 def full_attention_extend(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, block_size: int, topk: int,
                           scale: float, *, sinks: Tensor | None = None, softcap: float = 0.0):
     """q [B, Hq, R, d]; k_cache/v_cache [B, Hkv, S, d] (the new tokens written); start int [B]
@@ -46,8 +32,7 @@ def full_attention_extend(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Te
 
     with torch.no_grad():
         mask = _block_mask(causal_from_start, B, None, R, k_cache.shape[2], q.device)
-        out, lse = flex_attend(q, k_cache, v_cache, mask, scale, _options(q, k_cache),
-                               score_mod=softcap_score(softcap))
+        out, lse = flex_attend(q, k_cache, v_cache, mask, scale, score_mod=softcap_score(softcap))
         indices, _ = block_scores_and_select(q, k_cache, lse, block_size, topk // block_size, scale, False,
                                              softcap=softcap, sinks=sinks, query_pos=pos)
     return with_sink(out, lse, sinks).to(q.dtype), indices
@@ -86,7 +71,7 @@ def sparse_attention_extend(q: Tensor, k_shared: Tensor, v_shared: Tensor, indic
                 return (p >= 0) & (p <= t) & (p > t - window)
 
             o_w, lse_w = flex_attend(q, k_win, v_win, _block_mask(in_window, B, None, R, k_win.shape[2], q.device),
-                                     scale, _options(q, k_win), score_mod=score_mod)
+                                     scale, score_mod=score_mod)
             o_w = with_sink(o_w, lse_w, sinks)
             out = out + (o_w * gate_swa.float() if gate_swa is not None else o_w)
     return out.to(q.dtype)

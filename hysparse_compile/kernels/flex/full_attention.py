@@ -76,6 +76,24 @@ def kernel_options(device: torch.device, q_block: int, kv_block: int) -> dict | 
             "BLOCK_N2": n}
 
 
+DECODING_ROWS = 64  # most packed query rows (query length x GQA group) left to flex's decoding kernel
+
+
+def kernel_choice(q: Tensor, k: Tensor, block_mask, options: dict | None) -> dict | None:
+    """`options` with flex's main kernel forced where Inductor would pick its decoding kernel for too many rows.
+
+    On CUDA, below 128 query rows and with a one-head block mask, Inductor runs flex's decoding kernel, which packs
+    a KV head's (query length x G) rows into one tile and finds no valid configuration once they are many (torch
+    2.11, H100: an extend call of 64 rows at G = 4 failed with NoValidChoicesError; 8 rows ran). Past DECODING_ROWS
+    packed rows the main kernel is forced; it ran the 64-row call there. The threshold sits between the two points
+    measured (32 rows ran on the decoding kernel, 256 did not); counts in between were not tried."""
+    rows = q.shape[2] * (q.shape[1] // k.shape[1])
+    if (q.device.type != "cuda" or q.shape[2] >= 128 or block_mask.kv_num_blocks.shape[1] != 1
+            or rows <= DECODING_ROWS):
+        return options
+    return {**(options or {}), "FORCE_USE_FLEX_ATTENTION": True}
+
+
 def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, options: dict | None = None,
                 score_mod=None):
     """out [B, Hq, R, d] (q's dtype), lse float32 [B, Hq, R] (natural log, -inf for rows with no key).
@@ -102,7 +120,8 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, optio
     else:
         with _recompile_limit_patch():
             out, res = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                                        enable_gqa=gqa, kernel_options=options, **aux)
+                                        enable_gqa=gqa, kernel_options=kernel_choice(q, k, block_mask, options),
+                                        **aux)
     lse = res.lse if hasattr(res, "lse") else res
     return out, lse.float()
 

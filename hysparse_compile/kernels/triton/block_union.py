@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import direct
+
 _PAD = 2**30  # sorts after every real block index (torch builder)
 _PAD_KEY = tl.constexpr(2**31 - 1)  # sorts after every real key block * 64 + token (Triton builder)
 
@@ -78,7 +80,7 @@ def tile_block_union(indices: torch.Tensor, m_tok: int):
     return launch_tile_union(idx, m_tok)
 
 
-def launch_tile_union(idx: torch.Tensor, m_tok: int, wrap=lambda kernel: kernel):
+def launch_tile_union(idx: torch.Tensor, m_tok: int, wrap=direct):
     """The launcher of `_tile_union_kernel`: idx int32 [B, Hkv, T, nsel] with unit last stride -> (union, bits,
     count) as `tile_block_union`. `wrap`: how the kernel is launched (`torch.library.wrap_triton` inside a
     `triton_op`)."""

@@ -18,6 +18,11 @@ LN2_C = tl.constexpr(LN2)
 INTERPRET = triton_interpret()  # at import: kernels are defined once, for the interpreter or for the GPU
 
 
+def direct(kernel):
+    """The launchers' default `wrap`: launch the kernel as it is (a `triton_op` passes `torch.library.wrap_triton`)."""
+    return kernel
+
+
 def softcap2(softcap: float) -> float:
     """The cap in the kernels' log2 units (0.0: no capping)."""
     return float(softcap) * LOG2E if softcap else 0.0

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, LN2_C, LOG2E, LOG2E_C, soft_cap, soft_cap_with_slope, softcap2
+from .common import INTERPRET, LN2_C, LOG2E, LOG2E_C, direct, soft_cap, soft_cap_with_slope, softcap2
 from .select_blocks import launch_merge_heads
 
 
@@ -257,10 +257,6 @@ def forward_config(block_size, head_dim):
     return cfg
 
 
-def _eager(kernel):
-    return kernel
-
-
 def full_attention_fwd(q, k, v, block_size, topk, scale, return_scores, *, sinks=None, softcap=0.0):
     """Causal attention + block selection.
 
@@ -293,7 +289,7 @@ def merged_indices(cand_s, cand_i, Hkv, block_size, topk):
     return torch.empty(B, Hkv, rows, 0, dtype=torch.int32, device=cand_s.device)
 
 
-def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=_eager, *, start=None, cfg=None):
+def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=direct, *, start=None, cfg=None):
     """The flash pass: out [B, Hq, T, d], lse [B, Hq, T], per-head candidates cand_s float32 / cand_i int32
     [B, Hq, T, NSEL_P2] (log block score, block index; -inf / -1 in empty slots). q/k/v: unit last stride; sinks
     [Hq] or None. `wrap`: how the kernel is launched (`torch.library.wrap_triton` inside a `triton_op`).
@@ -321,7 +317,7 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=_e
     return out, lse, cand_s, cand_i
 
 
-def launch_block_scores(q, k, lse, sinks, block_size, scale, softcap=0.0, wrap=_eager):
+def launch_block_scores(q, k, lse, sinks, block_size, scale, softcap=0.0, wrap=direct):
     """Per-head block scores float32 [B, Hq, T, ceil(T / block_size)] from q, k and the forward's lse."""
     B, Hq, T, d = q.shape
     nb = triton.cdiv(T, block_size)

@@ -12,8 +12,8 @@ never read. Forward only (extend serves inference).
 import torch
 import triton
 
-from .common import INTERPRET
-from .full_attention import _eager, forward_config, launch_forward, merged_indices, unit_last_stride
+from .common import INTERPRET, direct
+from .full_attention import forward_config, launch_forward, merged_indices, unit_last_stride
 
 
 def extend_config(block_size, head_dim, rows):
@@ -23,7 +23,7 @@ def extend_config(block_size, head_dim, rows):
     return cfg
 
 
-def launch_extend(q, k_cache, v_cache, start, sinks, block_size, topk, scale, softcap=0.0, wrap=_eager):
+def launch_extend(q, k_cache, v_cache, start, sinks, block_size, topk, scale, softcap=0.0, wrap=direct):
     """The flash pass of the extend rows: out [B, Hq, R, d] and the per-head candidates cand_s float32 / cand_i int32
     [B, Hq, R, NSEL_P2] (log block score, block index; -inf / -1 in empty slots) for `launch_merge_heads`.
 

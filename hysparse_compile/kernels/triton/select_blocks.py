@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import direct
+
 BIG_INDEX = tl.constexpr(2**30)  # larger than any block index; sorts after every real index, then becomes -1
 
 
@@ -57,7 +59,7 @@ def _merge_heads_kernel(
     tl.store(out, picked, mask=(offs_t[:, None] < T) & (col[None, :] < NSEL))
 
 
-def launch_merge_heads(cand_scores, cand_ids, num_kv_heads, nsel, length=None, wrap=lambda kernel: kernel):
+def launch_merge_heads(cand_scores, cand_ids, num_kv_heads, nsel, length=None, wrap=direct):
     """Group selection from per-head candidates.
 
     cand_scores float32 [B, Hq, T, NSEL_P2] (log block scores, -inf empty), cand_ids int32 same shape (-1 empty).

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .block_major import block_partials
 from .block_union import choose_tokens_per_tile, tile_block_union, tokens_per_tile
-from .common import INTERPRET, LN2_C, LOG2E, LOG2E_C, soft_cap, softcap2
+from .common import INTERPRET, LN2_C, LOG2E, LOG2E_C, direct, soft_cap, softcap2
 from .online_softmax import normalize_with_sink, online_softmax_step
 
 
@@ -396,13 +396,9 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
     return out, lse, branch_out
 
 
-def _eager(kernel):
-    return kernel
-
-
 def launch_forward(q, k_own, v_own, k_shared, v_shared, indices, work, gate_sparse, gate_swa, outputs, meta,
                    block_size, window, scale, softcap, merge, m_tok, num_warps=None, num_stages=None, pair=False,
-                   wrap=_eager):
+                   wrap=direct):
     """Launch the token-major kernel. q, K/V, gates with unit last stride; work = (union, bits, count) of
     `block_union.launch_tile_union` for `m_tok` tokens per tile; outputs = (gate_sparse, gate_swa, sinks, out, lse,
     branch_out), each a tensor (a stand-in where absent, never read); meta = HAS_SWA, HAS_SINKS, GS_MODE, GW_MODE,

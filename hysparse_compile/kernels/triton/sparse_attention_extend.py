@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .block_union import tile_block_union
-from .common import LOG2E, soft_cap, softcap2
+from .common import LOG2E, direct, soft_cap, softcap2
 from .online_softmax import online_softmax_step
 from .sparse_attention import (_epilogue, gate_mode, gate_strides, in_window, kv_block, last_dim_unit, launch_config,
                                row_member, row_selected, row_selection, window_blocks)
@@ -41,7 +41,7 @@ def _window_slots_kernel(WPOS, START, SLOTS, swpb, swpk, sslb, K, L, window, BLO
     tl.atomic_max(SLOTS + b * sslb + tl.where(ok, rel, 0), k, mask=ok)
 
 
-def launch_window_slots(win_pos, start, window, R, wrap=lambda kernel: kernel):
+def launch_window_slots(win_pos, start, window, R, wrap=direct):
     """int32 [B, window + R - 1]: the slot of `win_pos` int [B, K] (-1 = empty) holding each position
     start[b] - window + 1 + i, or -1 (start int32 [B])."""
     B, K = win_pos.shape
@@ -137,12 +137,8 @@ def _sparse_extend_kernel(
               False)
 
 
-def _eager(kernel):
-    return kernel
-
-
 def launch_extend(q, k_shared, v_shared, k_win, v_win, slots, start, indices, work, gate_sparse, gate_swa, sinks,
-                  out, lse, block_size, window, scale, softcap, merge, m_tok, wrap=_eager):
+                  out, lse, block_size, window, scale, softcap, merge, m_tok, wrap=direct):
     """Launch the extend kernel. q, caches, gates with unit last stride; slots int32 [B, window + R - 1]
     (`launch_window_slots`; any int32 tensor when not read: merge or no window); start int32 [B]; indices int32
     [B, Hkv, R, nsel]; work = (union, bits, count) of `tile_block_union(indices, m_tok)`; out [B, Hq, R, d] and

@@ -1,0 +1,89 @@
+"""Where the sparse layer's forward time goes, kernel by kernel, for each loop order (and each kernel's registers
+and spills as compiled on this GPU).
+
+    python -m bench.profile_sparse --shape 32/8/128 --seqlen 32768 --selection random --orders block,token
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from .bench_kernels import random_selection
+
+
+def inputs(Hq, Hkv, d, T, selection, seed=0):
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, device=dev, dtype=dt, generator=g)  # noqa: E731
+    s = dict(q=rn(1, Hq, T, d), k_own=rn(1, Hkv, T, d), v_own=rn(1, Hkv, T, d), k_sh=rn(1, Hkv, T, d),
+             v_sh=rn(1, Hkv, T, d), gs=torch.sigmoid(rn(1, Hq, T, d)), gw=torch.sigmoid(rn(1, Hq, T, d)),
+             sinks=torch.randn(Hq, device=dev, generator=g).to(dt))
+    idx = random_selection(1, Hkv, T, 64, 16, dev, g, tile_pool=32 if selection == "tile" else 0)
+    return s, idx
+
+
+def kernel_table(fn, reps=5):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    totals, counts = defaultdict(float), defaultdict(int)
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            totals[evt.name[:70]] += evt.device_time / 1e3 / reps
+            counts[evt.name[:70]] += 1
+    return sorted(((n, t, counts[n] // reps) for n, t in totals.items()), key=lambda r: -r[1])
+
+
+def compiled_stats():
+    """(kernel, n_regs, n_spills, shared bytes) of every Triton kernel compiled so far in this process."""
+    from hysparse_compile.kernels.triton import block_major, sparse_attention
+    rows = []
+    for mod in (block_major, sparse_attention):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            caches = getattr(fn, "device_caches", None)
+            if not caches:
+                continue
+            for dev_cache in caches.values():
+                for k in dev_cache[0].values():
+                    rows.append((name, getattr(k, "n_regs", None), getattr(k, "n_spills", None),
+                                 getattr(getattr(k, "metadata", None), "shared", None),
+                                 getattr(getattr(k, "metadata", None), "num_warps", None)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="32/8/128")
+    ap.add_argument("--seqlen", type=int, default=32768)
+    ap.add_argument("--selection", default="random", choices=["random", "tile"])
+    ap.add_argument("--orders", default="block,token")
+    args = ap.parse_args()
+    from hysparse_compile.kernels.triton.sparse_attention import sparse_attention_fwd
+    Hq, Hkv, d = (int(x) for x in args.shape.split("/"))
+    s, idx = inputs(Hq, Hkv, d, args.seqlen, args.selection)
+    a = (s["q"], s["k_own"], s["v_own"], s["k_sh"], s["v_sh"], idx, s["gs"], s["gw"], s["sinks"], 64, 128,
+         1 / math.sqrt(d), False, False)
+    print(f"# {torch.cuda.get_device_name()} {args.shape} T={args.seqlen} {args.selection}")
+    for order in args.orders.split(","):
+        rows = kernel_table(lambda: sparse_attention_fwd(*a, order=order))
+        total = sum(t for _, t, _ in rows)
+        print(f"\n## order={order}: {total:.3f} ms of kernels per call")
+        print("| kernel | ms/call | launches/call |\n|---|---|---|")
+        for n, t, c in rows[:15]:
+            print(f"| {n} | {t:.4f} | {c} |")
+    print("\n| triton kernel | regs | spills | shared B | warps |\n|---|---|---|---|---|")
+    for r in compiled_stats():
+        print("| " + " | ".join(str(x) for x in r) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,10 +2,14 @@
 and spills as compiled on this GPU).
 
     python -m bench.profile_sparse --shape 32/8/128 --seqlen 32768 --selection random --orders block,token
+    python -m bench.profile_sparse --orders block --variants '[{}, {"block_major": {"tok": 32}}, {"num_warps": 4}]'
+
+`--variants`: a JSON list of keyword sets for `sparse_attention_fwd` (its tuning knobs), each profiled per order.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections import defaultdict
 
@@ -66,6 +70,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=32768)
     ap.add_argument("--selection", default="random", choices=["random", "tile"])
     ap.add_argument("--orders", default="block,token")
+    ap.add_argument("--variants", default="[{}]", help="JSON list of sparse_attention_fwd keyword sets")
+    ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
     from hysparse_compile.kernels.triton.sparse_attention import sparse_attention_fwd
     Hq, Hkv, d = (int(x) for x in args.shape.split("/"))
@@ -74,12 +80,13 @@ def main() -> None:
          1 / math.sqrt(d), False, False)
     print(f"# {torch.cuda.get_device_name()} {args.shape} T={args.seqlen} {args.selection}")
     for order in args.orders.split(","):
-        rows = kernel_table(lambda: sparse_attention_fwd(*a, order=order))
-        total = sum(t for _, t, _ in rows)
-        print(f"\n## order={order}: {total:.3f} ms of kernels per call")
-        print("| kernel | ms/call | launches/call |\n|---|---|---|")
-        for n, t, c in rows[:15]:
-            print(f"| {n} | {t:.4f} | {c} |")
+        for kw in json.loads(args.variants):
+            rows = kernel_table(lambda: sparse_attention_fwd(*a, order=order, **kw))
+            total = sum(t for _, t, _ in rows)
+            print(f"\n## order={order} {json.dumps(kw)}: {total:.3f} ms of kernels per call")
+            print("| kernel | ms/call | launches/call |\n|---|---|---|")
+            for n, t, c in rows[:args.top]:
+                print(f"| {n} | {t:.4f} | {c} |")
     print("\n| triton kernel | regs | spills | shared B | warps |\n|---|---|---|---|---|")
     for r in compiled_stats():
         print("| " + " | ".join(str(x) for x in r) + " |")

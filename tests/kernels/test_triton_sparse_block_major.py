@@ -17,7 +17,7 @@ from oracle import random_indices  # noqa: E402
 from hysparse_compile import functional as F  # noqa: E402
 from hysparse_compile.kernels import reference  # noqa: E402
 from hysparse_compile.kernels.triton import sparse_attention as tsa  # noqa: E402
-from hysparse_compile.kernels.triton.block_major import token_lists  # noqa: E402
+from hysparse_compile.kernels.triton.block_major import combine_partials, token_lists  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BS = 16
@@ -110,6 +110,40 @@ def test_token_lists_invert_the_selection(gen):
             lo = int(start[bucket]) + c * chunk
             covered += range(lo, min(int(start[bucket + 1]), lo + chunk))
     assert sorted(covered) == list(range(int((idx >= 0).sum())))  # every entry in exactly one work item
+
+
+@pytest.mark.parametrize("nsel,G,d,max_elems", [(3, 3, 16, 32), (4, 8, 32, 1024), (5, 1, 16, 1024)])
+def test_combine_partials_is_the_softmax_combine(gen, nsel, G, d, max_elems):
+    """Slot 0 after the combine = sum_s softmax(lse)_s o_s and lse = logsumexp (log2 units), per (row, head); empty
+    slots (-inf, whose outputs may hold any bits, NaN included) weigh nothing; a row with none keeps -inf and a zero
+    output; other slots and rows past `rows` are left alone. max_elems 32 at d = 16 gives 2-head programs, so G = 3
+    ends with a partial chunk."""
+    op = torch.randn(2, 3, 7, nsel, G, d, generator=gen).to(DEV)
+    lp = (torch.randn(2, 3, 7, nsel, G, generator=gen) * 4).to(DEV)
+    lp[0, 0, 0, 1:] = float("-inf")  # one live slot
+    lp[1, 1, 3, :, 0] = float("-inf")  # head 0 of a row saw no key
+    op[1, 1, 3, :, 0] = float("nan")
+    lp[1, 1, 5, 0] = float("-inf")  # slot 0 itself empty, its output never written
+    op[1, 1, 5, 0] = float("nan")
+    op0, lp0 = op.clone(), lp.clone()
+    rows = 2 * 3 * 7 - 7  # the last (b, g)'s rows are not part of this call
+    combine_partials(op, lp, rows, max_elems=max_elems)
+    ln2 = torch.log(torch.tensor(2.0, dtype=torch.float64))
+    l64 = lp0.double() * ln2  # natural log
+    want_lse = torch.logsumexp(l64, dim=3) / ln2
+    w = torch.softmax(l64, dim=3).nan_to_num(0.0)
+    want_o = (w[..., None] * op0.double().nan_to_num(0.0)).sum(3)
+    got_lse, got_o = lp[:, :, :, 0].double(), op[:, :, :, 0].double()
+    done = torch.ones(2, 3, 7, dtype=torch.bool)
+    done[1, 2] = False
+    assert torch.equal(torch.isinf(got_lse[done]), torch.isinf(want_lse[done]))
+    assert torch.isinf(got_lse[done]).sum() == 1
+    fin = torch.isfinite(want_lse) & done[..., None]
+    assert (got_lse[fin] - want_lse[fin]).abs().max() < 1e-5
+    assert rel(got_o[done], want_o[done]) < 1e-6 and got_o[1, 1, 3, 0].abs().max() == 0
+    assert torch.equal(op[1, 2], op0[1, 2]) and torch.equal(lp[1, 2], lp0[1, 2])
+    assert torch.equal(op[:, :, :, 1:].nan_to_num(7.0), op0[:, :, :, 1:].nan_to_num(7.0))
+    assert torch.equal(lp[:, :, :, 1:], lp0[:, :, :, 1:])
 
 
 def test_merge_ignores_block_order(gen):

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_major import block_partials
+from .block_major import block_partials, combine_partials
 from .block_union import choose_tokens_per_tile, tile_block_union, tokens_per_tile
 from .common import INTERPRET, LN2_C, LOG2E, LOG2E_C, direct, soft_cap, softcap2
 from .online_softmax import normalize_with_sink, online_softmax_step
@@ -78,6 +78,23 @@ def gate_offsets(b, heads, tpos, sgb, sgh, sgt, sgd, MODE: tl.constexpr, D: tl.c
     else:
         step = 0
     return off[:, None] + tl.arange(0, D)[None, :] * step
+
+
+@triton.jit
+def union_walk(q, m_s, l_s, acc_s, UNION, BITS, u_base, n_union, ks_base, vs_base, skst, svst, n_keys, row_tok,
+               row_ok, qpos, qk_scale2, cap2, BLOCK_N: tl.constexpr, D: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Sparse branch of a token tile, one union block per step: block j = UNION[u_base + u] of the shared K/V
+    (keys < n_keys), kept for the rows whose token's bit is set in BITS[u_base + u] and whose position `qpos` is at or
+    after the key. Folds each step into the online-softmax state (m_s, l_s, acc_s) and returns it."""
+    for u in range(0, n_union):
+        j = tl.load(UNION + u_base + u)
+        kpos, k, v = kv_block(ks_base, vs_base, j, skst, svst, n_keys, BLOCK_N, D)
+        bits = tl.load(BITS + u_base + u)
+        s = soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP)  # [BLOCK_M, BLOCK_N], log2 domain
+        ok = (row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= qpos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
+    return m_s, l_s, acc_s
 
 
 @triton.jit
@@ -200,14 +217,8 @@ def _sparse_fwd_kernel(
             s = tl.where(ok, s, float("-inf"))
             m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
     else:
-        for u in range(0, n_union):
-            j = tl.load(UNION + u_base + u)
-            kpos, k, v = kv_block(ks_base, vs_base, j, skst, svst, T, BLOCK_N, D)
-            bits = tl.load(BITS + u_base + u)
-            s = soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP)  # [BLOCK_M, BLOCK_N], log2 domain
-            ok = (row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= tpos[:, None])
-            s = tl.where(ok, s, float("-inf"))
-            m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
+        m_s, l_s, acc_s = union_walk(q, m_s, l_s, acc_s, UNION, BITS, u_base, n_union, ks_base, vs_base, skst, svst,
+                                     T, row_tok, row_ok, tpos, qk_scale2, cap2, BLOCK_N, D, SOFTCAP)
 
     m_s, l_s, acc_s, m_w, l_w, acc_w = _swa_branch(
         q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
@@ -226,9 +237,9 @@ def _sparse_fwd_partials_kernel(
     NSEL_P2: tl.constexpr, HAS_SWA: tl.constexpr, HAS_SINKS: tl.constexpr,
     GS_MODE: tl.constexpr, GW_MODE: tl.constexpr, SAVE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    """Block-major path, second pass: the tile's rows fold their `NSEL` sparse partials (`block_major.py`: normalized
-    output and log2-sum-exp per (row, slot)) into the sparse branch's (m, l, acc) state, then the SWA branch and the
-    epilogue of `_sparse_fwd_kernel`. Tiles of the token chunk `T_BEGIN .. T_BEGIN + TC - 1` (TC a multiple of
+    """Block-major path, last pass: the tile's rows take their combined sparse partial (`block_major.py`: slot 0 of
+    the partial buffers after `combine_partials`) as the sparse branch's (m, l, acc) state, then run the SWA branch
+    and the epilogue of `_sparse_fwd_kernel`. Tiles of the token chunk `T_BEGIN .. T_BEGIN + TC - 1` (TC a multiple of
     M_TOK except at the sequence end); the partial buffers hold that chunk only."""
     tile = tl.program_id(0)
     bg = tl.program_id(1)
@@ -243,20 +254,12 @@ def _sparse_fwd_partials_kernel(
     row_ok = (rows < M_TOK * G) & (tpos < T_BEGIN + TC) & (tpos < T)
     dd = tl.arange(0, D)
 
-    # ---- sparse branch from the partials: m = max lse_i, l = sum 2^(lse_i - m), acc = sum 2^(lse_i - m) o_i
+    # ---- sparse branch from the combined partial (slot 0, `block_major.combine_partials`): normalized output o
+    # and its log2-sum-exp lse, i.e. the state m = lse, l = 1, acc = o (m = -inf, l = 0 when no key was visible)
     prow = ((bg.to(tl.int64) * TC + (tpos - T_BEGIN)) * NSEL) * G + hh  # [BLOCK_M] slot 0 of each row
-    slots = tl.arange(0, NSEL_P2)
-    lp_all = tl.load(LP + prow[:, None] + slots[None, :] * G, mask=row_ok[:, None] & (slots[None, :] < NSEL),
-                     other=float("-inf"))  # [BLOCK_M, NSEL_P2]
-    m_s = tl.max(lp_all, axis=1)
-    m_safe = tl.where(m_s == float("-inf"), 0.0, m_s)
-    l_s = tl.sum(tl.exp2(lp_all - m_safe[:, None]), axis=1)
-    acc_s = tl.zeros([BLOCK_M, D], tl.float32)
-    for s in range(0, NSEL):
-        lp = tl.load(LP + prow + s * G, mask=row_ok, other=float("-inf"))
-        w = tl.exp2(lp - m_safe)  # 0 for an empty slot
-        o = tl.load(OP + (prow + s * G)[:, None] * D + dd[None, :], mask=(row_ok & (w > 0))[:, None], other=0.0)
-        acc_s += w[:, None] * o.to(tl.float32)
+    m_s = tl.load(LP + prow, mask=row_ok, other=float("-inf"))
+    l_s = tl.where(m_s == float("-inf"), 0.0, 1.0)
+    acc_s = tl.load(OP + prow[:, None] * D + dd[None, :], mask=(row_ok & (l_s > 0))[:, None], other=0.0).to(tl.float32)
 
     q = tl.zeros([BLOCK_M, D], Q.dtype.element_ty)
     if HAS_SWA:
@@ -346,9 +349,9 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
     tokens walks the union of its selected blocks (the knobs above). "block": K/V-block-major (`block_major.py`):
     each selected block's K/V is loaded once for all the tokens that picked it, per-(row, slot) partials are
     written (`B * Hq * nsel * (d * elt + 4)` bytes per token, ~4.3 GB for 32k tokens at 32/8/128, nsel 16, bf16;
-    the sequence is processed in chunks so that at most `max_partial_bytes` are live), then a second kernel merges
-    them and runs the SWA branch, sinks, gates and the epilogue (m_tok/num_warps/num_stages apply to it; default
-    8 warps, 2 stages). "auto":
+    the sequence is processed in chunks so that at most `max_partial_bytes` are live), a combine kernel folds each
+    row's partials into one, then a last kernel takes it as the sparse branch and runs the SWA branch, sinks, gates
+    and the epilogue (m_tok/num_warps/num_stages apply to it; default 4 warps, 2 stages). "auto":
     `choose_order` on the token-major union sizes (one host sync); token-major when `m_tok` or `pair` is given
     (they tune that kernel). `merge=True` always runs token-major.
     `block_major`: dict of knobs of the block-major pass: tok (tokens per step, ~64 rows), chunk (entries per
@@ -438,9 +441,9 @@ def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, 
     nsel = indices.shape[-1]
     knobs = dict(knobs)
     max_bytes = knobs.pop("max_partial_bytes", None)
-    # merge kernel: 8 warps, 2 stages by default (it holds both branches' accumulators and streams nsel partial
-    # tiles; with 4 warps it spills ~2.5 KB per thread at 64 x 128, sm_90 compile)
-    m_tok, block_m, num_warps, num_stages = launch_config(G, D, block_size, m_tok, num_warps or 8, num_stages or 2)
+    # last kernel: launch_config's warps (4 at 64 x 128), 2 stages (H100, 32/8/128 random, 32k: 0.75 ms against 1.25
+    # with 8 warps; 3 stages spill at 4 warps)
+    m_tok, block_m, num_warps, num_stages = launch_config(G, D, block_size, m_tok, num_warps, num_stages or 2)
     tc = partial_chunk_tokens(B, Hq, T, D, nsel, q.element_size(), m_tok, max_bytes)
     op = torch.empty(B, Hkv, tc, nsel, G, D, device=q.device, dtype=q.dtype)
     lp = torch.empty(B, Hkv, tc, nsel, G, device=q.device, dtype=torch.float32)
@@ -450,6 +453,7 @@ def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, 
         lp.fill_(float("-inf"))  # slots that selected no block keep -inf (the merge skips them)
         idx = indices[:, :, t_begin:t_begin + n]
         block_partials(q, k_shared, v_shared, idx, block_size, scale2, t_begin, op, lp, softcap=softcap, **knobs)
+        combine_partials(op, lp, B * Hkv * n)  # the chunk's rows are packed at the buffers' start
         _sparse_fwd_partials_kernel[(triton.cdiv(n, m_tok), B * Hkv)](
             q, k_own, v_own, op, lp, indices, *common,
             *q.stride()[:3], *k_own.stride()[:3], *v_own.stride()[:3], *indices.stride()[:3],

@@ -24,7 +24,7 @@ from .block_union import tile_block_union
 from .common import LOG2E, direct, soft_cap, softcap2
 from .online_softmax import online_softmax_step
 from .sparse_attention import (_epilogue, gate_mode, gate_strides, in_window, kv_block, last_dim_unit, launch_config,
-                               row_member, row_selected, row_selection, window_blocks)
+                               row_selected, row_selection, union_walk, window_blocks)
 
 
 @triton.jit
@@ -93,14 +93,8 @@ def _sparse_extend_kernel(
     n_union = tl.load(COUNT + (b * HKV + g) * tl.cdiv(R, M_TOK) + tile)
     ks_base = KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh
     vs_base = VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh
-    for u in range(0, n_union):
-        j = tl.load(UNION + u_base + u)
-        kpos, k, v = kv_block(ks_base, vs_base, j, skst, svst, n_keys, BLOCK_N, D)
-        bits = tl.load(BITS + u_base + u)
-        s = soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP)  # [BLOCK_M, BLOCK_N], log2 domain
-        ok = (row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= qpos[:, None])
-        s = tl.where(ok, s, float("-inf"))
-        m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
+    m_s, l_s, acc_s = union_walk(q, m_s, l_s, acc_s, UNION, BITS, u_base, n_union, ks_base, vs_base, skst, svst,
+                                 n_keys, row_tok, row_ok, qpos, qk_scale2, cap2, BLOCK_N, D, SOFTCAP)
 
     # ---- window: keys qpos - window < p <= qpos
     m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)

@@ -11,9 +11,11 @@ union is ~`m_tok * nsel` blocks and every K/V block is re-read for a few tokens.
    entries `tok` at a time (`tok * G` query rows gathered from q, e.g. 16 tokens x 4 heads = 64 rows): one block of
    scores per row, causal mask (only the token's own block is cut), local softmax; it writes per (row, slot) the
    normalized partial output (q.dtype) and its log2-sum-exp (fp32; -inf = nothing visible).
-3. The merge (`sparse_attention._sparse_fwd_partials_kernel`) folds each row's `nsel` partials into the sparse
-   branch's (max, sum, acc) state with the online-softmax algebra, then runs the SWA branch, sinks, gates and the
-   same epilogue as the token-major kernel, so `out`, `lse` and `branch_out` mean exactly the same.
+3. `_combine_partials_kernel` (FlashAttention-3's split-KV combine) folds each row's `nsel` partials into slot 0,
+   in place: the log-sum-exps first, then the partial outputs streamed with wide loads.
+4. The last kernel (`sparse_attention._sparse_fwd_partials_kernel`) takes slot 0 as the sparse branch's (max, sum,
+   acc) state, then runs the SWA branch, sinks, gates and the same epilogue as the token-major kernel, so `out`,
+   `lse` and `branch_out` mean exactly the same.
 
 Partials take `B * Hq * T_chunk * nsel * (d * elt + 4)` bytes; the driver (`sparse_attention_fwd`) processes the
 sequence in chunks of tokens so that this stays under `max_partial_bytes`.

@@ -433,8 +433,9 @@ def partial_chunk_tokens(B, Hq, T, D, nsel, elt, m_tok, max_partial_bytes=None):
 
 def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, common, epi_meta,
                      block_size, window, scale, softcap, m_tok, num_warps, num_stages, knobs):
-    """order="block": per token chunk, sparse partials (`block_major.block_partials`), then
-    `_sparse_fwd_partials_kernel` (merge, SWA branch, epilogue) writes out/lse/branch_out of the chunk's rows."""
+    """order="block": per token chunk, sparse partials (`block_major.block_partials`), their combine into slot 0
+    (`block_major.combine_partials`), then `_sparse_fwd_partials_kernel` (sparse state from slot 0, SWA branch,
+    epilogue) writes out/lse/branch_out of the chunk's rows."""
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]
     G = Hq // Hkv
@@ -450,7 +451,7 @@ def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, 
     scale2 = scale * LOG2E
     for t_begin in range(0, T, tc):
         n = min(tc, T - t_begin)
-        lp.fill_(float("-inf"))  # slots that selected no block keep -inf (the merge skips them)
+        lp.fill_(float("-inf"))  # slots that selected no block keep -inf (the combine drops them)
         idx = indices[:, :, t_begin:t_begin + n]
         block_partials(q, k_shared, v_shared, idx, block_size, scale2, t_begin, op, lp, softcap=softcap, **knobs)
         combine_partials(op, lp, B * Hkv * n)  # the chunk's rows are packed at the buffers' start

@@ -5,12 +5,11 @@
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from . import bench_decode as bd
+from .timer import kernel_times
 
 
 def kernel_table(model, B: int, ctx: int, steps: int = 5) -> list[tuple[str, float, int]]:
@@ -23,21 +22,10 @@ def kernel_table(model, B: int, ctx: int, steps: int = 5) -> list[tuple[str, flo
         return model(ids, position_ids=pos, past_key_values=cache, use_cache=True)
 
     with torch.no_grad():
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
-    totals, counts = defaultdict(float), defaultdict(int)
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            totals[evt.name[:90]] += evt.device_time / 1e3 / steps
-            counts[evt.name[:90]] += 1
+        rows = kernel_times(step, reps=steps)
     del cache
     torch.cuda.empty_cache()
-    return sorted(((n, t, counts[n] // steps) for n, t in totals.items()), key=lambda r: -r[1])
+    return rows
 
 
 def main() -> None:

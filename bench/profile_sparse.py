@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from .bench_kernels import random_selection
+from .timer import kernel_times
 
 
 def inputs(Hq, Hkv, d, T, selection, seed=0):
@@ -28,22 +27,6 @@ def inputs(Hq, Hkv, d, T, selection, seed=0):
              sinks=torch.randn(Hq, device=dev, generator=g).to(dt))
     idx = random_selection(1, Hkv, T, 64, 16, dev, g, tile_pool=32 if selection == "tile" else 0)
     return s, idx
-
-
-def kernel_table(fn, reps=5):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    totals, counts = defaultdict(float), defaultdict(int)
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            totals[evt.name[:70]] += evt.device_time / 1e3 / reps
-            counts[evt.name[:70]] += 1
-    return sorted(((n, t, counts[n] // reps) for n, t in totals.items()), key=lambda r: -r[1])
 
 
 def compiled_stats():
@@ -81,7 +64,7 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()} {args.shape} T={args.seqlen} {args.selection}")
     for order in args.orders.split(","):
         for kw in json.loads(args.variants):
-            rows = kernel_table(lambda: sparse_attention_fwd(*a, order=order, **kw))
+            rows = kernel_times(lambda: sparse_attention_fwd(*a, order=order, **kw), width=70)
             total = sum(t for _, t, _ in rows)
             print(f"\n## order={order} {json.dumps(kw)}: {total:.3f} ms of kernels per call")
             print("| kernel | ms/call | launches/call |\n|---|---|---|")

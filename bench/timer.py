@@ -4,7 +4,8 @@ On CUDA, `triton.testing.do_bench` (median of repeated calls, the L2 cache flush
 `cuda_graph=True`, `triton.testing.do_bench_cudagraph` (the calls captured in a CUDA graph and replayed: launch
 overhead out of the picture, as a served model runs decode); with `reps`, the mean of `reps` back-to-back calls
 between two CUDA events (for steps cheaper than an L2 flush, such as one decode step replayed from a CUDA graph).
-`samples_ms` gives each call's time, for model calls long enough that one call is one sample. On the CPU (`--smoke` runs and dry runs), a `perf_counter` loop: the
+`samples_ms` gives each call's time, for model calls long enough that one call is one sample; `kernel_times` the
+GPU time per call of each kernel `fn` launches (torch.profiler), for the `profile_*` scripts. On the CPU (`--smoke` runs and dry runs), a `perf_counter` loop: the
 median, or the mean over `reps`.
 """
 from __future__ import annotations
@@ -74,3 +75,25 @@ def time_ms(fn, device, *, reps: int | None = None, cuda_graph: bool = False, gr
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def kernel_times(fn, reps: int = 5, warmup: int = 2, width: int = 90) -> list[tuple[str, float, int]]:
+    """(kernel name cut to `width`, GPU ms per call, launches per call) of every CUDA kernel `fn` launches, slowest
+    first: `warmup` untimed calls, then `reps` calls under torch.profiler."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    totals, counts = defaultdict(float), defaultdict(int)
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            totals[evt.name[:width]] += evt.device_time / 1e3 / reps
+            counts[evt.name[:width]] += 1
+    return sorted(((n, t, counts[n] // reps) for n, t in totals.items()), key=lambda r: -r[1])

@@ -1,0 +1,22 @@
+"""bench/memory_peak.py's replay of an allocator trace (the GPU part runs only on a GPU)."""
+from bench.memory_peak import live_at_peak, where
+
+
+def ev(action, addr, size, name="f"):
+    return {"action": action, "addr": addr, "size": size,
+            "frames": [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+                       {"filename": "/repo/hysparse_compile/model.py", "line": 7, "name": name}]}
+
+
+def test_the_peak_and_what_is_live_there():
+    trace = [ev("alloc", 1, 100), ev("alloc", 2, 50, "g"), ev("free_requested", 1, 100), ev("free_completed", 1, 100),
+             ev("alloc", 3, 30), ev("alloc", 4, 90, "h"), ev("free_requested", 4, 90), ev("alloc", 5, 10),
+             ev("free_requested", 9, 7)]  # a free of a block allocated before recording: ignored
+    peak, live = live_at_peak(trace)
+    assert peak == 170  # 50 + 30 + 90 (later, 50 + 30 + 10 = 90; earlier, 150)
+    assert [e["addr"] for e in live] == [4, 2, 3]  # largest first
+    assert where(live[0]) == "model.py:7 h"  # torch's own frames skipped
+
+
+def test_an_empty_trace():
+    assert live_at_peak([]) == (0, [])

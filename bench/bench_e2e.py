@@ -41,6 +41,8 @@ Targets (issue 9): forward >= 1.0x at 8k, >= 1.15x at 32k, >= 1.5x at 128k; fwd+
     python -m bench.bench_e2e --quick                # 8k and 32k only, shorter timing
     python -m bench.bench_e2e --sections compile     # one section (e.g. in a second device call)
     python -m bench.bench_e2e --profile 32768        # also: top CUDA kernels of one forward of each model at 32k
+    python -m bench.bench_e2e --sections best --selections tile   # sparse layers on injected tile-correlated
+                                                     # selections (bench/inject.py; or random, or a selections.npz)
     python -m bench.bench_e2e --smoke                # CPU, float32, tiny 4-layer model (F S S F), T = 64..192,
                                                      # reference backend, torch.compile backend "eager"
 
@@ -67,6 +69,7 @@ import torch
 import hysparse_compile as hs
 from . import original_best
 from .baselines import Rotor, sdpa_call
+from .inject import KINDS, injected_selections
 from .timer import samples_ms, time_ms
 
 GiB = 2**30
@@ -750,6 +753,27 @@ def print_tables(rows: list[dict], meta: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def run_sections(b: Bench, args, sections, model, compiled, fwd_order, bwd_labels, labels) -> None:
+    if "best" in sections:
+        section_best(b, model, compiled, fwd_order)
+    if "best_fwdbwd" in sections:
+        section_best(b, model, compiled, bwd_labels, backward=True)
+    if "fwd" in sections:
+        section_fwd(b, model, compiled, fwd_order)
+    if "fwdbwd" in sections:
+        section_fwdbwd(b, model, compiled, bwd_labels)
+    if "stack" in sections:
+        section_stack(b)
+    if "compile" in sections:
+        section_compile(b, model, compiled, [label for label in ["8k", "32k", "16k", "128k"] if label in labels])
+    if "compile_fwdbwd" in sections:
+        section_compile_fwdbwd(b, model, compiled, bwd_labels)
+    if args.profile:
+        section_profile(b, model, compiled, args.profile)
+    if args.profile_fwdbwd:
+        section_profile(b, model, compiled, args.profile_fwdbwd, backward=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, float32, tiny model, reference backend")
@@ -770,7 +794,13 @@ def main(argv=None) -> int:
                                                             "--smoke)")
     ap.add_argument("--out", default=None, help="output directory (default $OUT or bench/results)")
     ap.add_argument("--calls", type=int, default=7, help="timed calls per row of the fair sections (median, spread)")
+    ap.add_argument("--selections", default="model",
+                    help="what the compiled model's sparse layers attend to: model (its full layers' own selections; "
+                         "with random weights they are random-like), tile or random (drawn, bench/inject.py), or a "
+                         "selections.npz of the paper miniature")
     args = ap.parse_args(argv)
+    if args.selections not in KINDS and not os.path.isfile(args.selections):
+        ap.error(f"--selections {args.selections!r}: choose from {KINDS} or give a selections.npz that exists")
     b = Bench(args)
     if b.smoke:
         torch.set_num_threads(1)  # tiny ops: threads only contend (on a loaded 2-core machine, 100x slower)
@@ -805,28 +835,14 @@ def main(argv=None) -> int:
     b.meta["sdpa_probe"] = sdpa_probe(b.device, b.dtype, cfg, args.sdpa)
     b.log(json.dumps(b.meta))
     b.meta["save_branches"] = args.save_branches
+    b.meta["selections"] = args.selections
     model, compiled, compile_s = build(b.smoke, b.device, b.dtype, b.backend, args.save_branches)
     b.meta["hs_compile_s"] = compile_s
     b.log(f"built and compiled ({compiled.schedule.pattern}) in {compile_s:.1f}s")
     b.save()
-    if "best" in sections:
-        section_best(b, model, compiled, fwd_order)
-    if "best_fwdbwd" in sections:
-        section_best(b, model, compiled, bwd_labels, backward=True)
-    if "fwd" in sections:
-        section_fwd(b, model, compiled, fwd_order)
-    if "fwdbwd" in sections:
-        section_fwdbwd(b, model, compiled, bwd_labels)
-    if "stack" in sections:
-        section_stack(b)
-    if "compile" in sections:
-        section_compile(b, model, compiled, [label for label in ["8k", "32k", "16k", "128k"] if label in labels])
-    if "compile_fwdbwd" in sections:
-        section_compile_fwdbwd(b, model, compiled, bwd_labels)
-    if args.profile:
-        section_profile(b, model, compiled, args.profile)
-    if args.profile_fwdbwd:
-        section_profile(b, model, compiled, args.profile_fwdbwd, backward=True)
+    with injected_selections(args.selections) as injected:
+        run_sections(b, args, sections, model, compiled, fwd_order, bwd_labels, labels)
+    b.meta["injected_calls"] = injected["calls"]
     b.meta["total_s"] = b.elapsed()
     b.save()
     print_tables(b.rows, b.meta)

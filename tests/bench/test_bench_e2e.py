@@ -23,7 +23,12 @@ def run_smoke(tmp_path, *args):
 
 
 def test_best_sections_time_every_variant_and_judge_against_the_fastest_original(tmp_path):
-    data, out = run_smoke(tmp_path, "--sections", "best,best_fwdbwd", "--seqlens", "8k,32k", "--calls", "3")
+    data, out = run_smoke(tmp_path, "--sections", "best,best_fwdbwd", "--seqlens", "8k,32k", "--calls", "3",
+                          "--selections", "tile")
+    # the compiled model's sparse layers ran on drawn tile-correlated selections (bench/inject.py), forward and
+    # backward: 2 sparse layers x 2 lengths x 2 modes x 3 timed calls, once in `best` and twice (forward and
+    # backward) in `best_fwdbwd`, at least 72 (the untimed first calls add more)
+    assert data["meta"]["selections"] == "tile" and data["meta"]["injected_calls"] >= 2 * 2 * 2 * 3 * 3
     rows = {(r["section"], r["label"], r["model"], r["mode"]): r for r in data["rows"]}
     variants = {"original": ("eager", "compile[layers]", "compile[causal]"), "compiled": ("eager", "compile")}
     for section in ("best", "best_fwdbwd"):
@@ -50,6 +55,7 @@ def test_best_sections_time_every_variant_and_judge_against_the_fastest_original
 def test_bench_e2e_smoke_writes_every_row_and_ratio(tmp_path):
     data, out = run_smoke(tmp_path, "--sections", "fwd,fwdbwd,stack,compile,compile_fwdbwd", "--profile", "64",
                           "--profile-fwdbwd", "64")
+    assert data["meta"]["selections"] == "model" and data["meta"]["injected_calls"] == 0
     rows = {(r["section"], r["label"], r["model"]): r for r in data["rows"] if not r.get("superseded")}
     expected = [("fwd", label) for label in ("8k", "16k", "32k", "128k")]
     expected += [("fwdbwd", "8k"), ("fwdbwd", "32k"), ("stack", "32k")]

@@ -112,12 +112,13 @@ def test_token_lists_invert_the_selection(gen):
     assert sorted(covered) == list(range(int((idx >= 0).sum())))  # every entry in exactly one work item
 
 
-@pytest.mark.parametrize("nsel,G,d,max_elems", [(3, 3, 16, 32), (4, 8, 32, 1024), (5, 1, 16, 1024), (17, 2, 16, 1024)])
+@pytest.mark.parametrize("nsel,G,d,max_elems", [(3, 3, 16, 32), (4, 8, 32, 1024), (5, 1, 16, 1024), (17, 2, 16, 1024), (37, 2, 16, 1000)])
 def test_combine_partials_is_the_softmax_combine(gen, nsel, G, d, max_elems):
     """Slot 0 after the combine = sum_s softmax(lse)_s o_s and lse = logsumexp (log2 units), per (row, head); empty
     slots (-inf, whose outputs may hold any bits, NaN included) weigh nothing; a row with none keeps -inf and a zero
     output; other slots and rows past `rows` are left alone. max_elems 32 at d = 16 gives 2-head programs, so G = 3
-    ends with a partial chunk; nsel 17 runs 32 unrolled slots, 15 of them masked."""
+    ends with a partial chunk; nsel 17 runs 32 unrolled slots, 15 of them masked; nsel 37 the chunked loop (3 steps
+    of 16, the last partly masked), with a max_elems that is not a power of two."""
     op = torch.randn(2, 3, 7, nsel, G, d, generator=gen).to(DEV)
     lp = (torch.randn(2, 3, 7, nsel, G, generator=gen) * 4).to(DEV)
     lp[0, 0, 0, 1:] = float("-inf")  # one live slot

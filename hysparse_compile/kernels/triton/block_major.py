@@ -109,35 +109,58 @@ def _block_partials_kernel(
 
 
 @triton.jit
+def _slots_max(m, LP, base, hh, head_ok, s0, NSEL, G, N: tl.constexpr):
+    """Running max of the log2-sum-exps of slots s0 .. s0 + N - 1 (those < NSEL) of HC heads."""
+    for ds in tl.static_range(N):
+        s = s0 + ds
+        m = tl.maximum(m, tl.load(LP + base + s * G, mask=head_ok & (hh * 0 + s < NSEL), other=float("-inf")))
+    return m
+
+
+@triton.jit
+def _slots_fold(l, acc, OP, LP, base, hh, head_ok, dd, m_safe, s0, NSEL, G, N: tl.constexpr, D: tl.constexpr):
+    """Add slots s0 .. s0 + N - 1 (those < NSEL) to (l, acc): weights 2^(lse_s - m), outputs [HC, D]. Unrolled, so
+    the N slots' loads are in flight at once; an empty slot's output, never written (any bits), is read anyway (the
+    loads do not wait on the weights) and dropped with a select, never a multiply."""
+    for ds in tl.static_range(N):
+        s = s0 + ds
+        ok = head_ok & (hh * 0 + s < NSEL)  # (a tensor: the interpreter's masks must be)
+        w = tl.exp2(tl.load(LP + base + s * G, mask=ok, other=float("-inf")) - m_safe)  # 0 for an empty slot
+        o = tl.load(OP + (base + s * G)[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0,
+                    eviction_policy="evict_first")
+        l += w
+        acc += tl.where((w > 0)[:, None], w[:, None] * o.to(tl.float32), 0.0)
+    return l, acc
+
+
+@triton.jit
 def _combine_partials_kernel(OP, LP, NSEL, G, NSEL_P2: tl.constexpr, HC: tl.constexpr, D: tl.constexpr):
     """Fold each (token, head)'s NSEL partials into slot 0, in place (the FlashAttention-3 split-KV combine).
 
     One program per (token row, chunk of HC heads) of a contiguous [rows, NSEL, G, D] partial buffer: it reads the
     HC heads' log2-sum-exps of every slot first (their max), then streams the slots' [HC, D] outputs (contiguous,
-    wide loads; the loop is unrolled, so all of them are in flight at once) and writes sum_s 2^(lse_s - lse) o_s
-    with lse = log2 sum_s 2^lse_s to slot 0 (lse -inf and o = 0 when no slot saw a key). No cross-thread
-    reduction: each thread owns its columns of the output. A program reads and writes only its own entries, so in
-    place is race-free."""
+    wide loads, unrolled so that they are in flight at once; past 32 slots, 16 at a time, which bounds registers
+    and compile time) and writes sum_s 2^(lse_s - lse) o_s with lse = log2 sum_s 2^lse_s to slot 0 (lse -inf and
+    o = 0 when no slot saw a key). No cross-thread reduction: each thread owns its columns of the output. A program
+    reads and writes only its own entries, so in place is race-free."""
     row = tl.program_id(0).to(tl.int64)  # token row of the buffer: (b * Hkv + g) * TC + t_local
     hh = tl.program_id(1) * HC + tl.arange(0, HC)
     dd = tl.arange(0, D)
     head_ok = hh < G
     base = row * NSEL * G + hh  # [HC] entries of slot 0
     m = tl.full([HC], float("-inf"), tl.float32)
-    for s in tl.static_range(NSEL_P2):
-        m = tl.maximum(m, tl.load(LP + base + s * G, mask=head_ok & (hh * 0 + s < NSEL), other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
     l = tl.zeros([HC], tl.float32)
     acc = tl.zeros([HC, D], tl.float32)
-    for s in tl.static_range(NSEL_P2):
-        ok = head_ok & (hh * 0 + s < NSEL)  # (a tensor: the interpreter's masks must be)
-        w = tl.exp2(tl.load(LP + base + s * G, mask=ok, other=float("-inf")) - m_safe)  # 0 for an empty slot
-        # an empty slot's output was never written (any bits): read it anyway (the loads do not wait on the
-        # weights) and drop it with a select, never a multiply
-        o = tl.load(OP + (base + s * G)[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0,
-                    eviction_policy="evict_first")
-        l += w
-        acc += tl.where((w > 0)[:, None], w[:, None] * o.to(tl.float32), 0.0)
+    if NSEL_P2 <= 32:
+        m = _slots_max(m, LP, base, hh, head_ok, 0, NSEL, G, NSEL_P2)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l, acc = _slots_fold(l, acc, OP, LP, base, hh, head_ok, dd, m_safe, 0, NSEL, G, NSEL_P2, D)
+    else:
+        for s0 in range(0, NSEL, 16):
+            m = _slots_max(m, LP, base, hh, head_ok, s0, NSEL, G, 16)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        for s0 in range(0, NSEL, 16):
+            l, acc = _slots_fold(l, acc, OP, LP, base, hh, head_ok, dd, m_safe, s0, NSEL, G, 16, D)
     l_safe = tl.where(l > 0, l, 1.0)
     tl.store(LP + base, tl.where(l > 0, m_safe + tl.log2(l_safe), float("-inf")), mask=head_ok)
     tl.store(OP + base[:, None] * D + dd[None, :], (acc / l_safe[:, None]).to(OP.dtype.element_ty),
@@ -151,6 +174,7 @@ def combine_partials(op, lp, rows, max_elems=1024):
     nsel, G, D = op.shape[-3:]
     assert op.is_contiguous() and lp.is_contiguous() and rows * nsel * G * D <= op.numel()
     hc = max(1, min(triton.next_power_of_2(G), max_elems // D))
+    hc = 1 << (hc.bit_length() - 1)  # a power of two whatever max_elems is
     _combine_partials_kernel[(rows, triton.cdiv(G, hc))](
         op, lp, nsel, G, NSEL_P2=triton.next_power_of_2(nsel), HC=hc, D=D, num_warps=max(1, min(8, hc * D // 256)))
 

@@ -5,8 +5,8 @@ On CUDA, `triton.testing.do_bench` (median of repeated calls, the L2 cache flush
 overhead out of the picture, as a served model runs decode); with `reps`, the mean of `reps` back-to-back calls
 between two CUDA events (for steps cheaper than an L2 flush, such as one decode step replayed from a CUDA graph).
 `samples_ms` gives each call's time, for model calls long enough that one call is one sample; `kernel_times` the
-GPU time per call of each kernel `fn` launches (torch.profiler), for the `profile_*` scripts. On the CPU (`--smoke` runs and dry runs), a `perf_counter` loop: the
-median, or the mean over `reps`.
+GPU time per call of each kernel `fn` launches (torch.profiler), for the `profile_*` scripts. On the CPU (`--smoke`
+runs and dry runs), a `perf_counter` loop: the median, or the mean over `reps`.
 """
 from __future__ import annotations
 

@@ -112,7 +112,8 @@ def test_token_lists_invert_the_selection(gen):
     assert sorted(covered) == list(range(int((idx >= 0).sum())))  # every entry in exactly one work item
 
 
-@pytest.mark.parametrize("nsel,G,d,max_elems", [(3, 3, 16, 32), (4, 8, 32, 1024), (5, 1, 16, 1024), (17, 2, 16, 1024), (37, 2, 16, 1000)])
+@pytest.mark.parametrize("nsel,G,d,max_elems", [(3, 3, 16, 32), (4, 8, 32, 1024), (5, 1, 16, 1024), (17, 2, 16, 1024),
+                                                (37, 2, 16, 1000)])
 def test_combine_partials_is_the_softmax_combine(gen, nsel, G, d, max_elems):
     """Slot 0 after the combine = sum_s softmax(lse)_s o_s and lse = logsumexp (log2 units), per (row, head); empty
     slots (-inf, whose outputs may hold any bits, NaN included) weigh nothing; a row with none keeps -inf and a zero

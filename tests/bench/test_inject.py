@@ -37,12 +37,15 @@ def test_forward_and_backward_see_the_injected_selection(kind):
         y, got = grads(x, own, dout)
     assert count["calls"] == 2  # the forward and its backward
     y_want, want = grads(x, want_idx, dout)
-    y_own, _ = grads(x, own, dout)
-    assert torch.equal(y, y_want) and not torch.allclose(y, y_own)
+    y_own, own_grads = grads(x, own, dout)
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731  (CPU sums may reorder)
+    assert close(y, y_want) and not torch.allclose(y, y_own, atol=1e-2)
     for k in want:
-        assert torch.equal(got[k], want[k]), k
+        assert close(got[k], want[k]), k
+    # the backward saw the injected indices too: with the layer's own ones the shared K/V get other gradients
+    assert not torch.allclose(got["k_shared"], own_grads["k_shared"], atol=1e-2)
     y_after, _ = grads(x, own, dout)  # the block restores the real implementation
-    assert torch.equal(y_after, y_own)
+    assert close(y_after, y_own)
 
 
 def test_model_means_no_injection_and_a_bad_file_says_why(tmp_path):

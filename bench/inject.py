@@ -45,14 +45,15 @@ class _Injecting:
 @contextlib.contextmanager
 def injected_selections(kind: str, seed: int = 0):
     """Within the block the sparse layers attend to `kind`'s selections ("model": their own, nothing changes). Yields a
-    dict whose "calls" counts the sparse-layer forward and backward calls that were given the injected indices."""
-    count = {"calls": 0}
+    dict: "calls" counts the sparse-layer forward and backward calls that were given the injected indices, "drawn"
+    holds them by (shape, device, block size)."""
+    count = {"calls": 0, "drawn": {}}
     if kind == "model":
         yield count
         return
     from hysparse_compile.kernels import ops
 
-    drawn: dict = {}
+    drawn = count["drawn"]
 
     def indices_like(indices: torch.Tensor, block_size: int) -> torch.Tensor:
         count["calls"] += 1

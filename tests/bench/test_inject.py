@@ -5,6 +5,7 @@ import torch
 from bench.bench_kernels import random_selection
 from bench.inject import injected_selections
 from hysparse_compile import functional as F
+from hysparse_compile.kernels import ops
 
 BS = 16
 
@@ -33,27 +34,25 @@ def test_forward_and_backward_see_the_injected_selection(kind):
     want_idx = random_selection(B, Hkv, T, BS, nsel, "cpu", torch.Generator().manual_seed(0),
                                 tile_pool=32 if kind == "tile" else 0)
     assert not torch.equal(own, want_idx)
-    with injected_selections(kind, seed=0) as count:
+    real_impl = ops._impl
+    with injected_selections(kind, seed=0) as injected:
         y, got = grads(x, own, dout)
-    assert count["calls"] == 2  # the forward and its backward
-    y_want, want = grads(x, want_idx, dout)
+    assert injected["calls"] == 2  # the forward and its backward were given the drawn indices
+    (drawn,) = injected["drawn"].values()
+    assert torch.equal(drawn, want_idx)
     y_own, own_grads = grads(x, own, dout)
-    close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731  (CPU sums may reorder)
-    assert close(y, y_want) and not torch.allclose(y, y_own, atol=1e-2)
-    for k in want:
-        assert close(got[k], want[k]), k
-    # the backward saw the injected indices too: with the layer's own ones the shared K/V get other gradients
+    # against the layer's own selection, both the output and the shared K/V's gradients changed
+    assert not torch.allclose(y, y_own, atol=1e-2)
     assert not torch.allclose(got["k_shared"], own_grads["k_shared"], atol=1e-2)
-    y_after, _ = grads(x, own, dout)  # the block restores the real implementation
-    assert close(y_after, y_own)
+    assert ops._impl is real_impl  # the block restores the real implementation
 
 
 def test_model_means_no_injection_and_a_bad_file_says_why(tmp_path):
     import numpy as np
 
-    with injected_selections("model") as count:
+    with injected_selections("model") as injected:
         pass
-    assert count == {"calls": 0}
+    assert injected == {"calls": 0, "drawn": {}}
     path = tmp_path / "sel.npz"
     np.savez(path, **{"run/layer0_indices": np.zeros((1, 10, 2), dtype=np.int16)})
     x = {k: torch.randn(1, 2, 40, 16) for k in ("q", "k_own", "v_own", "k_shared", "v_shared", "gs")}

@@ -11,20 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from types import SimpleNamespace
 
 import torch
 
-from .bench_kernels import random_selection
+from .bench_kernels import make_prefill, random_selection
 from .timer import kernel_times
 
 
-def inputs(Hq, Hkv, d, T, selection, seed=0):
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    g = torch.Generator(device=dev).manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, device=dev, dtype=dt, generator=g)  # noqa: E731
-    s = dict(q=rn(1, Hq, T, d), k_own=rn(1, Hkv, T, d), v_own=rn(1, Hkv, T, d), k_sh=rn(1, Hkv, T, d),
-             v_sh=rn(1, Hkv, T, d), gs=torch.sigmoid(rn(1, Hq, T, d)), gw=torch.sigmoid(rn(1, Hq, T, d)),
-             sinks=torch.randn(Hq, device=dev, generator=g).to(dt))
+def inputs(Hq, Hkv, d, T, selection, seed=0, device="cuda"):
+    """bench_kernels' prefill inputs (bf16, B = 1, per-channel gates, sinks) and a selection of 16 blocks of 64."""
+    dev = torch.device(device)
+    s = make_prefill(SimpleNamespace(device=dev, dtype=torch.bfloat16), Hq, Hkv, d, T, seed)
+    g = torch.Generator(device=dev).manual_seed(seed + 1)
     idx = random_selection(1, Hkv, T, 64, 16, dev, g, tile_pool=32 if selection == "tile" else 0)
     return s, idx
 
@@ -59,7 +58,7 @@ def main() -> None:
     from hysparse_compile.kernels.triton.sparse_attention import sparse_attention_fwd
     Hq, Hkv, d = (int(x) for x in args.shape.split("/"))
     s, idx = inputs(Hq, Hkv, d, args.seqlen, args.selection)
-    a = (s["q"], s["k_own"], s["v_own"], s["k_sh"], s["v_sh"], idx, s["gs"], s["gw"], s["sinks"], 64, 128,
+    a = (s["q"], s["k_own"], s["v_own"], s["k_sh"], s["v_sh"], idx, s["gate_sp"], s["gate_swa"], s["sinks"], 64, 128,
          1 / math.sqrt(d), False, False)
     print(f"# {torch.cuda.get_device_name()} {args.shape} T={args.seqlen} {args.selection}")
     for order in args.orders.split(","):

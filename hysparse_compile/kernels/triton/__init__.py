@@ -1,7 +1,8 @@
 """The Triton backend: fused kernels for both HySparse ops (forward, backward, decode, extend). The default on CUDA.
 
 Full layer: `full_attention.py` (flash forward with running per-head top-k of block maxima, GQA merge in
-`select_blocks.py`, FA2-style backward), `full_attention_decode.py` (split-K) and `full_attention_extend.py` (the
+`select_blocks.py`, FA2-style backward; on CUDA the backward runs cuDNN's fused one where it applies,
+`full_attention_bwd_cudnn.py`), `full_attention_decode.py` (split-K) and `full_attention_extend.py` (the
 forward kernel with per-row start positions). Sparse layer: `sparse_attention.py` (both branches in one kernel over
 the per-tile block union of `block_union.py`), `sparse_attention_bwd.py`, `sparse_attention_decode.py`,
 `sparse_attention_extend.py` (the token-major tiling for R new rows, SWA keys found by position). Shared constants

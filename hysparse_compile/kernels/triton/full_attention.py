@@ -6,8 +6,10 @@ Within one head, `S_j = exp(m_j - lse)` ranks blocks exactly as `m_j` does, so t
 `nsel` without knowing `lse`; at the end it is written as log block scores `m_j - lse`. `select_blocks.py` then
 merges the G heads of each KV group. No T x T/B score tensor is written. Derivation: docs/kernels_full.md.
 
-Backward: FA2-style (delta = rowsum(dO * O); dk/dv over query tiles, summed over the G heads of a group; dq over
-key tiles). Selection is not differentiated.
+Backward: on CUDA, cuDNN's fused attention backward fed this forward's out and lse where it applies
+(`full_attention_bwd_cudnn.py`: faster at every size measured); else FA2-style Triton kernels (delta =
+rowsum(dO * O); dk/dv over query tiles, summed over the G heads of a group; dq over key tiles). Selection is not
+differentiated.
 
 Options, constexpr so that a launch without them compiles the arithmetic it always had: `SOFTCAP` (logits ->
 softcap * tanh(logits / softcap); the cap is monotone, so the block maxima of the capped logits are the capped
@@ -27,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import full_attention_bwd_cudnn as bwd_cudnn
 from .common import INTERPRET, LN2_C, LOG2E, LOG2E_C, direct, soft_cap, soft_cap_with_slope, softcap2
 from .select_blocks import launch_merge_heads
 
@@ -464,8 +467,12 @@ def full_attention_bwd(dout, q, k, v, out, lse, scale, *, sinks=None, softcap=0.
     """Plain causal flash backward. dout/q/out [B, Hq, T, d], k/v [B, Hkv, T, d], lse float32 [B, Hq, T] (the
     keys' own); sinks [Hq] or None (a constant here: the op computes their gradient); softcap 0.0 or > 0.
 
-    Returns dq [B, Hq, T, d], dk/dv [B, Hkv, T, d] (contiguous, dtype of the inputs); GQA heads summed per group.
+    Returns dq [B, Hq, T, d], dk/dv [B, Hkv, T, d] (dtype of the inputs); GQA heads summed per group. On CUDA the
+    gradients come from cuDNN's fused attention backward where it applies (`full_attention_bwd_cudnn`; engine
+    "auto"), else from the Triton kernels below (contiguous outputs).
     """
+    if bwd_cudnn.use_cudnn(q, softcap):
+        return bwd_cudnn.full_attention_bwd_cudnn(dout, q, k, v, out, lse, scale, sinks=sinks)
     if INTERPRET and q.dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot is wrong: run fp32, cast back
         grads = full_attention_bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, scale,
                                    sinks=sinks, softcap=softcap)

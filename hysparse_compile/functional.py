@@ -86,9 +86,11 @@ def _content_checks(x: Tensor) -> bool:
     """Whether to look at a tensor's values: eagerly, on CPU (no host sync: on CUDA it would stall every call, so
     there the contents are not checked; `check_indices` does it on request), never while torch.compile,
     torch.export or jit tracing run (the values are symbolic there) or on fake/meta tensors."""
+    if torch.compiler.is_compiling():  # first, alone: nothing below is asked while Dynamo traces (no graph break)
+        return False
     from torch._subclasses.fake_tensor import is_fake
 
-    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    tracing = torch.compiler.is_exporting() or torch.jit.is_tracing()
     return not tracing and x.device.type == "cpu" and not is_fake(x)
 
 
@@ -185,7 +187,12 @@ def _autocast(*tensors):
     floating inputs are cast to it (a model's RoPE upcast otherwise leaves q and k in float32 and v in bfloat16).
     Outside autocast the tensors are returned as they are."""
     device = next(t for t in tensors if isinstance(t, Tensor)).device.type
-    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+    # Dynamo folds `is_autocast_enabled` but torch 2.11's cannot trace `is_autocast_available` (a C builtin): asked
+    # while compiling, it broke the graph at every HySparse op (the "Dynamo does not know how to trace the builtin
+    # torch._C._is_autocast_available" warning of the GPU runs). Under torch.compile the tensors are on a real
+    # device, so only a meta tensor (no autocast state) needs the question.
+    available = device != "meta" if torch.compiler.is_compiling() else torch.amp.is_autocast_available(device)
+    if not (available and torch.is_autocast_enabled(device)):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype else t

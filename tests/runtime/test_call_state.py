@@ -48,3 +48,22 @@ def test_torch_compile_of_a_compiled_model_is_one_graph_and_serves_cached_calls(
             g = logits(cc(part, past_key_values=compiled_cache, use_cache=True))
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
         assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_the_ops_ask_nothing_an_older_dynamo_cannot_trace(monkeypatch):
+    """torch 2.11's Dynamo (the GPU machine's) cannot trace `torch.amp.is_autocast_available` (a C builtin) and broke
+    the graph at every HySparse op; the ops' wrappers no longer ask it while Dynamo traces. Stood in for here by a
+    function that breaks the graph: the compiled model must stay one graph."""
+    def breaks(*args, **kwargs):
+        dynamo.graph_break()
+        return True
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", breaks)
+    _, c = compiled_pair("llama-sdpa", mode="paper", pattern="FSSS")
+    ids = _ids(1, 40)
+    dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        torch.compile(c, backend="eager")(ids)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    dynamo.reset()

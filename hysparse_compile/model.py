@@ -266,7 +266,8 @@ class HySparseModel(training.TrainingSupport, checkpoint.CheckpointSupport, nn.M
 
     @property
     def _graph(self):
-        return self.__dict__.get("_runner") or self._graph_module
+        runner = self.__dict__.get("_runner")  # not `or`: a torch.compile'd module raises on truth testing (len)
+        return self._graph_module if runner is None else runner
 
     def _with_loss(self, out, labels, loss_kwargs):
         logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)

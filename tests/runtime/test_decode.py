@@ -109,3 +109,27 @@ def test_plain_model_needs_a_cache_to_fill():
     _, c = compiled("nano")
     with pytest.raises(TypeError, match="HySparseCache"):
         c(_ids(1, 10), use_cache=True)
+
+
+def test_graph_runner_takes_a_torch_compiled_graph_module():
+    """`graph_runner(torch.compile(graph_module))` (how bench_decode times the graph under Inductor) runs the
+    cached decode with the compiled runner: a torch.compile'd module cannot be truth-tested (its `len()` raises),
+    which the runner lookup once did."""
+    _, model = compiled("nano", "FS")
+    tokens = _ids(1, 21)
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            want, _ = cached_logits(model, tokens, (20, 1))
+            with model.graph_runner(torch.compile(model.graph_module, backend=backend, dynamic=False)):
+                got, _ = cached_logits(model, tokens, (20, 1))
+    finally:
+        torch._dynamo.reset()
+    assert calls, "the compiled runner was not used"
+    assert torch.equal(got, want)

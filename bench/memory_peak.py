@@ -39,8 +39,10 @@ def live_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
 
 
 def where(e: dict, depth: int = 4) -> str:
-    """The innermost `depth` frames of an allocation outside torch's own files, innermost first."""
-    frames = [f for f in e.get("frames", []) if "/torch/" not in f.get("filename", "")]
+    """The innermost `depth` Python frames of an allocation outside torch's own files, innermost first (the
+    snapshot's C++ frames, `??` or `.cpp` files, came first and filled the depth in the run of 2026-12-05 h)."""
+    frames = [f for f in e.get("frames", []) if f.get("filename", "").endswith(".py")
+              and "/torch/" not in f["filename"]]
     return " <- ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in frames[:depth]) or "?"
 
 
@@ -68,7 +70,7 @@ def main(argv=None) -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
+            torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
             out = fn(input_ids=ids, **kw)
             torch.cuda.synchronize()
             snap = torch.cuda.memory._snapshot()

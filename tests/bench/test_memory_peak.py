@@ -4,7 +4,9 @@ from bench.memory_peak import live_at_peak, where
 
 def ev(action, addr, size, name="f"):
     return {"action": action, "addr": addr, "size": size,
-            "frames": [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+            "frames": [{"filename": "??", "line": 0, "name": "torch::unwind::unwind()"},
+                       {"filename": "CUDACachingAllocator.cpp", "line": 0, "name": "malloc"},
+                       {"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
                        {"filename": "/repo/hysparse_compile/model.py", "line": 7, "name": name}]}
 
 
@@ -15,7 +17,7 @@ def test_the_peak_and_what_is_live_there():
     peak, live = live_at_peak(trace)
     assert peak == 170  # 50 + 30 + 90 (later, 50 + 30 + 10 = 90; earlier, 150)
     assert [e["addr"] for e in live] == [4, 2, 3]  # largest first
-    assert where(live[0]) == "model.py:7 h"  # torch's own frames skipped
+    assert where(live[0]) == "model.py:7 h"  # C++ frames and torch's own Python frames skipped
 
 
 def test_an_empty_trace():

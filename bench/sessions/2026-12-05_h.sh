@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# For the next device session (one call, <= 600 s), left by the third session of 2026-12-05: the end-to-end
-# forward with the sparse layers on tile-correlated selections (issue 22 item 1: the locality of a trained model's,
-# bench/inject.py), what is live at the peak of `torch.compile(compiled)`'s forward (134 KB more per token than
-# eager at every length), decode on the H100 (item 6: last measured on an H200, 2026-11-30) and the extend grid's
-# full sample on a GPU (never run there). Rename to <date>_<letter>.sh once run.
+# For the next device session (one call, <= 600 s), left by the third session of 2026-12-05: the end-to-end forward
+# with the sparse layers on tile-correlated selections (issue 22 item 1: the locality of a trained model's,
+# bench/inject.py), what is live at the peak of `torch.compile(compiled)`'s forward (134 KB more per token than eager
+# at every length), decode on the H100 (item 6: last measured on an H200, 2026-11-30) and the extend grid's full
+# sample on a GPU (never run there). Ran as the fourth session's first device call (18:45-18:51 UTC, 361 s); results
+# bench/results/h100_2026-12-05h_*.
 BUDGET_S=${BUDGET_S:-560}; . "$(dirname "$0")/steps.sh"; mkdir -p "$W"
 mkdir -p "$W/e2e_tile"
 TAIL=30 step bench_e2e_best_tile 230 python -m bench.bench_e2e --sections best --seqlens 32k,128k --selections tile --budget-s 200 --out "$W/e2e_tile"

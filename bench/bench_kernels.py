@@ -2,7 +2,7 @@
 
     python -m bench.bench_kernels [--quick] [--ops full,sparse,decode,stack] [--shapes 32/8/128]
         [--seqlens 8192,32768] [--long] [--backends triton,flex] [--no-bwd] [--no-check] [--budget-s 480] [--smoke]
-        [--orders auto,token,block]
+        [--orders auto,token,block] [--recompute]
 
 Records device, versions, date and copy bandwidth; then, bf16, B = 1, causal, block 64, topk 1024, window 128:
 - prefill rows, forward and forward+backward: SDPA cuDNN, SDPA flash, Flex causal (all GQA); our full layer
@@ -11,6 +11,8 @@ Records device, versions, date and copy bandwidth; then, bf16, B = 1, causal, bl
   selected-attention kernel (G >= 16 only) on the same selections; the Triton sparse layer once per loop order in
   --orders (`sparse[triton]/<sel>` = the default "auto" dispatch, `sparse[triton:token]/<sel>` and
   `sparse[triton:block]/<sel>` forced token-major / K/V-block-major; docs/kernels_sparse.md);
+- with --recompute, the sparse layer's fwd+bwd once more as the model runs it by default (`fwd+bwd+recompute`: the
+  forward keeps no branch outputs, the backward recomputes them; SPEC §6's fwd+bwd target counts it);
 - decode rows (B = 1 and 8, 32k and 128k caches): time, bytes that must be read, bandwidth vs copy bandwidth;
 - a 1:3 stack (Schedule.hybrid(36, 3)) prefill vs 36 x cuDNN at 32k.
 Each op is checked against the fp32 reference backend (chunked) before it is timed. Rows are ratios vs cuDNN of
@@ -60,6 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--decode-batches", default=None, help="default 1,8 (--smoke: 1,2)")
     p.add_argument("--decode-caches", default=None, help="default 32768,131072 (--quick: 32768)")
     p.add_argument("--no-bwd", action="store_true", help="forward rows only")
+    p.add_argument("--recompute", action="store_true",
+                   help="also time the sparse layer's fwd+bwd as the model runs it by default (mode "
+                        "fwd+bwd+recompute: the forward keeps no branch outputs, the backward recomputes them; "
+                        "ratios against cuDNN's fwd+bwd)")
     p.add_argument("--no-check", action="store_true", help="skip the fp32 reference checks")
     p.add_argument("--budget-s", type=float, default=480.0, help="stop timing new rows after this many seconds")
     p.add_argument("--trained", default=None,
@@ -339,23 +345,24 @@ def prefill_rows(args, Hq, Hkv, d, T, pass_no):
     shape, scale = f"{Hq}/{Hkv}/{d}", 1 / math.sqrt(d)
     sel = selections(args, sets[0], seed)
     sel_sets = {n: [idx] + [idx] for n, (idx, _) in sel.items()}  # same selection for both sets
-    modes = ["fwd"] if args.no_bwd else ["fwd", "fwd+bwd"]
+    modes = ["fwd"] if args.no_bwd else ["fwd", "fwd+bwd"] + (["fwd+bwd+recompute"] if args.recompute else [])
     ref_cache: dict = {}
     base = RESULTS.setdefault("base_ms", {})
     ours = [b for b in args.backends if (b == "flex") == (pass_no == 1)]
     for mode in modes:
-        bwd = mode == "fwd+bwd"
-        key = f"{shape}/{T}/{mode}"
+        bwd = mode.startswith("fwd+bwd")
+        recompute = mode == "fwd+bwd+recompute"  # sparse rows only, against the fwd+bwd baselines above
+        key = f"{shape}/{T}/{'fwd+bwd' if bwd else 'fwd'}"
         # baselines see the full layer's inputs, as fresh autograd leaves when timed with backward
         def dense_sets(bwd=bwd):
             leaves = lambda x: tuple(x[n].detach().requires_grad_(bwd) for n in ("q_full", "k_sh", "v_sh"))  # noqa
             return bl.Rotor([leaves(x) + (x["dout"],) for x in sets])
 
-        if pass_no == 1:
+        if pass_no == 1 and not recompute:
             frot = dense_sets()
             timed_row(args, base.get(key), lambda: bl.flex_causal_call(frot, bwd, scale), section="prefill",
                       shape=shape, T=T, op="flex_causal", mode=mode)
-        if pass_no == 0:
+        if pass_no == 0 and not recompute:
             names = ["sdpa_math"] if args.smoke else ["sdpa_cudnn", "sdpa_flash"]
             for name in names:
                 brot = dense_sets()
@@ -366,7 +373,7 @@ def prefill_rows(args, Hq, Hkv, d, T, pass_no):
                     base[key] = ms
         for b in ours:
             impl = backend(b)
-            if "full" in args.ops:
+            if "full" in args.ops and not recompute:
                 if isinstance(impl, Exception):
                     add_row(args, section="prefill", shape=shape, T=T, op=f"full[{b}]", mode=mode, ms=None,
                             error=_err(impl))
@@ -386,12 +393,12 @@ def prefill_rows(args, Hq, Hkv, d, T, pass_no):
                         note = (lambda idx=idx: auto_order(idx, Hq)) if b == "triton" and order == "auto" else None
                         timed_row(args, base.get(key),
                                   lambda okw=okw, sname=sname: sparse_call(impl, rotor, sel_sets[sname], args, bwd,
-                                                                           okw),
+                                                                           okw, recompute),
                                   (lambda okw=okw, idx=idx, sname=sname: check_sparse(impl, sets[0], idx, args,
                                                                                       ref_cache, sname, okw))
                                   if not bwd else None, note_fn=note,
                                   section="prefill", shape=shape, T=T, op=op, mode=mode, selection=how, order=order)
-        if pass_no == 0 and "sparse" in args.ops and Hq // Hkv >= 16:
+        if pass_no == 0 and "sparse" in args.ops and Hq // Hkv >= 16 and not recompute:
             why = bl.nsa_available()
             if why:
                 if mode == "fwd":
@@ -433,14 +440,19 @@ def full_call(impl, rotor, args, bwd):
     return fwd_bwd, None
 
 
-def sparse_call(impl, rotor, idx_sets, args, bwd, okw=None):
+def sparse_call(impl, rotor, idx_sets, args, bwd, okw=None, recompute=False):
+    """bwd: forward then backward; the forward keeps its branch outputs for the backward (save_branches=True), or,
+    with recompute, keeps nothing and the backward gets them empty, as `hysparse::sparse_attention`'s autograd
+    passes them by default (ops.py: neither `out` nor the branch outputs are saved; the backend recomputes)."""
     okw = okw or {}
 
     def fwd_bwd():
         i = rotor.i % len(rotor.sets)
         s = rotor.next()
         a = sparse_args(s, idx_sets[i], args)
-        out, lse, br = impl.sparse_attention_fwd(*a, bwd, **okw)
+        out, lse, br = impl.sparse_attention_fwd(*a, bwd and not recompute, **okw)
+        if recompute:
+            out, br = out.new_empty(0), out.new_empty(0)
         if bwd:
             impl.sparse_attention_bwd(s["dout"], *a[:9], out, lse, br, *a[9:], **okw)
 

@@ -42,3 +42,29 @@ def test_gpu_arguments_with_a_trained_file_parse(tmp_path):
     assert args.decode_batches == [1, 8] and args.stack_T == 32768 and args.base == "sdpa_cudnn"
     args = bench_kernels.parse_args(["--trained", str(tmp_path / "s.npz")])  # the flag adds the row
     assert args.selections[-1] == "trained"
+
+
+def test_recompute_mode_times_the_backward_as_the_model_runs_it():
+    """`--recompute`: the forward keeps no branch outputs and the backward gets `out` and them empty (what the
+    op's autograd passes by default); plain fwd+bwd keeps them (save_branches=True)."""
+    from types import SimpleNamespace
+
+    seen = []
+
+    class Impl:
+        def sparse_attention_fwd(self, *a, **kw):
+            seen.append(("fwd", a[13]))  # save_branches
+            return torch.ones(2), torch.ones(2), torch.ones(3) if a[13] else torch.empty(0)
+
+        def sparse_attention_bwd(self, dout, *a, **kw):
+            seen.append(("bwd", a[9].numel(), a[11].numel()))  # out, branch outputs
+
+    s = {n: torch.zeros(1, 2, 4, 8) for n in ("q", "k_own", "v_own", "k_sh", "v_sh", "gate_sp", "gate_swa", "dout")}
+    s["sinks"] = None
+    rotor = SimpleNamespace(sets=[s], i=0, next=lambda: s)
+    args = SimpleNamespace(block=16, window=16)
+    for recompute, want in ((False, [("fwd", True), ("bwd", 2, 3)]), (True, [("fwd", False), ("bwd", 0, 0)])):
+        seen.clear()
+        fn, _ = bench_kernels.sparse_call(Impl(), rotor, [None], args, True, recompute=recompute)
+        fn()
+        assert seen == want

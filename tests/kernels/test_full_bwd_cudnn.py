@@ -120,14 +120,36 @@ def test_engine_choice_and_errors(monkeypatch):
     assert engines.ENGINE == "auto"
 
 
+def test_a_cudnn_refusal_falls_back_to_triton_once_and_for_good(monkeypatch):
+    calls = []
+
+    def refuses(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("cuDNN Frontend error: no valid engine configs")
+
+    monkeypatch.setattr(engines, "cudnn_unsupported", lambda q, softcap: None)
+    monkeypatch.setattr(engines, "_aten_cudnn_backward", refuses)
+    monkeypatch.setattr(engines, "_FAILED", {})
+    xs, dout = leaves(1, 4, 2, 30, 16, False, True, torch.float32, seed=2)
+    ref = grads(xs, dout, "reference", torch.float64)
+    with pytest.warns(UserWarning, match="runs the Triton kernels"):
+        got = grads(xs, dout, "triton", torch.float32)
+    again = grads(xs, dout, "triton", torch.float32)
+    assert calls == [1]  # refused once, not asked again for this device, dtype and head dim
+    for a, b, c in zip(got, again, ref):
+        assert ((a.double() - c).norm() / c.norm()).item() < 1e-4 and torch.equal(a, b)
+    with engines.backward_engine("cudnn"), pytest.raises(RuntimeError, match="no valid engine configs"):
+        grads(xs, dout, "triton", torch.float32)  # forced: cuDNN's own error, no fallback
+
+
 def test_reasons_name_what_cudnn_lacks():
     q = torch.zeros(1, 2, 4, 16)
     assert "device" in engines.cudnn_unsupported(q, 0.0)
     if CUDA:
         qc = q.cuda()
         assert "dtype" in engines.cudnn_unsupported(qc, 0.0)
-        assert "softcap" in engines.cudnn_unsupported(qc.half(), 30.0)
-        assert "head_dim" in engines.cudnn_unsupported(torch.zeros(1, 2, 4, 256, device="cuda").half(), 0.0)
+        assert "softcap" in engines.cudnn_unsupported(torch.zeros(1, 2, 4, 64, device="cuda").half(), 30.0)
+        assert "head_dim" in engines.cudnn_unsupported(qc.half(), 0.0)
 
 
 @pytest.mark.skipif(not CUDA, reason="the real cuDNN needs CUDA")

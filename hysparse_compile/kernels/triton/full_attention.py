@@ -472,7 +472,9 @@ def full_attention_bwd(dout, q, k, v, out, lse, scale, *, sinks=None, softcap=0.
     "auto"), else from the Triton kernels below (contiguous outputs).
     """
     if bwd_cudnn.use_cudnn(q, softcap):
-        return bwd_cudnn.full_attention_bwd_cudnn(dout, q, k, v, out, lse, scale, sinks=sinks)
+        # should cuDNN refuse this configuration, the Triton kernels (the refusal is remembered: no second try)
+        fallback = lambda: full_attention_bwd(dout, q, k, v, out, lse, scale, sinks=sinks)  # noqa: E731
+        return bwd_cudnn.full_attention_bwd_auto(dout, q, k, v, out, lse, scale, sinks=sinks, triton_bwd=fallback)
     if INTERPRET and q.dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot is wrong: run fp32, cast back
         grads = full_attention_bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, scale,
                                    sinks=sinks, softcap=softcap)

@@ -11,9 +11,10 @@ summed over each group.
 Engines (`ENGINE`, forced with `backward_engine`): "auto" runs cuDNN where `cudnn_unsupported` finds no reason
 against it, and the Triton FA2 backward (`full_attention.full_attention_bwd`) otherwise and under
 `torch.use_deterministic_algorithms(True)` (cuDNN's backward is not deterministic; the Triton one is); "cudnn"
-raises where cuDNN cannot run; "triton" always runs the Triton kernels. cuDNN does not support soft-capping, fp32
-(our fp32 path computes without TF32) or head dims past 128 for the backward; on the H100 it is faster than the
-Triton backward at every size measured (docs/kernels_full.md, "Backward").
+raises where cuDNN cannot run; "triton" always runs the Triton kernels. cuDNN does not support soft-capping or fp32
+(our fp32 path computes without TF32); it is used at the head dims checked on a GPU (64, 128), and should it raise
+for a configuration under "auto", the Triton kernels take that (device, dtype, head dim) from then on. On the H100
+it is faster than the Triton backward at every size measured (docs/kernels_full.md, "Backward").
 
 Called from inside the custom op `hysparse::full_attention_backward`, so `torch.compile` and autograd see one opaque
 node as before; the aten op takes `None` for the tensors the dense (non-nested) path does not read.
@@ -21,11 +22,14 @@ node as before; the aten op takes `None` for the tensors the dense (non-nested) 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
 ENGINE = "auto"
 ENGINES = ("auto", "cudnn", "triton")
+CHECKED_HEAD_DIMS = (64, 128)  # checked against the reference on the H100 (bench/full_bwd_engines.py, 2026-12-05)
+_FAILED: dict = {}  # (device, dtype, head_dim) -> the error cuDNN raised under "auto": the Triton kernels run there
 _SEEDS: dict = {}  # per device: the (unused, dropout 0) philox seed and offset tensors the op's signature asks for
 
 
@@ -55,8 +59,9 @@ def cudnn_unsupported(q: torch.Tensor, softcap: float) -> str | None:
         return f"compute capability {torch.cuda.get_device_capability(q.device)} (cuDNN attention needs 8.0+)"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (cuDNN attention takes float16 and bfloat16)"
-    if q.shape[-1] % 8 or q.shape[-1] > 128:
-        return f"head_dim {q.shape[-1]} (cuDNN's backward takes multiples of 8 up to 128)"
+    if q.shape[-1] not in CHECKED_HEAD_DIMS:
+        return (f"head_dim {q.shape[-1]} (the cuDNN backward is used at the head dims checked on a GPU: "
+                f"{', '.join(map(str, CHECKED_HEAD_DIMS))})")
     if softcap:
         return f"softcap={softcap} (cuDNN attention has no soft-capping)"
     return None
@@ -66,10 +71,28 @@ def use_cudnn(q: torch.Tensor, softcap: float) -> bool:
     """Whether the backward runs on cuDNN under the current `ENGINE` (raises for "cudnn" where it cannot)."""
     if ENGINE == "triton" or (ENGINE == "auto" and torch.are_deterministic_algorithms_enabled()):
         return False  # cuDNN's backward is not deterministic; the Triton kernels are (no atomics)
-    reason = cudnn_unsupported(q, softcap)
+    reason = cudnn_unsupported(q, softcap) or (_FAILED.get(_key(q)) if ENGINE == "auto" else None)
     if ENGINE == "cudnn" and reason:
         raise ValueError(f"backward_engine('cudnn'): cannot run here: {reason}")
     return reason is None
+
+
+def _key(q):
+    return (q.device, q.dtype, q.shape[-1])
+
+
+def full_attention_bwd_auto(dout, q, k, v, out, lse, scale, *, sinks=None, triton_bwd):
+    """cuDNN's backward; under "auto", if cuDNN raises (a configuration this cuDNN build refuses), the Triton
+    backward `triton_bwd` instead, and from then on for this device, dtype and head dim (warned once)."""
+    try:
+        return full_attention_bwd_cudnn(dout, q, k, v, out, lse, scale, sinks=sinks)
+    except RuntimeError as e:
+        if ENGINE != "auto":
+            raise
+        _FAILED[_key(q)] = f"cuDNN raised {type(e).__name__}: {str(e)[:200]}"
+        warnings.warn(f"hysparse: cuDNN's attention backward failed ({_FAILED[_key(q)]}); the full layer's backward "
+                      f"runs the Triton kernels for {q.dtype}, head_dim {q.shape[-1]} on {q.device} from now on")
+        return triton_bwd()
 
 
 def _seeds(device):

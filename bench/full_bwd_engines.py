@@ -25,11 +25,9 @@ import hysparse_compile.functional as F
 from hysparse_compile.kernels.triton import full_attention_bwd_cudnn as engines
 from hysparse_compile.kernels.triton.full_attention import full_attention_bwd, full_attention_fwd
 
+from .baselines import sdpa
+from .bench_kernels import rel_err
 from .timer import time_ms
-
-
-def rel_l2(x, ref):
-    return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
 def make(B, Hq, Hkv, T, d, model_layout, gen, dev):
@@ -74,7 +72,7 @@ def check(shape, T, B, model_layout, sinks_on, gen, dev):
             out, _ = F.full_attention(*leaves[:3], block_size=64, topk=1024, backend="triton",
                                       **({"sinks": leaves[3]} if sinks_on else {}))
             out.backward(dout)
-        errs = {n: rel_l2(x.grad, r) for n, x, r in zip(("dq", "dk", "dv", "dsinks"), leaves, ref)}
+        errs = {n: rel_err(x.grad, r) for n, x, r in zip(("dq", "dk", "dv", "dsinks"), leaves, ref)}
         ok = all(e < 2e-2 for e in errs.values())
         rows.append(dict(shape=shape, T=T, B=B, model_layout=model_layout, sinks=sinks_on, engine=engine, ok=ok,
                          **errs))
@@ -98,16 +96,11 @@ def times(shape, T, dev, gen):
                 o, _ = F.full_attention(*g, block_size=64, topk=1024, backend="triton")
                 o.backward(dout)
             row[f"fwdbwd_{engine}_ms"] = time_ms(fb, dev, grad_to_none=g)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    cudnn = sdpa("cudnn")  # SDPA on cuDNN only, causal, GQA: the kernel bench's baseline
     g = [x.detach().requires_grad_() for x in (q, k, v)]
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        o = torch.nn.functional.scaled_dot_product_attention(*g, is_causal=True, enable_gqa=True)
-        row["sdpa_cudnn_bwd_ms"] = time_ms(lambda: torch.autograd.grad(o, g, dout, retain_graph=True), dev)
-
-        def sfb():
-            torch.nn.functional.scaled_dot_product_attention(*g, is_causal=True, enable_gqa=True).backward(dout)
-        row["sdpa_cudnn_fwdbwd_ms"] = time_ms(sfb, dev, grad_to_none=g)
+    o = cudnn(*g)
+    row["sdpa_cudnn_bwd_ms"] = time_ms(lambda: torch.autograd.grad(o, g, dout, retain_graph=True), dev)
+    row["sdpa_cudnn_fwdbwd_ms"] = time_ms(lambda: cudnn(*g).backward(dout), dev, grad_to_none=g)
     print(f"{shape:<9} T={T:<6} bwd: cudnn {row['bwd_cudnn_ms']:.3f} ms, triton {row['bwd_triton_ms']:.3f} ms, "
           f"SDPA cuDNN's own {row['sdpa_cudnn_bwd_ms']:.3f} ms | fwd+bwd: cudnn {row['fwdbwd_cudnn_ms']:.3f}, triton "
           f"{row['fwdbwd_triton_ms']:.3f}, SDPA cuDNN {row['sdpa_cudnn_fwdbwd_ms']:.3f} "

@@ -25,6 +25,8 @@ Launchers (`launch_forward`, `launch_block_scores`) are public: the eager functi
 `triton_op`s (export/aoti_triton.py) both call them, the latter with `wrap=torch.library.wrap_triton`.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -471,19 +473,22 @@ def full_attention_bwd(dout, q, k, v, out, lse, scale, *, sinks=None, softcap=0.
     gradients come from cuDNN's fused attention backward where it applies (`full_attention_bwd_cudnn`; engine
     "auto"), else from the Triton kernels below (contiguous outputs).
     """
-    if bwd_cudnn.use_cudnn(q, softcap):
-        # should cuDNN refuse this configuration, the Triton kernels (the refusal is remembered: no second try)
-        fallback = lambda: full_attention_bwd(dout, q, k, v, out, lse, scale, sinks=sinks)  # noqa: E731
-        return bwd_cudnn.full_attention_bwd_auto(dout, q, k, v, out, lse, scale, sinks=sinks, triton_bwd=fallback)
+    if sinks is not None:  # the probabilities' denominator includes the sink: both engines take it folded in
+        lse = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+    triton_bwd = functools.partial(_triton_bwd, dout, q, k, v, out, lse, scale, softcap)
+    if bwd_cudnn.use_cudnn(q, softcap):  # should cuDNN refuse this configuration: the Triton kernels (remembered)
+        return bwd_cudnn.full_attention_bwd_auto(dout, q, k, v, out, lse, scale, triton_bwd=triton_bwd)
+    return triton_bwd()
+
+
+def _triton_bwd(dout, q, k, v, out, lse, scale, softcap):
+    """The FA2 kernels; `lse` is the log-sum-exp of each row's whole denominator (sinks folded in)."""
     if INTERPRET and q.dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot is wrong: run fp32, cast back
-        grads = full_attention_bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, scale,
-                                   sinks=sinks, softcap=softcap)
+        grads = _triton_bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, scale, softcap)
         return tuple(g.to(q.dtype) for g in grads)
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     q, k, v, dout, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout, out))
-    if sinks is not None:  # the probabilities' denominator includes the sink
-        lse = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
     lse = lse.contiguous()
     delta = _bwd_delta(dout, out)  # [B, Hq, T] fp32, without fp32 copies of dout and out
     dq = torch.empty(B, Hq, T, d, dtype=q.dtype, device=q.device)

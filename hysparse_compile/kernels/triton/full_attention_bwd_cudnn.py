@@ -3,10 +3,10 @@
 The full layer's output is plain causal attention (the selection is not differentiated), so its gradients are
 SDPA's. cuDNN's SDPA backward needs only what this project's forward already keeps: `out` and the row log-sum-exp
 (natural log, `[B, Hq, T]`, the keys' own). With sinks, the sink joins each row's denominator, so cuDNN is given
-`logaddexp(lse, sink)` and computes the keys' probabilities and `delta = rowsum(dO * O)` exactly as the sink-inclusive
-softmax has them (a sink carries no value, so `dP_sink = 0` and the usual `dS = P * (dP - delta)` holds); the sinks'
-own gradient is the op's (`ops.sink_gradient`). GQA: cuDNN takes K/V with their own head count and returns dK/dV
-summed over each group.
+`logaddexp(lse, sink)` (folded in by `full_attention.full_attention_bwd` for both engines) and computes the keys'
+probabilities and `delta = rowsum(dO * O)` exactly as the sink-inclusive softmax has them (a sink carries no value,
+so `dP_sink = 0` and the usual `dS = P * (dP - delta)` holds); the sinks' own gradient is the op's
+(`ops.sink_gradient`). GQA: cuDNN takes K/V with their own head count and returns dK/dV summed over each group.
 
 Engines (`ENGINE`, forced with `backward_engine`): "auto" runs cuDNN where `cudnn_unsupported` finds no reason
 against it, and the Triton FA2 backward (`full_attention.full_attention_bwd`) otherwise and under
@@ -81,11 +81,11 @@ def _key(q):
     return (q.device, q.dtype, q.shape[-1])
 
 
-def full_attention_bwd_auto(dout, q, k, v, out, lse, scale, *, sinks=None, triton_bwd):
+def full_attention_bwd_auto(dout, q, k, v, out, lse, scale, *, triton_bwd):
     """cuDNN's backward; under "auto", if cuDNN raises (a configuration this cuDNN build refuses), the Triton
     backward `triton_bwd` instead, and from then on for this device, dtype and head dim (warned once)."""
     try:
-        return full_attention_bwd_cudnn(dout, q, k, v, out, lse, scale, sinks=sinks)
+        return full_attention_bwd_cudnn(dout, q, k, v, out, lse, scale)
     except RuntimeError as e:
         if ENGINE != "auto":
             raise
@@ -102,11 +102,10 @@ def _seeds(device):
     return _SEEDS[device]
 
 
-def full_attention_bwd_cudnn(dout, q, k, v, out, lse, scale, *, sinks=None):
+def full_attention_bwd_cudnn(dout, q, k, v, out, lse, scale):
     """dq, dk, dv of causal attention through cuDNN. dout/q/out [B, Hq, T, d], k/v [B, Hkv, T, d] (any strides
-    with unit last stride), lse float32 [B, Hq, T] (natural log, the keys' own), sinks [Hq] or None."""
-    if sinks is not None:
-        lse = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+    with unit last stride), lse float32 [B, Hq, T]: natural log of each row's whole denominator (with sinks,
+    `logaddexp(keys' lse, sink)`, which `full_attention.full_attention_bwd` folds in)."""
     stats = lse.float().contiguous().unsqueeze(-1)  # [B, Hq, T, 1], the layout cuDNN's forward writes its stats in
     q, k, v, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out))
     if dout.stride() != out.stride():  # cuDNN reads dO in O's layout

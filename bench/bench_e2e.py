@@ -806,7 +806,17 @@ def main(argv=None) -> int:
                     help="what the compiled model's sparse layers attend to: model (its full layers' own selections; "
                          "with random weights they are random-like), tile or random (drawn, bench/inject.py), or a "
                          "selections.npz of the paper miniature")
+    ap.add_argument("--full-fwd", default=None, metavar="VARIANT",
+                    help="run the full layers' forward as this variant of bench/full_fwd_variants.py (its tiles, "
+                         "tensor-descriptor loads, accumulate form) instead of the kernel's FWD_CONFIG")
     args = ap.parse_args(argv)
+    if args.full_fwd is not None:
+        from hysparse_compile.kernels.triton import full_attention as fa
+
+        from .full_fwd_variants import VARIANTS
+        if args.full_fwd not in VARIANTS:
+            ap.error(f"--full-fwd {args.full_fwd!r}: choose from {', '.join(VARIANTS)}")
+        fa.FWD_CONFIG.update(VARIANTS[args.full_fwd])
     if args.selections not in KINDS and not os.path.isfile(args.selections):
         ap.error(f"--selections {args.selections!r}: choose from {KINDS} or give a selections.npz that exists")
     b = Bench(args)
@@ -845,6 +855,7 @@ def main(argv=None) -> int:
     b.meta["save_branches"] = args.save_branches
     b.meta["selections"] = args.selections
     b.meta["gate"] = args.gate
+    b.meta["full_fwd"] = args.full_fwd
     model, compiled, compile_s = build(b.smoke, b.device, b.dtype, b.backend, args.save_branches, args.gate)
     b.meta["hs_compile_s"] = compile_s
     b.log(f"built and compiled ({compiled.schedule.pattern}) in {compile_s:.1f}s")

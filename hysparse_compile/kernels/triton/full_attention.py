@@ -26,6 +26,7 @@ Launchers (`launch_forward`, `launch_block_scores`) are public: the eager functi
 """
 
 import functools
+import warnings
 
 import torch
 import triton
@@ -35,9 +36,17 @@ from . import full_attention_bwd_cudnn as bwd_cudnn
 from .common import INTERPRET, LN2_C, LOG2E, LOG2E_C, direct, soft_cap, soft_cap_with_slope, softcap2
 from .select_blocks import launch_merge_heads
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton without host-side tensor descriptors: the pointer loads only
+    TensorDescriptor = None
+
 
 # Tuned on H100 (bench/tune_full_attention.py); the interpreter uses the smallest legal tiles.
-FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+# "tma": K/V through tensor descriptors (Hopper bulk copies), "acc_dot": P @ V accumulates into the rescaled acc;
+# both off until timed on the GPU (bench/full_fwd_variants.py).
+FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "tma": False, "acc_dot": False}
+TMA_FAILED: dict = {}  # (device, dtype, head_dim) -> why the descriptor kernel failed there: pointer loads run
 BWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}  # dk/dv; dq uses the transpose
 
 
@@ -96,11 +105,16 @@ def _insert_block(top_v, top_i, m_blk, blk):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, start_n, offs_m, offs_n, offs_d, skt, svt, T, qk_scale, cap2,
-              DIAG: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
-              SELECT: tl.constexpr, SOFTCAP: tl.constexpr):
+def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, b, g, start_n, offs_m, offs_n, offs_d, skt, svt, T, qk_scale,
+              cap2, DIAG: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+              SELECT: tl.constexpr, SOFTCAP: tl.constexpr, TMA: tl.constexpr, ACC_DOT: tl.constexpr):
     kn = start_n + offs_n
-    if DIAG:
+    if TMA:  # K, V: [B, Hkv, S, d] tensor descriptors; rows past S arrive as zeros
+        k = K.load([b.to(tl.int32), g.to(tl.int32), start_n, 0]).reshape(BLOCK_N, offs_d.shape[0])
+        v = V.load([b.to(tl.int32), g.to(tl.int32), start_n, 0]).reshape(BLOCK_N, offs_d.shape[0])
+        if DIAG:  # an extend cache's rows T..S-1 are unwritten (any bits): 0 * NaN would reach acc
+            v = tl.where(kn[:, None] < T, v, 0.0)
+    elif DIAG:
         k = tl.load(K + kn[:, None] * skt + offs_d[None, :], mask=kn[:, None] < T, other=0.0)
         v = tl.load(V + kn[:, None] * svt + offs_d[None, :], mask=kn[:, None] < T, other=0.0)
     else:
@@ -134,7 +148,12 @@ def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, start_n, offs_m, offs_n, off
     p = tl.math.exp2(qk * qk_scale - m_safe[:, None])  # one FMA per logit
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
+    if ACC_DOT:  # the product accumulates into the rescaled acc (one MMA chain, as FlashAttention-3 writes it)
+        if IEEE:
+            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    elif IEEE:
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -148,10 +167,13 @@ def _fwd_kernel(
     T, Hq, G, qk_scale, cap2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     NSEL: tl.constexpr, NSEL_P2: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_START: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_START: tl.constexpr, TMA: tl.constexpr = False,
+    ACC_DOT: tl.constexpr = False,
 ):
     """T query rows per (b, h). Prefill (HAS_START False): row t at position t, keys 0..T-1. Extend (HAS_START):
-    row r at position Start[b] + r, keys 0..Start[b] + T - 1 of the cache; outputs indexed by row."""
+    row r at position Start[b] + r, keys 0..Start[b] + T - 1 of the cache; outputs indexed by row.
+    TMA: K and V are tensor descriptors over [B, Hkv, S, d] with block [1, 1, BLOCK_N, d] (Hopper's bulk copies;
+    their strides are then unused); ACC_DOT: the P @ V product accumulates into the rescaled accumulator."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # a traced caller (AOTInductor, wrap_triton) passes Python floats as fp64
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query tiles first
     bh = tl.program_id(1)
@@ -162,8 +184,12 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
-    Kb = K + b * skb + g * skh
-    Vb = V + b * svb + g * svh
+    if TMA:
+        Kb = K
+        Vb = V
+    else:
+        Kb = K + b * skb + g * skh
+        Vb = V + b * svb + g * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -182,13 +208,13 @@ def _fwd_kernel(
         lo = start_m * BLOCK_M
         hi = tl.minimum(lo + BLOCK_M, T)
     for start_n in range(0, lo, BLOCK_N):  # strictly below the diagonal: no masks
-        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, start_n, pos_m, offs_n,
-                                                offs_d, skt, svt, n_keys, qk_scale, cap2, False, BLOCK_N, BS, IEEE,
-                                                SELECT, SOFTCAP)
+        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, start_n, pos_m,
+                                                offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, False, BLOCK_N, BS,
+                                                IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
     for start_n in range(lo, hi, BLOCK_N):  # diagonal tiles: causal + bounds masks
-        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, start_n, pos_m, offs_n,
-                                                offs_d, skt, svt, n_keys, qk_scale, cap2, True, BLOCK_N, BS, IEEE,
-                                                SELECT, SOFTCAP)
+        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, start_n, pos_m,
+                                                offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, True, BLOCK_N, BS,
+                                                IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     if HAS_SINKS:  # the sink's exp joins the denominator (rows past T have m = -inf: never stored)
         l_den = l_i + tl.math.exp2(tl.load(Sinks + h).to(tl.float32) * LOG2E_C - m_i)
@@ -310,16 +336,52 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=di
     cand_i = torch.empty((B, Hq, T, nsel_p2), dtype=torch.int32, device=q.device)
     cfg = cfg or forward_config(block_size, d)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
-    wrap(_fwd_kernel)[grid](
-        q, k, v, out, lse, cand_s, cand_i, sinks if sinks is not None else lse, start if start is not None else lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        T, Hq, Hq // Hkv, scale * LOG2E, softcap2(softcap),
-        HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BS=block_size, NSEL=nsel, NSEL_P2=nsel_p2,
-        IEEE=q.dtype == torch.float32, SELECT=topk >= block_size, SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
-        HAS_START=start is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+
+    def launch(tma):
+        kd, vd = (k, v)
+        if tma:
+            kd, vd = (TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, cfg["BLOCK_N"], d]) for x in (k, v))
+        wrap(_fwd_kernel)[grid](
+            q, kd, vd, out, lse, cand_s, cand_i, sinks if sinks is not None else lse,
+            start if start is not None else lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            T, Hq, Hq // Hkv, scale * LOG2E, softcap2(softcap),
+            HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BS=block_size, NSEL=nsel, NSEL_P2=nsel_p2,
+            IEEE=q.dtype == torch.float32, SELECT=topk >= block_size, SOFTCAP=bool(softcap),
+            HAS_SINKS=sinks is not None, HAS_START=start is not None, TMA=tma, ACC_DOT=bool(cfg.get("acc_dot")),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+    key = (str(q.device), q.dtype, d)
+    if cfg.get("tma") and wrap is direct and key not in TMA_FAILED and tma_ok(k, v):
+        try:
+            launch(True)
+            return out, lse, cand_s, cand_i
+        except Exception as e:  # noqa: BLE001 - a Triton that cannot build the descriptor kernel: pointer loads
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            TMA_FAILED[key] = f"{type(e).__name__}: {str(e)[:200]}"
+            warnings.warn(f"hysparse: the full layer's tensor-descriptor forward failed ({TMA_FAILED[key]}); it "
+                          f"uses pointer loads on {key} from now on", RuntimeWarning, stacklevel=2)
+    launch(False)
     return out, lse, cand_s, cand_i
+
+
+def tma_ok(*xs):
+    """Whether tensor descriptors can address these [B, H, S, d] tensors: Hopper or later (or the interpreter), unit
+    last stride, a 16-byte-aligned base and 16-byte multiples for the other strides (the bulk-copy unit)."""
+    if TensorDescriptor is None:
+        return False
+    for x in xs:
+        if not INTERPRET and (x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 9):
+            return False
+        es = x.element_size()
+        if x.stride(-1) != 1 or x.data_ptr() % 16:
+            return False
+        if any((st * es) % 16 or (st == 0 and n > 1) for st, n in zip(x.stride()[:-1], x.shape[:-1])):
+            return False
+    return True
 
 
 def launch_block_scores(q, k, lse, sinks, block_size, scale, softcap=0.0, wrap=direct):

@@ -1,0 +1,152 @@
+"""The full layer's forward with K/V through tensor descriptors (`tma`) and the accumulate-form P @ V (`acc_dot`).
+
+Both are options of `full_attention.FWD_CONFIG` (off until timed on a GPU: bench/full_fwd_variants.py). Each
+variant must give the pointer kernel's result: against the float64 reference (out, lse, block scores, selection) at
+odd sizes, GQA groups 1/4/16, batch 2, sinks, softcap, the model's transposed layout, and the extend launch (cache
+rows past the filled length hold garbage). Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (the interpreter
+implements tensor descriptors, zero-filling rows past the tensor as the bulk copy does).
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from hysparse_compile.kernels import reference  # noqa: E402
+from hysparse_compile.kernels.triton import full_attention as fa  # noqa: E402
+from hysparse_compile.kernels.triton.full_attention_extend import full_attention_extend  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+VARIANTS = {"tma+acc_dot": dict(tma=True, acc_dot=True), "tma": dict(tma=True), "acc_dot": dict(acc_dot=True)}
+if fa.TensorDescriptor is None:  # a Triton without host-side descriptors: only the accumulate form can run
+    VARIANTS = {"acc_dot": dict(acc_dot=True)}
+
+
+def use_config(monkeypatch, block_n=32, **opts):
+    """Tiles with BLOCK_N = 32 over 16-key blocks (the sub-block path GPUs run), plus the variant's options; on a
+    GPU the tuned tiles with the options. No remembered descriptor failure: a variant that fails must fail here."""
+    monkeypatch.setattr(fa, "TMA_FAILED", {})
+    if fa.INTERPRET:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
+        monkeypatch.setattr(fa, "INTERPRET_FWD_CONFIG", {**cfg, **opts})
+    else:
+        monkeypatch.setattr(fa, "FWD_CONFIG", {**fa.FWD_CONFIG, **opts})
+
+
+def qkv(B, Hq, Hkv, T, d, dtype, seed, transposed=False):
+    g = torch.Generator().manual_seed(seed)
+    if transposed:  # the model's layout: [B, T, H, d] memory viewed as [B, H, T, d]
+        return tuple(torch.randn(B, T, h, d, generator=g).to(DEV, dtype).transpose(1, 2) for h in (Hq, Hkv, Hkv))
+    return tuple(torch.randn(B, h, T, d, generator=g).to(DEV, dtype) for h in (Hq, Hkv, Hkv))
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def run(q, k, v, bs, topk, scale, **kw):
+    return fa.full_attention_fwd(q, k, v, bs, topk, scale, True, **kw)
+
+
+CASES = {  # name: (B, Hq, Hkv, T, d, block, topk, options)
+    "g4_T37": (2, 4, 1, 37, 16, 16, 32, {}),
+    "g1_T50_sinks": (1, 2, 2, 50, 16, 16, 48, {"sinks": True}),
+    "g16_T21_softcap": (1, 16, 1, 21, 32, 16, 32, {"softcap": 5.0}),
+    "g4_T70_transposed": (2, 8, 2, 70, 16, 16, 48, {"transposed": True}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_variant_matches_reference_and_pointer_kernel(monkeypatch, variant, case):
+    B, Hq, Hkv, T, d, bs, topk, opt = CASES[case]
+    q, k, v = qkv(B, Hq, Hkv, T, d, torch.float32, seed=len(case), transposed=opt.get("transposed", False))
+    kw = {}
+    if opt.get("sinks"):
+        kw["sinks"] = torch.randn(Hq, generator=torch.Generator().manual_seed(3)).to(DEV)
+    if opt.get("softcap"):
+        kw["softcap"] = opt["softcap"]
+    scale = d ** -0.5
+    use_config(monkeypatch)
+    base = run(q, k, v, bs, topk, scale, **kw)
+    use_config(monkeypatch, **VARIANTS[variant])
+    got = run(q, k, v, bs, topk, scale, **kw)
+    ref = reference.full_attention_fwd(q.double(), k.double(), v.double(), bs, topk, scale, True,
+                                       **{n: (x.double() if torch.is_tensor(x) else x) for n, x in kw.items()})
+    out, idx, lse, scores = got
+    assert not fa.TMA_FAILED, fa.TMA_FAILED
+    assert rel(out, ref[0]) < 2e-5 and (lse.double() - ref[2]).abs().max() < 1e-4
+    assert torch.allclose(scores.double(), ref[3].double(), rtol=1e-5, atol=1e-7)
+    assert torch.equal(idx, ref[1].to(idx.dtype))
+    assert torch.equal(idx, base[1]) and rel(out, base[0]) < 1e-6 and (lse - base[2]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_variant_matches_pointer_kernel(monkeypatch, dtype):
+    q, k, v = qkv(1, 8, 2, 45, 32, dtype, seed=9)
+    use_config(monkeypatch)
+    base = run(q, k, v, 16, 32, 0.2)
+    use_config(monkeypatch, tma=fa.TensorDescriptor is not None, acc_dot=True)
+    out, idx, lse, _ = run(q, k, v, 16, 32, 0.2)
+    assert not fa.TMA_FAILED, fa.TMA_FAILED
+    ref = reference.full_attention_fwd(q.double(), k.double(), v.double(), 16, 32, 0.2, False)
+    assert out.dtype == dtype and rel(out, ref[0]) < (2e-3 if dtype == torch.float16 else 1e-2)
+    assert rel(out, base[0]) < (1e-3 if dtype == torch.float16 else 8e-3)
+    assert (idx == base[1]).float().mean() > 0.98
+
+
+@pytest.mark.skipif(fa.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
+def test_extend_through_descriptors_ignores_the_cache_past_the_filled_rows(monkeypatch):
+    """Cache rows past start[b] + R hold garbage (inf keys, NaN values): the descriptor loads read whole BLOCK_N
+    tiles, so the kernel, not the load, must keep them out (the reference sees the clean cache)."""
+    B, Hq, Hkv, S, d, R = 2, 4, 1, 64, 16, 9
+    q, kc, vc = qkv(B, Hq, Hkv, S, d, torch.float32, seed=4)
+    q = q[:, :, :R].contiguous()
+    start = torch.tensor([20, 41], dtype=torch.int32, device=DEV)
+    r_out, r_idx = reference.full_attention_extend(q.double(), kc.double(), vc.double(), start, 16, 32, 0.25)
+    for b, s in enumerate(start.tolist()):
+        kc[b, :, s + R:] = float("inf")
+        vc[b, :, s + R:] = float("nan")
+    use_config(monkeypatch, tma=True, acc_dot=True)
+    out, idx = full_attention_extend(q, kc, vc, start, 16, 32, 0.25)
+    assert not fa.TMA_FAILED, fa.TMA_FAILED
+    assert torch.isfinite(out).all() and rel(out, r_out) < 2e-5
+    assert torch.equal(idx, r_idx.to(idx.dtype))
+
+
+@pytest.mark.skipif(fa.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
+def test_descriptor_failure_falls_back_to_pointer_loads_once(monkeypatch):
+    def refuse(*a, **k):
+        raise ValueError("no bulk copies here")
+
+    q, k, v = qkv(1, 4, 1, 30, 16, torch.float32, seed=2)
+    use_config(monkeypatch)
+    base = run(q, k, v, 16, 32, 0.25)
+    monkeypatch.setattr(fa, "TMA_FAILED", {})
+    monkeypatch.setattr(fa, "TensorDescriptor", refuse)
+    use_config(monkeypatch, tma=True)
+    with pytest.warns(RuntimeWarning, match="tensor-descriptor forward failed"):
+        got = run(q, k, v, 16, 32, 0.25)
+    assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1])
+    assert list(fa.TMA_FAILED.values()) == ["ValueError: no bulk copies here"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second warning, no second try
+        assert torch.equal(run(q, k, v, 16, 32, 0.25)[0], base[0])
+
+
+def test_descriptors_only_where_the_bulk_copy_can_address_the_tensor():
+    x = torch.randn(2, 3, 40, 16, device=DEV, dtype=torch.float16)
+    wide = torch.randn(2, 3, 40, 20, device=DEV, dtype=torch.float16)[..., :16]  # rows 40 bytes apart
+    expanded = torch.randn(1, 3, 40, 16, device=DEV, dtype=torch.float16).expand(2, -1, -1, -1)
+    if fa.TensorDescriptor is None or not (fa.INTERPRET or torch.cuda.get_device_capability()[0] >= 9):
+        assert not fa.tma_ok(x)
+        return
+    assert fa.tma_ok(x) and fa.tma_ok(x.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not fa.tma_ok(wide) and not fa.tma_ok(expanded) and not fa.tma_ok(x, wide)
+    flat = torch.randn(x.numel() + 8, device=DEV, dtype=torch.float16)
+    assert fa.tma_ok(flat[8:].view(2, 3, 40, 16)) and not fa.tma_ok(flat[1:1 + x.numel()].view(2, 3, 40, 16))

@@ -4,7 +4,8 @@ and spills as compiled on this GPU).
     python -m bench.profile_sparse --shape 32/8/128 --seqlen 32768 --selection random --orders block,token
     python -m bench.profile_sparse --orders block --variants '[{}, {"block_major": {"tok": 32}}, {"num_warps": 4}]'
 
-`--variants`: a JSON list of keyword sets for `sparse_attention_fwd` (its tuning knobs), each profiled per order.
+`--variants`: a JSON list of keyword sets for `sparse_attention_fwd` (its tuning knobs), each profiled per order;
+each variant's output is compared with the first one's (relative L2; "DISAGREES" past 1e-2).
 """
 from __future__ import annotations
 
@@ -61,11 +62,16 @@ def main() -> None:
     a = (s["q"], s["k_own"], s["v_own"], s["k_sh"], s["v_sh"], idx, s["gate_sp"], s["gate_swa"], s["sinks"], 64, 128,
          1 / math.sqrt(d), False, False)
     print(f"# {torch.cuda.get_device_name()} {args.shape} T={args.seqlen} {args.selection}")
+    first = None
     for order in args.orders.split(","):
         for kw in json.loads(args.variants):
+            out = sparse_attention_fwd(*a, order=order, **kw)[0].float()
+            first = out if first is None else first
+            agree = ((out - first).norm() / first.norm()).item()  # every variant computes the same layer
             rows = kernel_times(lambda: sparse_attention_fwd(*a, order=order, **kw), width=70)
             total = sum(t for _, t, _ in rows)
-            print(f"\n## order={order} {json.dumps(kw)}: {total:.3f} ms of kernels per call")
+            print(f"\n## order={order} {json.dumps(kw)}: {total:.3f} ms of kernels per call; out vs the first "
+                  f"variant's: relative L2 {agree:.2e}{'' if agree < 1e-2 else ' DISAGREES'}")
             print("| kernel | ms/call | launches/call |\n|---|---|---|")
             for n, t, c in rows[:args.top]:
                 print(f"| {n} | {t:.4f} | {c} |")

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# For a device session (one call, <= 600 s), left by the fifth session of 2026-12-05 (no GPU lent): the full layer's
-# forward variants (K/V through tensor descriptors, the accumulate-form P @ V, tiles), checked against the reference
-# and timed against SDPA cuDNN at 8k / 32k; then the 8-layer model's forward against the original at its best with
-# the fastest checked variant (bench_e2e --full-fwd). Set FWD_CONFIG to the winner only if the model's rows move.
-# Rename to <date>_<letter>.sh once run.
+# For a device session (one call, <= 600 s), left by the fifth session of 2026-12-05 (no GPU lent), beside
+# pending.sh: (1) the full layer's forward variants (K/V through tensor descriptors, the accumulate-form P @ V,
+# tiles), checked against the reference and timed against SDPA cuDNN at 8k / 32k; (2) the block-major sparse forward
+# with the fused combine (the last kernel folds the partials; SWA as the last split) against the separate combine
+# kernel, per kernel, both shapes, with their outputs compared; (3) the 8-layer model's forward against the original
+# at its best with the fastest checked full-forward variant (bench_e2e --full-fwd). Defaults change only where the
+# model's rows move. Rename to <date>_<letter>.sh once run.
 BUDGET_S=${BUDGET_S:-570}; . "$(dirname "$0")/steps.sh"; mkdir -p "$W"
 mkdir -p "$W/ffv" "$W/e2e_full_fwd"
-TAIL=45 step full_fwd_variants 260 python -m bench.full_fwd_variants --set-default --out "$W/ffv"
+TAIL=45 step full_fwd_variants 240 python -m bench.full_fwd_variants --set-default --out "$W/ffv"
+V='[{}, {"block_major": {"combine": "fused"}}]'
+TAIL=30 step profile_combine_32_8 50 python -m bench.profile_sparse --shape 32/8/128 --seqlen 32768 --orders block --variants "$V"
+TAIL=30 step profile_combine_64_4 50 python -m bench.profile_sparse --shape 64/4/128 --seqlen 32768 --orders block --variants "$V"
 best=$(python -c "import json; print(json.load(open('$W/ffv/full_fwd_variants.json'))['fastest']['variant'])" 2>/dev/null)
-echo "fastest variant: ${best:-none}"
-[ -n "$best" ] && [ "$best" != ptr_64x64_w4_s3 ] && TAIL=25 step bench_e2e_full_fwd 290 python -m bench.bench_e2e --sections best --seqlens 8k,32k --calls 5 --budget-s 260 --full-fwd "$best" --out "$W/e2e_full_fwd"
+echo "fastest full-forward variant: ${best:-none}"
+[ -n "$best" ] && [ "$best" != ptr_64x64_w4_s3 ] && TAIL=25 step bench_e2e_full_fwd 200 python -m bench.bench_e2e --sections best --seqlens 8k,32k --calls 5 --budget-s 180 --full-fwd "$best" --out "$W/e2e_full_fwd"
 tar -C "$OUT" -czf "$OUT/session.tar.gz" s

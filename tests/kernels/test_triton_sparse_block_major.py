@@ -60,35 +60,61 @@ def check_forward(x, window, **kw):
     return out, lse, br
 
 
+@pytest.mark.parametrize("combine", ["separate", "fused"])
 @pytest.mark.parametrize("B,Hq,Hkv,T,d,nsel,gates,sinks,window", [
     (2, 2, 2, 45, 16, 3, None, True, 20),  # G = 1, batch 2, T not a multiple of the block
     (2, 8, 2, 77, 32, 4, "channel", True, 24),  # G = 4, strided per-channel gates
     (2, 8, 1, 45, 16, 2, "head", False, 0),  # G = 8, per-head gates, no SWA branch
     (2, 16, 1, 45, 16, 3, "head", True, 100),  # G = 16, T < window
 ])
-def test_block_major_forward_matches_float64_reference(gen, B, Hq, Hkv, T, d, nsel, gates, sinks, window):
+def test_block_major_forward_matches_float64_reference(gen, B, Hq, Hkv, T, d, nsel, gates, sinks, window, combine):
+    """Both combines: the combine kernel then the last kernel, or the last kernel folding the partials itself."""
     x = make_case(gen, B, Hq, Hkv, T, d, nsel, gates, sinks)
-    out, lse, _ = check_forward(x, window)
+    out, lse, _ = check_forward(x, window, block_major=dict(combine=combine))
     if window == 0:
         assert torch.isinf(lse[..., 1]).all()
     t_out, t_lse, _ = tsa.sparse_attention_fwd(*x.values(), BS, window, d ** -0.5, False, False, order="token")
     assert rel(out, t_out) < TOL and (lse - t_lse).nan_to_num(0.0).abs().max() < TOL
 
 
-def test_block_major_chunks_and_knobs(gen):
+@pytest.mark.parametrize("combine", ["separate", "fused"])
+def test_block_major_chunks_and_knobs(gen, combine):
     """Tiny partial budget (the sequence runs in many token chunks), odd chunk/tok knobs, padded slots (T < topk)."""
     x = make_case(gen, 2, 12, 4, 45, 16, 5, "channel")  # G = 3: rows are not a power of two
-    check_forward(x, 9, block_major=dict(max_partial_bytes=4000, chunk=5, tok=3, num_warps=2, num_stages=1))
+    check_forward(x, 9, block_major=dict(max_partial_bytes=4000, chunk=5, tok=3, num_warps=2, num_stages=1,
+                                         combine=combine))
 
 
-def test_rows_without_any_selection(gen):
+@pytest.mark.parametrize("combine", ["separate", "fused"])
+def test_rows_without_any_selection(gen, combine):
     """Rows whose selection is all -1 (or only out-of-range blocks): the sparse branch is empty (lse -inf, output 0)
     in both orders, and the SWA branch still works."""
     x = make_case(gen, 1, 4, 1, 45, 16, 2, "head")
     x["indices"][:, :, 5:9] = -1
     x["indices"][:, :, 30, 1] = 99  # past the last block: ignored, as the reference does
-    out, lse, _ = check_forward(x, 12)
+    out, lse, _ = check_forward(x, 12, block_major=dict(combine=combine))
     assert torch.isinf(lse[:, :, 5:9, 0]).all()
+
+
+def test_fused_combine_drops_unwritten_slots_whatever_their_bits(gen, monkeypatch):
+    """The partial buffers come from torch.empty: a slot no block filled keeps whatever bits were there (NaN here)
+    and only its -inf log-sum-exp marks it; the fused combine must select it away, not multiply it by 0."""
+    real_empty = torch.empty
+
+    def nan_empty(*a, **k):
+        return real_empty(*a, **k).fill_(float("nan"))
+
+    x = make_case(gen, 2, 8, 2, 45, 16, 5, "channel")  # 5 slots, T < 5 blocks for early rows: padded slots
+    monkeypatch.setattr(tsa.torch, "empty", nan_empty)
+    out, _, _ = check_forward(x, 9, block_major=dict(combine="fused"))
+    assert torch.isfinite(out).all()
+
+
+def test_unknown_combine_is_named():
+    x = make_case(torch.Generator().manual_seed(0), 1, 4, 1, 20, 16, 2)
+    with pytest.raises(AssertionError, match="combine='merged'"):
+        tsa.sparse_attention_fwd(*x.values(), BS, 8, 0.25, False, False, order="block",
+                                 block_major=dict(combine="merged"))
 
 
 def test_token_lists_invert_the_selection(gen):

@@ -236,11 +236,17 @@ def _sparse_fwd_partials_kernel(
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NSEL_P2: tl.constexpr, HAS_SWA: tl.constexpr, HAS_SINKS: tl.constexpr,
     GS_MODE: tl.constexpr, GW_MODE: tl.constexpr, SAVE: tl.constexpr, SOFTCAP: tl.constexpr,
+    COMBINE: tl.constexpr = False,
 ):
     """Block-major path, last pass: the tile's rows take their combined sparse partial (`block_major.py`: slot 0 of
     the partial buffers after `combine_partials`) as the sparse branch's (m, l, acc) state, then run the SWA branch
     and the epilogue of `_sparse_fwd_kernel`. Tiles of the token chunk `T_BEGIN .. T_BEGIN + TC - 1` (TC a multiple of
-    M_TOK except at the sequence end); the partial buffers hold that chunk only."""
+    M_TOK except at the sequence end); the partial buffers hold that chunk only.
+
+    COMBINE: no separate combine pass; the tile folds its rows' NSEL partials itself (FlashAttention-3's split
+    combine: every slot's log2-sum-exp first, their max, then the partial outputs streamed, weighted
+    2^(lse_s - max)), so the SWA branch is the last split of the same softmax state and the gates and sinks follow
+    in the epilogue. Saves the combine's write of slot 0, this kernel's read of it and a launch."""
     tile = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // HKV
@@ -257,9 +263,25 @@ def _sparse_fwd_partials_kernel(
     # ---- sparse branch from the combined partial (slot 0, `block_major.combine_partials`): normalized output o
     # and its log2-sum-exp lse, i.e. the state m = lse, l = 1, acc = o (m = -inf, l = 0 when no key was visible)
     prow = ((bg.to(tl.int64) * TC + (tpos - T_BEGIN)) * NSEL) * G + hh  # [BLOCK_M] slot 0 of each row
-    m_s = tl.load(LP + prow, mask=row_ok, other=float("-inf"))
-    l_s = tl.where(m_s == float("-inf"), 0.0, 1.0)
-    acc_s = tl.load(OP + prow[:, None] * D + dd[None, :], mask=(row_ok & (l_s > 0))[:, None], other=0.0).to(tl.float32)
+    if COMBINE:  # (m, l, acc) = (max_s lse_s, sum_s w_s, sum_s w_s o_s), w_s = 2^(lse_s - m): the online state
+        m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for sl in range(0, NSEL):
+            m_s = tl.maximum(m_s, tl.load(LP + prow + sl * G, mask=row_ok, other=float("-inf")))
+        m_safe = tl.where(m_s == float("-inf"), 0.0, m_s)
+        l_s = tl.zeros([BLOCK_M], tl.float32)
+        acc_s = tl.zeros([BLOCK_M, D], tl.float32)
+        for sl in range(0, NSEL):
+            w = tl.exp2(tl.load(LP + prow + sl * G, mask=row_ok, other=float("-inf")) - m_safe)  # 0: empty slot
+            # an empty slot's output was never written (any bits): loaded anyway, dropped by a select
+            o = tl.load(OP + (prow + sl * G)[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0,
+                        eviction_policy="evict_first")
+            l_s += w
+            acc_s += tl.where((w > 0)[:, None], w[:, None] * o.to(tl.float32), 0.0)
+    else:
+        m_s = tl.load(LP + prow, mask=row_ok, other=float("-inf"))
+        l_s = tl.where(m_s == float("-inf"), 0.0, 1.0)
+        acc_s = tl.load(OP + prow[:, None] * D + dd[None, :], mask=(row_ok & (l_s > 0))[:, None],
+                        other=0.0).to(tl.float32)
 
     q = tl.zeros([BLOCK_M, D], Q.dtype.element_ty)
     if HAS_SWA:
@@ -301,6 +323,8 @@ AUTO_UNION_RATIO = 4.0  # "auto": block-major when the mean tile union exceeds t
 AUTO_MIN_T = 16384  # "auto": token-major below this length (H200, 32/8/128 random: block 0.4x vs token 0.6x cuDNN at
 #                     8k, 1.6x vs 1.1x at 32k; the crossover estimate is ~16k)
 MAX_PARTIAL_BYTES = 1 << 30  # block-major: partial buffers per token chunk (the sequence is cut to fit)
+BLOCK_COMBINE = "separate"  # block-major: the combine kernel then the last kernel ("fused": the last kernel folds
+#                             the partials itself; not yet timed on a GPU, bench/profile_sparse.py --variants)
 
 
 @contextlib.contextmanager
@@ -355,7 +379,9 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
     `choose_order` on the token-major union sizes (one host sync); token-major when `m_tok` or `pair` is given
     (they tune that kernel). `merge=True` always runs token-major.
     `block_major`: dict of knobs of the block-major pass: tok (tokens per step, ~64 rows), chunk (entries per
-    program), num_warps, num_stages (see `block_major.default_config`), max_partial_bytes (default 1 GiB).
+    program), num_warps, num_stages (see `block_major.default_config`), max_partial_bytes (default 1 GiB), combine
+    ("separate": the combine kernel, then the last kernel reads slot 0; "fused": the last kernel folds every slot
+    itself; default BLOCK_COMBINE).
     softcap: 0.0 (off) or c > 0, both branches' logits -> c * tanh(logits / c).
     """
     B, Hq, T, D = q.shape
@@ -442,6 +468,8 @@ def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, 
     nsel = indices.shape[-1]
     knobs = dict(knobs)
     max_bytes = knobs.pop("max_partial_bytes", None)
+    combine = knobs.pop("combine", BLOCK_COMBINE)
+    assert combine in ("separate", "fused"), f"block_major combine={combine!r}: 'separate' or 'fused'"
     # last kernel: launch_config's warps (4 at 64 x 128), 2 stages (H100, 32/8/128 random, 32k: 0.75 ms against 1.25
     # with 8 warps; 3 stages spill at 4 warps)
     m_tok, block_m, num_warps, num_stages = launch_config(G, D, block_size, m_tok, num_warps, num_stages or 2)
@@ -454,14 +482,15 @@ def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, 
         lp.fill_(float("-inf"))  # slots that selected no block keep -inf (the combine drops them)
         idx = indices[:, :, t_begin:t_begin + n]
         block_partials(q, k_shared, v_shared, idx, block_size, scale2, t_begin, op, lp, softcap=softcap, **knobs)
-        combine_partials(op, lp, B * Hkv * n)  # the chunk's rows are packed at the buffers' start
+        if combine == "separate":
+            combine_partials(op, lp, B * Hkv * n)  # the chunk's rows are packed at the buffers' start
         _sparse_fwd_partials_kernel[(triton.cdiv(n, m_tok), B * Hkv)](
             q, k_own, v_own, op, lp, indices, *common,
             *q.stride()[:3], *k_own.stride()[:3], *v_own.stride()[:3], *indices.stride()[:3],
             *gate_strides(gate_sparse), *gate_strides(gate_swa),
             T, t_begin, n, Hkv, nsel, scale2, softcap2(softcap), window,
             G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
-            num_warps=num_warps, num_stages=num_stages, **epi_meta,
+            COMBINE=combine == "fused", num_warps=num_warps, num_stages=num_stages, **epi_meta,
         )
 
 

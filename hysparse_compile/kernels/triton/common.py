@@ -6,10 +6,18 @@ softcap)`, Gemma 2) is a constexpr branch (`SOFTCAP`): a kernel launched without
 it had before the option existed. In log2 units the cap is `softcap2 = softcap * LOG2E`:
 `LOG2E * softcap * tanh(x / softcap) = softcap2 * tanh(LOG2E * x / softcap2)`.
 """
+import warnings
+
+import torch
 import triton
 import triton.language as tl
 
 from ..interpret import triton_interpret
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # a Triton without host-side tensor descriptors: pointer loads only
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634  # logits are scaled by scale * LOG2E so that exp2 gives exp
 LN2 = 0.6931471805599453
@@ -51,3 +59,36 @@ def soft_cap_with_slope(s, cap2):
     of the capped logits by the slope."""
     t = tanh(s / cap2)
     return cap2 * t, 1.0 - t * t
+
+
+def tma_ok(*xs):
+    """Whether tensor descriptors (Hopper's bulk copies) can address these tensors: a Triton that has them, a CUDA
+    device of compute capability 9 or more (or the interpreter), unit last stride, a 16-byte-aligned base, 16-byte
+    multiples for the other strides and no broadcast (stride 0) dimension."""
+    if TensorDescriptor is None:
+        return False
+    for x in xs:
+        if not INTERPRET and (x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 9):
+            return False
+        es = x.element_size()
+        if x.stride(-1) != 1 or x.data_ptr() % 16:
+            return False
+        if any((st * es) % 16 or (st == 0 and n > 1) for st, n in zip(x.stride()[:-1], x.shape[:-1])):
+            return False
+    return True
+
+
+def with_descriptors(failed, key, what, launch):
+    """`launch(True)` (the kernel with tensor-descriptor loads) unless it failed before for `key`; if it raises (out
+    of memory excepted), the reason is kept in `failed[key]`, a warning says so once, and `launch(False)` (pointer
+    loads) runs, now and from then on for that key."""
+    if key not in failed:
+        try:
+            return launch(True)
+        except Exception as e:  # noqa: BLE001 - a Triton or driver that cannot build the descriptor kernel
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            failed[key] = f"{type(e).__name__}: {str(e)[:200]}"
+            warnings.warn(f"hysparse: {what} with tensor descriptors failed ({failed[key]}); it uses pointer loads "
+                          f"on {key} from now on", RuntimeWarning, stacklevel=3)
+    return launch(False)

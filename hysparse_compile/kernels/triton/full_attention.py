@@ -26,20 +26,15 @@ Launchers (`launch_forward`, `launch_block_scores`) are public: the eager functi
 """
 
 import functools
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
 from . import full_attention_bwd_cudnn as bwd_cudnn
-from .common import INTERPRET, LN2_C, LOG2E, LOG2E_C, direct, soft_cap, soft_cap_with_slope, softcap2
+from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, TensorDescriptor, direct, soft_cap, soft_cap_with_slope,
+                     softcap2, tma_ok, with_descriptors)
 from .select_blocks import launch_merge_heads
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # Triton without host-side tensor descriptors: the pointer loads only
-    TensorDescriptor = None
 
 
 # Tuned on H100 (bench/tune_full_attention.py); the interpreter uses the smallest legal tiles.
@@ -353,35 +348,13 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=di
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
-    key = (str(q.device), q.dtype, d)
-    if cfg.get("tma") and wrap is direct and key not in TMA_FAILED and tma_ok(k, v):
-        try:
-            launch(True)
-            return out, lse, cand_s, cand_i
-        except Exception as e:  # noqa: BLE001 - a Triton that cannot build the descriptor kernel: pointer loads
-            if isinstance(e, torch.OutOfMemoryError):
-                raise
-            TMA_FAILED[key] = f"{type(e).__name__}: {str(e)[:200]}"
-            warnings.warn(f"hysparse: the full layer's tensor-descriptor forward failed ({TMA_FAILED[key]}); it "
-                          f"uses pointer loads on {key} from now on", RuntimeWarning, stacklevel=2)
-    launch(False)
+    if cfg.get("tma") and wrap is direct and tma_ok(k, v):
+        with_descriptors(TMA_FAILED, (str(q.device), q.dtype, d), "the full layer's forward", launch)
+    else:
+        launch(False)
     return out, lse, cand_s, cand_i
 
 
-def tma_ok(*xs):
-    """Whether tensor descriptors can address these [B, H, S, d] tensors: Hopper or later (or the interpreter), unit
-    last stride, a 16-byte-aligned base and 16-byte multiples for the other strides (the bulk-copy unit)."""
-    if TensorDescriptor is None:
-        return False
-    for x in xs:
-        if not INTERPRET and (x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 9):
-            return False
-        es = x.element_size()
-        if x.stride(-1) != 1 or x.data_ptr() % 16:
-            return False
-        if any((st * es) % 16 or (st == 0 and n > 1) for st, n in zip(x.stride()[:-1], x.shape[:-1])):
-            return False
-    return True
 
 
 def launch_block_scores(q, k, lse, sinks, block_size, scale, softcap=0.0, wrap=direct):

@@ -22,7 +22,8 @@ import triton.language as tl
 
 from .block_major import block_partials, combine_partials
 from .block_union import choose_tokens_per_tile, tile_block_union, tokens_per_tile
-from .common import INTERPRET, LN2_C, LOG2E, LOG2E_C, direct, soft_cap, softcap2
+from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, TensorDescriptor, direct, soft_cap, softcap2, tma_ok,
+                     with_descriptors)
 from .online_softmax import normalize_with_sink, online_softmax_step
 
 
@@ -58,6 +59,16 @@ def kv_block(k_base, v_base, j, skt, svt, T, BLOCK_N: tl.constexpr, D: tl.conste
 
 
 @triton.jit
+def kv_block_desc(KD, VD, b, g, j, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Key block j of KV head (b, g) through tensor descriptors over [B, Hkv, T, d] (Hopper bulk copies): positions
+    [BLOCK_N] and k, v [BLOCK_N, D]; rows past T arrive as zeros, as `kv_block`'s masked loads give them."""
+    kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = KD.load([b, g, j * BLOCK_N, 0]).reshape(BLOCK_N, D)  # b, g, j: int32 (the descriptor's offsets)
+    v = VD.load([b, g, j * BLOCK_N, 0]).reshape(BLOCK_N, D)
+    return kpos, k, v
+
+
+@triton.jit
 def window_blocks(t0, T, window, M_TOK: tl.constexpr, BLOCK_N: tl.constexpr):
     """First and last own-K/V block that the SWA windows of tokens t0 .. t0 + M_TOK - 1 reach."""
     return tl.maximum(t0 - window + 1, 0) // BLOCK_N, tl.minimum(t0 + M_TOK - 1, T - 1) // BLOCK_N
@@ -82,13 +93,18 @@ def gate_offsets(b, heads, tpos, sgb, sgh, sgt, sgd, MODE: tl.constexpr, D: tl.c
 
 @triton.jit
 def union_walk(q, m_s, l_s, acc_s, UNION, BITS, u_base, n_union, ks_base, vs_base, skst, svst, n_keys, row_tok,
-               row_ok, qpos, qk_scale2, cap2, BLOCK_N: tl.constexpr, D: tl.constexpr, SOFTCAP: tl.constexpr):
+               row_ok, qpos, qk_scale2, cap2, b, g, BLOCK_N: tl.constexpr, D: tl.constexpr, SOFTCAP: tl.constexpr,
+               TMA: tl.constexpr):
     """Sparse branch of a token tile, one union block per step: block j = UNION[u_base + u] of the shared K/V
     (keys < n_keys), kept for the rows whose token's bit is set in BITS[u_base + u] and whose position `qpos` is at or
-    after the key. Folds each step into the online-softmax state (m_s, l_s, acc_s) and returns it."""
+    after the key. Folds each step into the online-softmax state (m_s, l_s, acc_s) and returns it. TMA: ks_base and
+    vs_base are tensor descriptors over the whole [B, Hkv, T, d] K/V (of exactly n_keys rows), read at head (b, g)."""
     for u in range(0, n_union):
         j = tl.load(UNION + u_base + u)
-        kpos, k, v = kv_block(ks_base, vs_base, j, skst, svst, n_keys, BLOCK_N, D)
+        if TMA:
+            kpos, k, v = kv_block_desc(ks_base, vs_base, b, g, j, BLOCK_N, D)
+        else:
+            kpos, k, v = kv_block(ks_base, vs_base, j, skst, svst, n_keys, BLOCK_N, D)
         bits = tl.load(BITS + u_base + u)
         s = soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP)  # [BLOCK_M, BLOCK_N], log2 domain
         ok = (row_member(bits, row_tok) & row_ok)[:, None] & (kpos[None, :] <= qpos[:, None])
@@ -101,8 +117,10 @@ def union_walk(q, m_s, l_s, acc_s, UNION, BITS, u_base, n_union, ks_base, vs_bas
 def _swa_branch(q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok,
                 skob, skoh, skot, svob, svoh, svot, sib, sih, sit, T, NSEL, qk_scale2, cap2, window,
                 M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, SOFTCAP: tl.constexpr):
+                NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, SOFTCAP: tl.constexpr,
+                TMA: tl.constexpr):
     """SWA branch (own K/V, positions t-window+1..t) of a tile; merged into the sparse softmax state when MERGE.
+    TMA: KO and VO are tensor descriptors over the whole [B, Hkv, T, d] own K/V.
 
     Returns the sparse state (changed only when MERGE) and the SWA branch's (m_w, l_w, acc_w)."""
     m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -111,11 +129,15 @@ def _swa_branch(q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok,
     if HAS_SWA:
         if MERGE:
             sel = row_selection(IDX, b, g, tpos, row_ok, sib, sih, sit, NSEL, NSEL_P2)
-        ko_base = KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh
-        vo_base = VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh
+        if not TMA:
+            ko_base = KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh
+            vo_base = VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh
         lo, hi = window_blocks(t0, T, window, M_TOK, BLOCK_N)
         for j in range(lo, hi + 1):
-            kpos, k, v = kv_block(ko_base, vo_base, j, skot, svot, T, BLOCK_N, D)
+            if TMA:
+                kpos, k, v = kv_block_desc(KO, VO, b, g, j, BLOCK_N, D)
+            else:
+                kpos, k, v = kv_block(ko_base, vo_base, j, skot, svot, T, BLOCK_N, D)
             s = soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP)
             ok = in_window(kpos, tpos, row_ok, window)
             if MERGE:
@@ -171,7 +193,10 @@ def _sparse_fwd_kernel(
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_SINKS: tl.constexpr,
     GS_MODE: tl.constexpr, GW_MODE: tl.constexpr, SAVE: tl.constexpr, PAIR: tl.constexpr, SOFTCAP: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
+    """Token-major sparse layer forward (module docstring). TMA (never with PAIR): KS, VS, KO, VO are tensor
+    descriptors over [B, Hkv, T, d] with block [1, 1, BLOCK_N, d]; their strides are then unused."""
     qk_scale2 = tl.cast(qk_scale2, tl.float32)  # a traced caller (AOTInductor, wrap_triton) passes floats as fp64
     tile = tl.program_id(0)
     bg = tl.program_id(1)
@@ -194,8 +219,12 @@ def _sparse_fwd_kernel(
     acc_s = tl.zeros([BLOCK_M, D], tl.float32)
     u_base = b.to(tl.int64) * sub + g.to(tl.int64) * suh + tile.to(tl.int64) * sut
     n_union = tl.load(COUNT + (b * HKV + g) * tl.cdiv(T, M_TOK) + tile)
-    ks_base = KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh
-    vs_base = VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh
+    if TMA:
+        ks_base = KS
+        vs_base = VS
+    else:
+        ks_base = KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh
+        vs_base = VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh
     if PAIR:  # two union blocks per step: [BLOCK_M, 2 * BLOCK_N] scores, half the softmax rescales per key
         cols2 = tl.arange(0, 2 * BLOCK_N)
         hi_half = cols2 >= BLOCK_N
@@ -218,11 +247,11 @@ def _sparse_fwd_kernel(
             m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
     else:
         m_s, l_s, acc_s = union_walk(q, m_s, l_s, acc_s, UNION, BITS, u_base, n_union, ks_base, vs_base, skst, svst,
-                                     T, row_tok, row_ok, tpos, qk_scale2, cap2, BLOCK_N, D, SOFTCAP)
+                                     T, row_tok, row_ok, tpos, qk_scale2, cap2, b, g, BLOCK_N, D, SOFTCAP, TMA)
 
     m_s, l_s, acc_s, m_w, l_w, acc_w = _swa_branch(
         q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
-        T, NSEL, qk_scale2, cap2, window, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, MERGE, HAS_SWA, SOFTCAP)
+        T, NSEL, qk_scale2, cap2, window, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, MERGE, HAS_SWA, SOFTCAP, TMA)
     _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, heads, tpos, row_ok,
               sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, T, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE, SAVE)
 
@@ -289,7 +318,7 @@ def _sparse_fwd_partials_kernel(
         q = tl.load(Q + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
     m_s, l_s, acc_s, m_w, l_w, acc_w = _swa_branch(
         q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
-        T, NSEL, qk_scale2, cap2, window, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, False, HAS_SWA, SOFTCAP)
+        T, NSEL, qk_scale2, cap2, window, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, False, HAS_SWA, SOFTCAP, False)
     _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, heads, tpos, row_ok,
               sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, T, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE, SAVE)
 
@@ -322,6 +351,8 @@ DEFAULT_ORDER = "auto"  # what `sparse_attention_fwd(order=None)` (and so the op
 AUTO_UNION_RATIO = 4.0  # "auto": block-major when the mean tile union exceeds this many times nsel
 AUTO_MIN_T = 16384  # "auto": token-major below this length (H200, 32/8/128 random: block 0.4x vs token 0.6x cuDNN at
 #                     8k, 1.6x vs 1.1x at 32k; the crossover estimate is ~16k)
+TOKEN_TMA = False  # token-major: K/V blocks through tensor descriptors (not yet timed on a GPU; the `tma` knob)
+TMA_FAILED: dict = {}  # (device, dtype, head_dim) -> why the descriptor kernel failed there: pointer loads run
 MAX_PARTIAL_BYTES = 1 << 30  # block-major: partial buffers per token chunk (the sequence is cut to fit)
 BLOCK_COMBINE = "separate"  # block-major: the combine kernel then the last kernel ("fused": the last kernel folds
 #                             the partials itself; not yet timed on a GPU, bench/profile_sparse.py --variants)
@@ -359,7 +390,7 @@ def choose_order(count, nsel, T, G=None):
 
 def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
                          block_size, window, scale, merge, save_branches, m_tok=None, num_warps=None,
-                         num_stages=None, pair=False, order=None, block_major=None, *, softcap=0.0):
+                         num_stages=None, pair=False, order=None, block_major=None, *, softcap=0.0, tma=None):
     """Fused sparse layer forward.
 
     q [B, Hq, T, d]; k_own, v_own, k_shared, v_shared [B, Hkv, T, d]; indices int32 [B, Hkv, T, nsel] (ascending,
@@ -382,7 +413,8 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
     program), num_warps, num_stages (see `block_major.default_config`), max_partial_bytes (default 1 GiB), combine
     ("separate": the combine kernel, then the last kernel reads slot 0; "fused": the last kernel folds every slot
     itself; default BLOCK_COMBINE).
-    softcap: 0.0 (off) or c > 0, both branches' logits -> c * tanh(logits / c).
+    softcap: 0.0 (off) or c > 0, both branches' logits -> c * tanh(logits / c). `tma` (None = TOKEN_TMA): the
+    token-major kernel reads K/V blocks through tensor descriptors (Hopper bulk copies).
     """
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]
@@ -421,32 +453,45 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
                          num_stages, block_major or {})
         return out, lse, branch_out
     launch_forward(q, k_own, v_own, k_shared, v_shared, indices, (union, bits, count), gate_sparse, gate_swa, common,
-                   epi_meta, block_size, window, scale, softcap, merge, m_tok, num_warps, num_stages, pair)
+                   epi_meta, block_size, window, scale, softcap, merge, m_tok, num_warps, num_stages, pair,
+                   tma=TOKEN_TMA if tma is None else tma)
     return out, lse, branch_out
 
 
 def launch_forward(q, k_own, v_own, k_shared, v_shared, indices, work, gate_sparse, gate_swa, outputs, meta,
                    block_size, window, scale, softcap, merge, m_tok, num_warps=None, num_stages=None, pair=False,
-                   wrap=direct):
+                   wrap=direct, tma=False):
     """Launch the token-major kernel. q, K/V, gates with unit last stride; work = (union, bits, count) of
     `block_union.launch_tile_union` for `m_tok` tokens per tile; outputs = (gate_sparse, gate_swa, sinks, out, lse,
     branch_out), each a tensor (a stand-in where absent, never read); meta = HAS_SWA, HAS_SINKS, GS_MODE, GW_MODE,
-    SAVE, SOFTCAP. `wrap`: how the kernel is launched (`torch.library.wrap_triton` inside a `triton_op`)."""
+    SAVE, SOFTCAP. `wrap`: how the kernel is launched (`torch.library.wrap_triton` inside a `triton_op`). `tma`: K/V
+    blocks through tensor descriptors where they can address the tensors (not with `pair` or a `wrap`; a failure to
+    build falls back to pointer loads, remembered in TMA_FAILED)."""
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]
     G = Hq // Hkv
     nsel = indices.shape[-1]
     union, bits, count = work
     m_tok, block_m, num_warps, num_stages = launch_config(G, D, block_size, m_tok, num_warps, num_stages)
-    wrap(_sparse_fwd_kernel)[(triton.cdiv(T, m_tok), B * Hkv)](
-        q, k_shared, v_shared, k_own, v_own, union, bits, count, indices, *outputs,
-        *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3], *k_own.stride()[:3], *v_own.stride()[:3],
-        *union.stride()[:3], *indices.stride()[:3],
-        *gate_strides(gate_sparse), *gate_strides(gate_swa),
-        T, Hkv, nsel, scale * LOG2E, softcap2(softcap), window,
-        G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
-        MERGE=bool(merge), PAIR=bool(pair), num_warps=num_warps, num_stages=num_stages, **meta,
-    )
+
+    def launch(use_tma):
+        kv = (k_shared, v_shared, k_own, v_own)
+        if use_tma:
+            kv = tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_size, D]) for x in kv)
+        wrap(_sparse_fwd_kernel)[(triton.cdiv(T, m_tok), B * Hkv)](
+            q, *kv, union, bits, count, indices, *outputs,
+            *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3], *k_own.stride()[:3],
+            *v_own.stride()[:3], *union.stride()[:3], *indices.stride()[:3],
+            *gate_strides(gate_sparse), *gate_strides(gate_swa),
+            T, Hkv, nsel, scale * LOG2E, softcap2(softcap), window,
+            G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
+            MERGE=bool(merge), PAIR=bool(pair), TMA=use_tma, num_warps=num_warps, num_stages=num_stages, **meta,
+        )
+
+    if tma and not pair and wrap is direct and tma_ok(k_shared, v_shared, k_own, v_own):
+        with_descriptors(TMA_FAILED, (str(q.device), q.dtype, D), "the sparse layer's token-major forward", launch)
+    else:
+        launch(False)
 
 
 def partial_chunk_tokens(B, Hq, T, D, nsel, elt, m_tok, max_partial_bytes=None):

@@ -13,7 +13,9 @@ reports that as `fell_back` and does not time it as TMA.
    whose selection equals the reference's and the default variant's; plus, per variant, the model's transposed
    layout with sinks at batch 2 and an odd length (T + 37) against the default variant.
 2. Times (`do_bench` medians, batch 1) at `--seqlens`: each variant with selection (top-k 1024, block 64) and
-   without (the flash pass alone, first shape), beside SDPA cuDNN (causal, GQA) on the same inputs.
+   without (the flash pass alone, first shape), beside SDPA cuDNN (causal, GQA) on the same inputs, laid out as
+   `--layout` says: `model` (default; q/k/v as `[B, T, H, d]` seen as `[B, H, T, d]`, what both the compiled and the
+   original HF models pass) or `bhtd` (contiguous, as the kernel tables before 2026-12-05 were timed).
 `--set-default` ends by printing the fastest checked variant's config (what FWD_CONFIG should become).
 `--dry-run`: tiny shapes on the CPU under TRITON_INTERPRET=1 (checks the script, times nothing worth reading).
 """
@@ -41,6 +43,9 @@ VARIANTS = {
     "tma_acc_64x64_w4_s4": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4, tma=True, acc_dot=True),
     "tma_acc_128x64_w8_s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True, acc_dot=True),
     "tma_acc_128x128_w8_s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, tma=True, acc_dot=True),
+    # 2-D descriptors (the model's [B, T, Hkv, d] layout seen as [B * T, Hkv * d]; contiguous K/V as [B*Hkv*T, d])
+    "tma2d_acc_64x64_w4_s3": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, tma="2d", acc_dot=True),
+    "tma2d_acc_128x64_w8_s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma="2d", acc_dot=True),
 }
 DEFAULT = "ptr_64x64_w4_s3"
 
@@ -90,17 +95,17 @@ def check(shape, T, variants, gen, dev, dtype, block, topk):
     return rows
 
 
-def times(shape, T, variants, gen, dev, dtype, nosel, cudnn):
+def times(shape, T, variants, gen, dev, dtype, nosel, cudnn, layout, block=BS, topk=TOPK):
     Hq, Hkv, d = map(int, shape.split("/"))
-    q, k, v = inputs(1, Hq, Hkv, T, d, gen, dev, dtype)
-    row = dict(shape=shape, T=T)
+    q, k, v = inputs(1, Hq, Hkv, T, d, gen, dev, dtype, model_layout=layout == "model")
+    row = dict(shape=shape, T=T, layout=layout)
     if cudnn is not None:
         row["sdpa_cudnn_ms"] = time_ms(lambda: cudnn(q, k, v), dev)
     for name, cfg in variants.items():
         fa.TMA_FAILED.clear()
-        row[f"{name}_sel_ms"] = time_ms(lambda: forward(q, k, v, cfg), dev)
+        row[f"{name}_sel_ms"] = time_ms(lambda: forward(q, k, v, cfg, topk, block=block), dev)
         if nosel:
-            row[f"{name}_nosel_ms"] = time_ms(lambda: forward(q, k, v, cfg, topk=0), dev)
+            row[f"{name}_nosel_ms"] = time_ms(lambda: forward(q, k, v, cfg, topk=0, block=block), dev)
         if fa.TMA_FAILED:
             row[f"{name}_fell_back"] = True
         base = row.get("sdpa_cudnn_ms")
@@ -120,6 +125,7 @@ def main(argv=None):
     ap.add_argument("--seqlens", default="8192,32768")
     ap.add_argument("--check-seqlen", type=int, default=4096)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--layout", default="model", choices=("model", "bhtd"))
     ap.add_argument("--set-default", action="store_true")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
@@ -151,12 +157,11 @@ def main(argv=None):
     passed = [n for n in names if all(c["ok"] for c in result["checks"] if c["variant"] == n)]
     print(f"checks: {sum(c['ok'] for c in result['checks'])} / {len(result['checks'])} ok; timing {passed}",
           flush=True)
-    if not a.dry_run:
-        for T in seqlens:
-            for i, shape in enumerate(shapes):
-                result["times"].append(times(shape, T, {n: variants[n] for n in passed}, gen, dev, dtype,
-                                             nosel=i == 0, cudnn=cudnn))
-    if a.set_default and result["times"]:
+    for T in seqlens:  # the dry run too: its rows check the timing path, not the kernels' speed
+        for i, shape in enumerate(shapes):
+            result["times"].append(times(shape, T, {n: variants[n] for n in passed}, gen, dev, dtype,
+                                         nosel=i == 0, cudnn=cudnn, layout=a.layout, block=block, topk=topk))
+    if a.set_default and any("sdpa_cudnn_ms" in r for r in result["times"]):
         total = {n: sum(r[f"{n}_sel_ms"] / r["sdpa_cudnn_ms"] for r in result["times"] if f"{n}_sel_ms" in r)
                  for n in passed}
         best = min(total, key=total.get)

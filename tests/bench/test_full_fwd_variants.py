@@ -26,11 +26,14 @@ def run(tmp_path, *args):
 @pytest.mark.skipif(fa.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
 def test_dry_run_checks_each_variant_against_reference_and_default(tmp_path):
     before = json.dumps(ffv.VARIANTS, sort_keys=True)
-    rc, res = run(tmp_path, "--variants", "tma_acc_128x64_w8_s3")
+    rc, res = run(tmp_path, "--variants", "tma_acc_128x64_w8_s3", "--set-default")
     assert rc == 0 and [c["variant"] for c in res["checks"]] == [ffv.DEFAULT, "tma_acc_128x64_w8_s3"]
     for c in res["checks"]:
         assert c["ok"] and c["out_rel"] < 1e-5 and c["idx_rows_as_reference"] == 1.0 and c["fell_back"] is None
     assert res["variants"]["tma_acc_128x64_w8_s3"]["BLOCK_M"] == 32  # shrunk for the interpreter, in the run only
+    row = res["times"][0]
+    assert row["layout"] == "model" and all(row[f"{n}_{w}_ms"] > 0 for n in res["variants"] for w in ("sel", "nosel"))
+    assert "fastest" not in res  # no cuDNN row on the CPU: nothing to rank against
     assert json.dumps(ffv.VARIANTS, sort_keys=True) == before
 
 

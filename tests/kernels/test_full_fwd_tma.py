@@ -22,7 +22,8 @@ from hysparse_compile.kernels.triton import full_attention as fa  # noqa: E402
 from hysparse_compile.kernels.triton.full_attention_extend import full_attention_extend  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-VARIANTS = {"tma+acc_dot": dict(tma=True, acc_dot=True), "tma": dict(tma=True), "acc_dot": dict(acc_dot=True)}
+VARIANTS = {"tma+acc_dot": dict(tma=True, acc_dot=True), "tma": dict(tma=True), "acc_dot": dict(acc_dot=True),
+            "tma2d+acc_dot": dict(tma="2d", acc_dot=True)}  # 2-D: contiguous K/V (mode 2), the model's layout (3)
 if fa.TensorDescriptor is None:  # a Triton without host-side descriptors: only the accumulate form can run
     VARIANTS = {"acc_dot": dict(acc_dot=True)}
 
@@ -112,11 +113,12 @@ def test_extend_through_descriptors_ignores_the_cache_past_the_filled_rows(monke
     for b, s in enumerate(start.tolist()):
         kc[b, :, s + R:] = float("inf")
         vc[b, :, s + R:] = float("nan")
-    use_config(monkeypatch, tma=True, acc_dot=True)
-    out, idx = full_attention_extend(q, kc, vc, start, 16, 32, 0.25)
-    assert not fa.TMA_FAILED, fa.TMA_FAILED
-    assert torch.isfinite(out).all() and rel(out, r_out) < 2e-5
-    assert torch.equal(idx, r_idx.to(idx.dtype))
+    for tma in (True, "2d"):  # 2-D: a head's rows past start + R run on into its unwritten rows
+        use_config(monkeypatch, tma=tma, acc_dot=True)
+        out, idx = full_attention_extend(q, kc, vc, start, 16, 32, 0.25)
+        assert not fa.TMA_FAILED, fa.TMA_FAILED
+        assert torch.isfinite(out).all() and rel(out, r_out) < 2e-5
+        assert torch.equal(idx, r_idx.to(idx.dtype))
 
 
 @pytest.mark.skipif(fa.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
@@ -138,6 +140,17 @@ def test_descriptor_failure_falls_back_to_pointer_loads_once(monkeypatch):
         warnings.simplefilter("always")
         assert torch.equal(run(q, k, v, 16, 32, 0.25)[0], base[0])
     assert not [w for w in seen if "hysparse" in str(w.message)], "remembered: no second try, no second warning"
+
+
+def test_tma_modes_follow_the_layout():
+    k = torch.randn(2, 3, 40, 16, device=DEV, dtype=torch.float16)
+    km = torch.randn(2, 40, 3, 16, device=DEV, dtype=torch.float16).transpose(1, 2)  # the model's layout
+    if fa.TensorDescriptor is None or not fa.tma_ok(k):
+        assert fa.tma_mode("2d", k, k) == 0
+        return
+    assert fa.tma_mode(False, k, k) == 0 and fa.tma_mode(True, k, k) == 1
+    assert fa.tma_mode("2d", k, k) == 2 and fa.tma_mode("2d", km, km) == 3 and fa.tma_mode("2d", k, km) == 1
+    assert fa.tma_mode("2d", k[:, :, ::2], k[:, :, ::2]) == 1  # strided rows: 4-D only
 
 
 def test_descriptors_only_where_the_bulk_copy_can_address_the_tensor():

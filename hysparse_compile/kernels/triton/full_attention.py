@@ -100,21 +100,24 @@ def _insert_block(top_v, top_i, m_blk, blk):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, b, g, start_n, offs_m, offs_n, offs_d, skt, svt, T, qk_scale,
-              cap2, DIAG: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, b, g, row0, col0, start_n, offs_m, offs_n, offs_d, skt, svt, T,
+              qk_scale, cap2, DIAG: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
               SELECT: tl.constexpr, SOFTCAP: tl.constexpr, TMA: tl.constexpr, ACC_DOT: tl.constexpr):
     kn = start_n + offs_n
-    if TMA:  # K, V: [B, Hkv, S, d] tensor descriptors; rows past S arrive as zeros
+    if TMA == 1:  # K, V: [B, Hkv, S, d] tensor descriptors; rows past S arrive as zeros
         k = K.load([b.to(tl.int32), g.to(tl.int32), start_n, 0]).reshape(BLOCK_N, offs_d.shape[0])
         v = V.load([b.to(tl.int32), g.to(tl.int32), start_n, 0]).reshape(BLOCK_N, offs_d.shape[0])
-        if DIAG:  # an extend cache's rows T..S-1 are unwritten (any bits): 0 * NaN would reach acc
-            v = tl.where(kn[:, None] < T, v, 0.0)
+    elif TMA >= 2:  # 2-D descriptors: this head's key t is row row0 + t, columns col0 .. col0 + d - 1
+        k = K.load([row0 + start_n, col0])
+        v = V.load([row0 + start_n, col0])
     elif DIAG:
         k = tl.load(K + kn[:, None] * skt + offs_d[None, :], mask=kn[:, None] < T, other=0.0)
         v = tl.load(V + kn[:, None] * svt + offs_d[None, :], mask=kn[:, None] < T, other=0.0)
     else:
         k = tl.load(K + kn[:, None] * skt + offs_d[None, :])
         v = tl.load(V + kn[:, None] * svt + offs_d[None, :])
+    if TMA and DIAG:  # rows past T: an extend cache's unwritten rows (any bits), or (2-D) the next head's or
+        v = tl.where(kn[:, None] < T, v, 0.0)  # batch row's keys; 0 * NaN would reach acc (scores are masked below)
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -159,16 +162,18 @@ def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, b, g, start_n, offs_m, offs_
 def _fwd_kernel(
     Q, K, V, Out, Lse, CandS, CandI, Sinks, Start,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, Hq, G, qk_scale, cap2,
+    T, Hq, G, qk_scale, cap2, S_KV,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     NSEL: tl.constexpr, NSEL_P2: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_START: tl.constexpr, TMA: tl.constexpr = False,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_START: tl.constexpr, TMA: tl.constexpr = 0,
     ACC_DOT: tl.constexpr = False,
 ):
     """T query rows per (b, h). Prefill (HAS_START False): row t at position t, keys 0..T-1. Extend (HAS_START):
     row r at position Start[b] + r, keys 0..Start[b] + T - 1 of the cache; outputs indexed by row.
-    TMA: K and V are tensor descriptors over [B, Hkv, S, d] with block [1, 1, BLOCK_N, d] (Hopper's bulk copies;
-    their strides are then unused); ACC_DOT: the P @ V product accumulates into the rescaled accumulator."""
+    TMA (Hopper's bulk copies; K/V strides then unused; S_KV = K/V rows per head): 0 pointer loads; 1 K and V are
+    tensor descriptors over [B, Hkv, S, d] with block [1, 1, BLOCK_N, d]; 2 over contiguous K/V seen as
+    [B * Hkv * S, d]; 3 over the model's layout [B, S, Hkv, d] seen as [B * S, Hkv * d] (2 and 3: block
+    [BLOCK_N, d]). ACC_DOT: the P @ V product accumulates into the rescaled accumulator."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # a traced caller (AOTInductor, wrap_triton) passes Python floats as fp64
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query tiles first
     bh = tl.program_id(1)
@@ -179,6 +184,13 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    row0 = 0
+    col0 = 0
+    if TMA == 2:
+        row0 = ((b * (Hq // G) + g) * S_KV).to(tl.int32)
+    if TMA == 3:
+        row0 = (b * S_KV).to(tl.int32)
+        col0 = (g * HEAD_DIM).to(tl.int32)
     if TMA:
         Kb = K
         Vb = V
@@ -203,11 +215,11 @@ def _fwd_kernel(
         lo = start_m * BLOCK_M
         hi = tl.minimum(lo + BLOCK_M, T)
     for start_n in range(0, lo, BLOCK_N):  # strictly below the diagonal: no masks
-        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, start_n, pos_m,
+        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n, pos_m,
                                                 offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, False, BLOCK_N, BS,
                                                 IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
     for start_n in range(lo, hi, BLOCK_N):  # diagonal tiles: causal + bounds masks
-        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, start_n, pos_m,
+        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n, pos_m,
                                                 offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, True, BLOCK_N, BS,
                                                 IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -335,24 +347,50 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=di
     def launch(tma):
         kd, vd = (k, v)
         if tma:
-            kd, vd = (TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, cfg["BLOCK_N"], d]) for x in (k, v))
+            kd, vd = (descriptor(x, tma, cfg["BLOCK_N"]) for x in (k, v))
         wrap(_fwd_kernel)[grid](
             q, kd, vd, out, lse, cand_s, cand_i, sinks if sinks is not None else lse,
             start if start is not None else lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            T, Hq, Hq // Hkv, scale * LOG2E, softcap2(softcap),
+            T, Hq, Hq // Hkv, scale * LOG2E, softcap2(softcap), k.shape[2],
             HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BS=block_size, NSEL=nsel, NSEL_P2=nsel_p2,
             IEEE=q.dtype == torch.float32, SELECT=topk >= block_size, SOFTCAP=bool(softcap),
             HAS_SINKS=sinks is not None, HAS_START=start is not None, TMA=tma, ACC_DOT=bool(cfg.get("acc_dot")),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
-    if cfg.get("tma") and wrap is direct and tma_ok(k, v):
-        with_descriptors(TMA_FAILED, (str(q.device), q.dtype, d), "the full layer's forward", launch)
+    mode = tma_mode(cfg.get("tma"), k, v) if wrap is direct else 0
+    if mode:
+        with_descriptors(TMA_FAILED, (str(q.device), q.dtype, d, mode), "the full layer's forward",
+                         lambda use: launch(mode if use else 0))
     else:
-        launch(False)
+        launch(0)
     return out, lse, cand_s, cand_i
+
+
+def tma_mode(want, k, v):
+    """The kernel's TMA mode for FWD_CONFIG's "tma" (False, True / "4d", "2d") and these K/V [B, Hkv, S, d]: 0 (pointer
+    loads: not wanted, or the bulk copy cannot address them), 1 (4-D descriptors, any strides), 2 or 3 (2-D
+    descriptors: K and V both contiguous, or both in the model's [B, S, Hkv, d] layout; else 1)."""
+    if not want or not tma_ok(k, v):
+        return 0
+    if want == "2d":
+        if k.is_contiguous() and v.is_contiguous():
+            return 2
+        if k.transpose(1, 2).is_contiguous() and v.transpose(1, 2).is_contiguous():
+            return 3
+    return 1
+
+
+def descriptor(x, mode, block_n):
+    """The tensor descriptor of K or V [B, Hkv, S, d] for TMA mode 1, 2 or 3 (`tma_mode`)."""
+    B, H, S, d = x.shape
+    if mode == 2:
+        return TensorDescriptor(x, [B * H * S, d], [d, 1], [block_n, d])
+    if mode == 3:
+        return TensorDescriptor(x, [B * S, H * d], [H * d, 1], [block_n, d])
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, d])
 
 
 

@@ -46,6 +46,11 @@ VARIANTS = {
     # 2-D descriptors (the model's [B, T, Hkv, d] layout seen as [B * T, Hkv * d]; contiguous K/V as [B*Hkv*T, d])
     "tma2d_acc_64x64_w4_s3": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, tma="2d", acc_dot=True),
     "tma2d_acc_128x64_w8_s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma="2d", acc_dot=True),
+    # warp-specialized off-diagonal loop (Triton's automatic warp specialization; needs the descriptor loads)
+    "tma2d_acc_ws_128x64_w8_s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma="2d", acc_dot=True,
+                                      ws=True),
+    "tma2d_acc_ws_128x128_w8_s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, tma="2d", acc_dot=True,
+                                       ws=True),
 }
 DEFAULT = "ptr_64x64_w4_s3"
 

@@ -23,7 +23,8 @@ from hysparse_compile.kernels.triton.full_attention_extend import full_attention
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 VARIANTS = {"tma+acc_dot": dict(tma=True, acc_dot=True), "tma": dict(tma=True), "acc_dot": dict(acc_dot=True),
-            "tma2d+acc_dot": dict(tma="2d", acc_dot=True)}  # 2-D: contiguous K/V (mode 2), the model's layout (3)
+            "tma2d+acc_dot": dict(tma="2d", acc_dot=True),  # 2-D: contiguous K/V (mode 2), the model's layout (3)
+            "tma2d+acc_dot+ws": dict(tma="2d", acc_dot=True, ws=True)}  # the interpreter runs the loop plainly
 if fa.TensorDescriptor is None:  # a Triton without host-side descriptors: only the accumulate form can run
     VARIANTS = {"acc_dot": dict(acc_dot=True)}
 

@@ -166,14 +166,16 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     NSEL: tl.constexpr, NSEL_P2: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_START: tl.constexpr, TMA: tl.constexpr = 0,
-    ACC_DOT: tl.constexpr = False,
+    ACC_DOT: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """T query rows per (b, h). Prefill (HAS_START False): row t at position t, keys 0..T-1. Extend (HAS_START):
     row r at position Start[b] + r, keys 0..Start[b] + T - 1 of the cache; outputs indexed by row.
     TMA (Hopper's bulk copies; K/V strides then unused; S_KV = K/V rows per head): 0 pointer loads; 1 K and V are
     tensor descriptors over [B, Hkv, S, d] with block [1, 1, BLOCK_N, d]; 2 over contiguous K/V seen as
     [B * Hkv * S, d]; 3 over the model's layout [B, S, Hkv, d] seen as [B * S, Hkv * d] (2 and 3: block
-    [BLOCK_N, d]). ACC_DOT: the P @ V product accumulates into the rescaled accumulator."""
+    [BLOCK_N, d]). ACC_DOT: the P @ V product accumulates into the rescaled accumulator. WS: the off-diagonal loop
+    is warp-specialized (`tl.range(warp_specialize=True)`: producer warps issue the bulk copies, consumer warpgroups
+    do the math; with TMA only)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # a traced caller (AOTInductor, wrap_triton) passes Python floats as fp64
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query tiles first
     bh = tl.program_id(1)
@@ -214,10 +216,16 @@ def _fwd_kernel(
         n_keys = T
         lo = start_m * BLOCK_M
         hi = tl.minimum(lo + BLOCK_M, T)
-    for start_n in range(0, lo, BLOCK_N):  # strictly below the diagonal: no masks
-        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n, pos_m,
-                                                offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, False, BLOCK_N, BS,
-                                                IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
+    if WS:  # strictly below the diagonal: no masks
+        for start_n in tl.range(0, lo, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n,
+                                                    pos_m, offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, False,
+                                                    BLOCK_N, BS, IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
+    else:
+        for start_n in range(0, lo, BLOCK_N):
+            acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n,
+                                                    pos_m, offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, False,
+                                                    BLOCK_N, BS, IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
     for start_n in range(lo, hi, BLOCK_N):  # diagonal tiles: causal + bounds masks
         acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n, pos_m,
                                                 offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, True, BLOCK_N, BS,
@@ -357,6 +365,7 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=di
             HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BS=block_size, NSEL=nsel, NSEL_P2=nsel_p2,
             IEEE=q.dtype == torch.float32, SELECT=topk >= block_size, SOFTCAP=bool(softcap),
             HAS_SINKS=sinks is not None, HAS_START=start is not None, TMA=tma, ACC_DOT=bool(cfg.get("acc_dot")),
+            WS=bool(tma and cfg.get("ws")),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 

@@ -69,6 +69,35 @@ def inputs(B, Hq, Hkv, T, d, gen, dev, dtype, model_layout=False):
     return r(Hq), r(Hkv), r(Hkv)
 
 
+def _warm(job):
+    """Compile one variant's kernels in a worker process (the on-disk Triton cache is shared: the main process then
+    finds them built). job = (cfg, Hq, Hkv, d): the specializations the run uses (contiguous and model layout, with
+    and without selection, with sinks) at a short length."""
+    cfg, Hq, Hkv, d = job
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for model_layout in (False, True):
+        q, k, v = inputs(1, Hq, Hkv, 1024, d, gen, torch.device("cuda"), torch.bfloat16, model_layout)
+        forward(q, k, v, cfg)
+        forward(q, k, v, cfg, topk=0)
+        forward(q, k, v, cfg, sinks=torch.zeros(Hq, device="cuda"))
+    torch.cuda.synchronize()
+    return fa.TMA_FAILED.copy()
+
+
+def precompile(variants, shapes, timeout_s=150):
+    """Build every variant's kernels in parallel worker processes before the checks (compiling ~30 kernels one
+    after another would take most of a device call)."""
+    import multiprocessing as mp
+    jobs = [(cfg, *map(int, shapes[0].split("/"))) for cfg in variants.values()]
+    pool = mp.get_context("spawn").Pool(min(14, len(jobs)))
+    try:
+        pool.map_async(_warm, jobs).get(timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - the checks compile whatever is missing
+        print(f"precompile: {e!r}"[:300], flush=True)
+    finally:
+        pool.terminate()
+
+
 def check(shape, T, variants, gen, dev, dtype, block, topk):
     Hq, Hkv, d = map(int, shape.split("/"))
     q, k, v = inputs(1, Hq, Hkv, T, d, gen, dev, dtype)
@@ -154,6 +183,7 @@ def main(argv=None):
         dev, dtype, block, topk = torch.device("cuda"), torch.bfloat16, BS, TOPK
         shapes, seqlens, check_T = a.shapes.split(","), [int(t) for t in a.seqlens.split(",") if t], a.check_seqlen
         cudnn = sdpa("cudnn")
+        precompile(variants, shapes)
     gen = torch.Generator(device=dev).manual_seed(0)
     result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)",
               "torch": torch.__version__, "variants": variants, "checks": [], "times": []}

@@ -1,7 +1,7 @@
 """Correctness of the Triton and Flex backends against the reference in float32, at real sizes, on the GPU.
 
     python -m bench.check_gpu [--seqlens 4096,8192,32768] [--bwd-seqlens 4096,8192] [--smoke]
-        [--orders token,block]
+        [--orders token,block] [--full-fwd VARIANT] [--combine fused] [--token-tma]
 
 For bf16 inputs, both paper shapes (Hq/Hkv/d = 32/8/128 and 64/4/128), block 64, topk 1024, window 128:
 full layer (out, lse, indices), sparse layer with per-channel gates and sinks on the full layer's own selection,
@@ -10,6 +10,8 @@ the relative L2 error against the reference run on the same inputs upcast to flo
 of (token, group) rows whose selection equals the fp32 one (bf16 near-ties make it slightly < 1). The Triton sparse
 layer is checked with its default loop order ("auto") and again with each order of --orders forced
 (`sparse.out[block]`, `grad.*[block]`, ...: token-major / K/V-block-major, docs/kernels_sparse.md).
+`--full-fwd`, `--combine`, `--token-tma` run the kernel variants that are off by default (their names join every
+check's tag); a descriptor kernel that falls back to pointer loads counts as a failure.
 """
 from __future__ import annotations
 
@@ -40,7 +42,38 @@ def sparse_kw() -> dict:
 def tag(name: str) -> str:
     """The check's name with the parameters it ran with (`full.out[cap,sinks]`)."""
     parts = (["cap"] if PARAMS.get("softcap") else []) + (["sinks"] if PARAMS.get("full_sinks") else [])
+    parts += PARAMS.get("variant") or []
     return f"{name}[{','.join(parts)}]" if parts else name
+
+
+def kernel_options(args):
+    """--full-fwd / --combine / --token-tma: set the Triton kernels' module defaults, so that every op call (the
+    backward's recomputation included) runs them; recorded in PARAMS and in every check's name."""
+    if not (args.full_fwd or args.combine or args.token_tma):
+        return
+    from hysparse_compile.kernels.triton import full_attention as fa
+    from hysparse_compile.kernels.triton import sparse_attention as tsa
+    if args.full_fwd:
+        from .full_fwd_variants import VARIANTS
+        if args.full_fwd not in VARIANTS:
+            sys.exit(f"check_gpu: --full-fwd {args.full_fwd!r}: choose from {', '.join(VARIANTS)}")
+        fa.FWD_CONFIG.update(VARIANTS[args.full_fwd])
+    if args.combine:
+        tsa.BLOCK_COMBINE = args.combine
+    if args.token_tma:
+        tsa.TOKEN_TMA = True
+    PARAMS.update(variant=[x for x in (args.full_fwd, args.combine and f"combine={args.combine}",
+                                       args.token_tma and "token-tma") if x])
+
+
+def descriptor_fallbacks() -> dict:
+    """Where a tensor-descriptor kernel failed to build and the pointer kernel ran instead (kernel -> reasons)."""
+    if not PARAMS.get("variant"):
+        return {}
+    from hysparse_compile.kernels.triton import full_attention as fa
+    from hysparse_compile.kernels.triton import sparse_attention as tsa
+    return {name: {str(k): v for k, v in failed.items()}
+            for name, failed in (("full", fa.TMA_FAILED), ("sparse", tsa.TMA_FAILED)) if failed}
 
 
 def forced_orders(backend):
@@ -198,7 +231,14 @@ def main(argv=None):
     p.add_argument("--softcap", type=float, default=None, help="every op soft-caps its logits (Gemma 2: 50)")
     p.add_argument("--full-sinks", action="store_true", help="the full-layer ops get per-head sinks (gpt-oss)")
     p.add_argument("--extend", type=int, default=512, help="R of the extend checks at the largest T (0: none)")
+    p.add_argument("--full-fwd", default=None, metavar="VARIANT",
+                   help="the full layer's forward as this variant of bench/full_fwd_variants.py (every full-layer op)")
+    p.add_argument("--combine", default=None, choices=("separate", "fused"),
+                   help="the block-major sparse forward's combine (default: the kernel module's BLOCK_COMBINE)")
+    p.add_argument("--token-tma", action="store_true",
+                   help="the token-major sparse forward reads K/V through tensor descriptors")
     args = p.parse_args(argv)
+    kernel_options(args)
     ORDERS[:] = [o for o in args.orders.split(",") if o]
     PARAMS.update(softcap=args.softcap, full_sinks=args.full_sinks)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -229,6 +269,10 @@ def main(argv=None):
             if device == "cuda":
                 torch.cuda.empty_cache()
     bad = [r for r in ROWS if not r["ok"]]
+    fell_back = descriptor_fallbacks()
+    if fell_back:  # a requested descriptor variant that did not build: its checks ran the pointer kernels
+        print(f"descriptor kernels fell back to pointer loads: {fell_back}")
+        bad.append({"fell_back": fell_back})
     print(f"\n{len(ROWS) - len(bad)} passed, {len(bad)} failed ({time.time() - t0:.0f} s); worst rel_l2 "
           f"{max(r['rel_l2'] for r in ROWS):.3e}, worst max_abs {max(r['max_abs'] for r in ROWS):.3e}")
     out = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))

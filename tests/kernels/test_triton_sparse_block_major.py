@@ -183,6 +183,24 @@ def test_merge_ignores_block_order(gen):
     assert torch.equal(a, b)
 
 
+def test_auto_order_inside_a_graph_capture_reuses_the_last_measured_choice(monkeypatch):
+    """No host sync while a CUDA graph is captured: the order measured on the same shape's last uncaptured call (the
+    warm-up) is taken; a shape never measured gets token-major."""
+    nsel = 4
+    big = torch.full((1, 2, 8), 5 * nsel, dtype=torch.int32)
+    monkeypatch.setattr(tsa, "LAST_ORDER", {})
+    assert tsa.choose_order(big, nsel, 32768) == "block"  # warm-up, eager: measured
+    monkeypatch.setattr(tsa, "capturing", lambda x: True)
+
+    class NoSync(torch.Tensor):  # a device value read during capture would fail the capture
+        def item(self):
+            raise AssertionError("host sync during a graph capture")
+
+    assert tsa.choose_order(big.as_subclass(NoSync), nsel, 32768) == "block"
+    assert tsa.choose_order(torch.full((1, 2, 9), 5 * nsel, dtype=torch.int32), nsel, 36000) == "token"  # unmeasured
+    assert tsa.choose_order(big, nsel, 100) == "token"  # short sequences stay token-major
+
+
 def test_auto_order_rule(gen, monkeypatch):
     nsel = 4
     big = torch.full((1, 2, 8), 5 * nsel, dtype=torch.int32)  # unions 5x a token's selection: random-like

@@ -353,6 +353,7 @@ AUTO_MIN_T = 16384  # "auto": token-major below this length (H200, 32/8/128 rand
 #                     8k, 1.6x vs 1.1x at 32k; the crossover estimate is ~16k)
 TOKEN_TMA = False  # token-major: K/V blocks through tensor descriptors (not yet timed on a GPU; the `tma` knob)
 TMA_FAILED: dict = {}  # (device, dtype, head_dim) -> why the descriptor kernel failed there: pointer loads run
+LAST_ORDER: dict = {}  # "auto": (device, work-list shape, nsel, T) -> the order last chosen there (graph captures)
 MAX_PARTIAL_BYTES = 1 << 30  # block-major: partial buffers per token chunk (the sequence is cut to fit)
 BLOCK_COMBINE = "separate"  # block-major: the combine kernel then the last kernel ("fused": the last kernel folds
 #                             the partials itself; not yet timed on a GPU, bench/profile_sparse.py --variants)
@@ -379,13 +380,26 @@ def choose_order(count, nsel, T, G=None):
     tile's rows); block-major work is ~ nsel steps per token tile plus the partials' traffic (write and read of
     `nsel * (d + 2)` elements per query row). Rule: block-major when T >= AUTO_MIN_T and the mean union exceeds
     AUTO_UNION_RATIO * nsel (random-like selections at G <= 8; never at G >= 16, whose 4-token tiles cannot reach
-    it). One host sync; while a CUDA graph is being captured: "token". Measured on an H200 (docs/kernels_sparse.md):
-    block-major wins only for random-like selections at G = 4 and long T (32k: 1.6x vs 1.1x cuDNN); at G = 16 and
-    with tile-correlated selections token-major is faster, which this rule keeps.
+    it). One host sync, outside a CUDA graph capture; each choice is remembered per (device, shape of `count`,
+    nsel, T), and a call made while a graph is being captured (no host sync allowed) takes the choice remembered
+    for its shape, measured on the same shape's last uncaptured call (a warm-up run: the locality of the model's
+    own selections), or "token" if there was none. Measured on an H200 (docs/kernels_sparse.md): block-major wins
+    only for random-like selections at G = 4 and long T (32k: 1.6x vs 1.1x cuDNN); at G = 16 and with
+    tile-correlated selections token-major is faster, which this rule keeps.
     """
-    if T < AUTO_MIN_T or (count.is_cuda and torch.cuda.is_current_stream_capturing()):
+    key = (str(count.device), tuple(count.shape), nsel, T)
+    if T < AUTO_MIN_T:
         return "token"
-    return "block" if count.float().mean().item() > AUTO_UNION_RATIO * nsel else "token"
+    if capturing(count):
+        return LAST_ORDER.get(key, "token")
+    order = "block" if count.float().mean().item() > AUTO_UNION_RATIO * nsel else "token"
+    LAST_ORDER[key] = order
+    return order
+
+
+def capturing(x) -> bool:
+    """Whether a CUDA graph is being captured on x's device's current stream (no host sync may happen)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,

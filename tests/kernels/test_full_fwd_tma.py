@@ -63,7 +63,11 @@ CASES = {  # name: (B, Hq, Hkv, T, d, block, topk, options)
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+SINGLE = ("tma", "acc_dot")  # each option alone: the combinations cover them; run with --full
+
+
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.full_grid) if v in SINGLE else v
+                                     for v in VARIANTS])
 @pytest.mark.parametrize("case", list(CASES))
 def test_variant_matches_reference_and_pointer_kernel(monkeypatch, variant, case):
     B, Hq, Hkv, T, d, bs, topk, opt = CASES[case]

@@ -1,7 +1,7 @@
 """Correctness of the Triton and Flex backends against the reference in float32, at real sizes, on the GPU.
 
     python -m bench.check_gpu [--seqlens 4096,8192,32768] [--bwd-seqlens 4096,8192] [--smoke]
-        [--orders token,block] [--full-fwd VARIANT] [--combine fused] [--token-tma]
+        [--orders token,block] [--full-fwd VARIANT] [--combine fused] [--token-tma 4d|2d]
 
 For bf16 inputs, both paper shapes (Hq/Hkv/d = 32/8/128 and 64/4/128), block 64, topk 1024, window 128:
 full layer (out, lse, indices), sparse layer with per-channel gates and sinks on the full layer's own selection,
@@ -61,9 +61,9 @@ def kernel_options(args):
     if args.combine:
         tsa.BLOCK_COMBINE = args.combine
     if args.token_tma:
-        tsa.TOKEN_TMA = True
+        tsa.TOKEN_TMA = args.token_tma
     PARAMS.update(variant=[x for x in (args.full_fwd, args.combine and f"combine={args.combine}",
-                                       args.token_tma and "token-tma") if x])
+                                       args.token_tma and f"token-tma={args.token_tma}") if x])
 
 
 def descriptor_fallbacks() -> dict:
@@ -235,8 +235,8 @@ def main(argv=None):
                    help="the full layer's forward as this variant of bench/full_fwd_variants.py (every full-layer op)")
     p.add_argument("--combine", default=None, choices=("separate", "fused"),
                    help="the block-major sparse forward's combine (default: the kernel module's BLOCK_COMBINE)")
-    p.add_argument("--token-tma", action="store_true",
-                   help="the token-major sparse forward reads K/V through tensor descriptors")
+    p.add_argument("--token-tma", default=None, choices=("4d", "2d"),
+                   help="the token-major sparse forward reads K/V through tensor descriptors (4-D or 2-D)")
     args = p.parse_args(argv)
     kernel_options(args)
     ORDERS[:] = [o for o in args.orders.split(",") if o]

@@ -14,9 +14,9 @@ TAIL=45 step full_fwd_variants 290 python -m bench.full_fwd_variants --set-defau
 V='[{}, {"block_major": {"combine": "fused"}}]'
 TAIL=30 step profile_combine_32_8 50 python -m bench.profile_sparse --shape 32/8/128 --seqlen 32768 --orders block --variants "$V"
 TAIL=30 step profile_combine_64_4 50 python -m bench.profile_sparse --shape 64/4/128 --seqlen 32768 --orders block --variants "$V"
-TV='[{}, {"tma": true}]'
-TAIL=30 step profile_tma_tile_32_8 45 python -m bench.profile_sparse --shape 32/8/128 --seqlen 32768 --selection tile --orders token --variants "$TV"
-TAIL=30 step profile_tma_64_4 45 python -m bench.profile_sparse --shape 64/4/128 --seqlen 32768 --orders token --variants "$TV"
+TV='[{}, {"tma": true}, {"tma": "2d"}]'
+TAIL=30 step profile_tma_tile_32_8 55 python -m bench.profile_sparse --shape 32/8/128 --seqlen 32768 --selection tile --orders token --variants "$TV"
+TAIL=30 step profile_tma_64_4 55 python -m bench.profile_sparse --shape 64/4/128 --seqlen 32768 --orders token --variants "$TV"
 best=$(python -c "import json; print(json.load(open('$W/ffv/full_fwd_variants.json'))['fastest']['variant'])" 2>/dev/null)
 echo "fastest full-forward variant: ${best:-none} (pass it as FULL_FWD to pending_variants_check.sh)"
 tar -C "$OUT" -czf "$OUT/session.tar.gz" s

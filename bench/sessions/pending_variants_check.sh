@@ -8,7 +8,7 @@
 BUDGET_S=${BUDGET_S:-570}; . "$(dirname "$0")/steps.sh"; mkdir -p "$W"
 FULL_FWD=${FULL_FWD:-tma2d_acc_64x64_w4_s3}
 mkdir -p "$W/e2e_variants" "$W/decode"
-OUT="$W" TAIL=20 step check_gpu_variants 170 python -m bench.check_gpu --shapes 32/8/128,64/4/128 --seqlens 4096,32768 --bwd-seqlens 4096 --backends triton --orders block --extend 512 --full-fwd "$FULL_FWD" --combine fused --token-tma
+OUT="$W" TAIL=20 step check_gpu_variants 170 python -m bench.check_gpu --shapes 32/8/128,64/4/128 --seqlens 4096,32768 --bwd-seqlens 4096 --backends triton --orders block --extend 512 --full-fwd "$FULL_FWD" --combine fused --token-tma 2d
 OUT="$W/decode" TAIL=20 step decode_inductor 120 python -m bench.bench_decode --contexts 131072 --batches 8 --budget-s 0 --skip-memory
 TAIL=25 step bench_e2e_variants 220 python -m bench.bench_e2e --sections best --seqlens 8k,32k --calls 5 --budget-s 200 --full-fwd "$FULL_FWD" --out "$W/e2e_variants"
 tar -C "$OUT" -czf "$OUT/session.tar.gz" s

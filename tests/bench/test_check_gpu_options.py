@@ -25,10 +25,10 @@ def clean(monkeypatch):
 
 
 def test_variant_flags_set_the_kernel_defaults_and_the_tags(clean):
-    check_gpu.kernel_options(argparse.Namespace(full_fwd="tma2d_acc_64x64_w4_s3", combine="fused", token_tma=True))
+    check_gpu.kernel_options(argparse.Namespace(full_fwd="tma2d_acc_64x64_w4_s3", combine="fused", token_tma="2d"))
     assert fa.FWD_CONFIG["tma"] == "2d" and fa.FWD_CONFIG["acc_dot"] and fa.FWD_CONFIG["BLOCK_M"] == 64
-    assert tsa.BLOCK_COMBINE == "fused" and tsa.TOKEN_TMA is True
-    assert check_gpu.tag("full.out") == "full.out[tma2d_acc_64x64_w4_s3,combine=fused,token-tma]"
+    assert tsa.BLOCK_COMBINE == "fused" and tsa.TOKEN_TMA == "2d"
+    assert check_gpu.tag("full.out") == "full.out[tma2d_acc_64x64_w4_s3,combine=fused,token-tma=2d]"
     assert check_gpu.descriptor_fallbacks() == {}
     tsa.TMA_FAILED[("cuda:0", "bf16", 128)] = "CompilationError: ..."
     assert check_gpu.descriptor_fallbacks() == {"sparse": {"('cuda:0', 'bf16', 128)": "CompilationError: ..."}}
@@ -36,7 +36,7 @@ def test_variant_flags_set_the_kernel_defaults_and_the_tags(clean):
 
 def test_without_flags_nothing_changes(clean):
     before = (dict(fa.FWD_CONFIG), tsa.BLOCK_COMBINE, tsa.TOKEN_TMA)
-    check_gpu.kernel_options(argparse.Namespace(full_fwd=None, combine=None, token_tma=False))
+    check_gpu.kernel_options(argparse.Namespace(full_fwd=None, combine=None, token_tma=None))
     assert (fa.FWD_CONFIG, tsa.BLOCK_COMBINE, tsa.TOKEN_TMA) == before and check_gpu.tag("x") == "x"
     fa.TMA_FAILED["k"] = "why"  # a fallback without a requested variant is not this run's business
     assert check_gpu.descriptor_fallbacks() == {}
@@ -44,4 +44,4 @@ def test_without_flags_nothing_changes(clean):
 
 def test_unknown_full_forward_variant_is_named(clean):
     with pytest.raises(SystemExit, match="--full-fwd 'fast': choose from ptr_64x64_w4_s3"):
-        check_gpu.kernel_options(argparse.Namespace(full_fwd="fast", combine=None, token_tma=False))
+        check_gpu.kernel_options(argparse.Namespace(full_fwd="fast", combine=None, token_tma=None))

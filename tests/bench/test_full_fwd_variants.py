@@ -15,6 +15,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: `bench` is a package there
 from bench import full_fwd_variants as ffv  # noqa: E402
+from hysparse_compile.kernels.triton import common  # noqa: E402
 from hysparse_compile.kernels.triton import full_attention as fa  # noqa: E402
 
 
@@ -23,7 +24,7 @@ def run(tmp_path, *args):
     return rc, json.loads((tmp_path / "full_fwd_variants.json").read_text())
 
 
-@pytest.mark.skipif(fa.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
+@pytest.mark.skipif(common.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
 def test_dry_run_checks_each_variant_against_reference_and_default(tmp_path):
     before = json.dumps(ffv.VARIANTS, sort_keys=True)
     rc, res = run(tmp_path, "--variants", "tma_acc_128x64_w8_s3", "--set-default")
@@ -37,12 +38,12 @@ def test_dry_run_checks_each_variant_against_reference_and_default(tmp_path):
     assert json.dumps(ffv.VARIANTS, sort_keys=True) == before
 
 
-@pytest.mark.skipif(fa.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
+@pytest.mark.skipif(common.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
 def test_a_variant_that_falls_back_fails_its_check(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise RuntimeError("no descriptors")
 
-    monkeypatch.setattr(fa, "TensorDescriptor", refuse)
+    monkeypatch.setattr(common, "TensorDescriptor", refuse)
     monkeypatch.setattr(fa, "TMA_FAILED", {})
     with pytest.warns(RuntimeWarning):
         rc, res = run(tmp_path, "--variants", "tma_64x64_w4_s3")

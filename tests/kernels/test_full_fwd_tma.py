@@ -18,6 +18,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from hysparse_compile.kernels import reference  # noqa: E402
+from hysparse_compile.kernels.triton import common  # noqa: E402
 from hysparse_compile.kernels.triton import full_attention as fa  # noqa: E402
 from hysparse_compile.kernels.triton.full_attention_extend import full_attention_extend  # noqa: E402
 
@@ -25,7 +26,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 VARIANTS = {"tma+acc_dot": dict(tma=True, acc_dot=True), "tma": dict(tma=True), "acc_dot": dict(acc_dot=True),
             "tma2d+acc_dot": dict(tma="2d", acc_dot=True),  # 2-D: contiguous K/V (mode 2), the model's layout (3)
             "tma2d+acc_dot+ws": dict(tma="2d", acc_dot=True, ws=True)}  # the interpreter runs the loop plainly
-if fa.TensorDescriptor is None:  # a Triton without host-side descriptors: only the accumulate form can run
+if common.TensorDescriptor is None:  # a Triton without host-side descriptors: only the accumulate form can run
     VARIANTS = {"acc_dot": dict(acc_dot=True)}
 
 
@@ -97,7 +98,7 @@ def test_half_precision_variant_matches_pointer_kernel(monkeypatch, dtype):
     q, k, v = qkv(1, 8, 2, 45, 32, dtype, seed=9)
     use_config(monkeypatch)
     base = run(q, k, v, 16, 32, 0.2)
-    use_config(monkeypatch, tma=fa.TensorDescriptor is not None, acc_dot=True)
+    use_config(monkeypatch, tma=common.TensorDescriptor is not None, acc_dot=True)
     out, idx, lse, _ = run(q, k, v, 16, 32, 0.2)
     assert not fa.TMA_FAILED, fa.TMA_FAILED
     ref = reference.full_attention_fwd(q.double(), k.double(), v.double(), 16, 32, 0.2, False)
@@ -106,7 +107,7 @@ def test_half_precision_variant_matches_pointer_kernel(monkeypatch, dtype):
     assert (idx == base[1]).float().mean() > 0.98
 
 
-@pytest.mark.skipif(fa.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
+@pytest.mark.skipif(common.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
 def test_extend_through_descriptors_ignores_the_cache_past_the_filled_rows(monkeypatch):
     """Cache rows past start[b] + R hold garbage (inf keys, NaN values): the descriptor loads read whole BLOCK_N
     tiles, so the kernel, not the load, must keep them out (the reference sees the clean cache)."""
@@ -126,7 +127,7 @@ def test_extend_through_descriptors_ignores_the_cache_past_the_filled_rows(monke
         assert torch.equal(idx, r_idx.to(idx.dtype))
 
 
-@pytest.mark.skipif(fa.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
+@pytest.mark.skipif(common.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
 def test_descriptor_failure_falls_back_to_pointer_loads_once(monkeypatch):
     def refuse(*a, **k):
         raise ValueError("no bulk copies here")
@@ -135,7 +136,7 @@ def test_descriptor_failure_falls_back_to_pointer_loads_once(monkeypatch):
     use_config(monkeypatch)
     base = run(q, k, v, 16, 32, 0.25)
     monkeypatch.setattr(fa, "TMA_FAILED", {})
-    monkeypatch.setattr(fa, "TensorDescriptor", refuse)
+    monkeypatch.setattr(common, "TensorDescriptor", refuse)
     use_config(monkeypatch, tma=True)
     with pytest.warns(RuntimeWarning, match="full layer's forward with tensor descriptors failed"):
         got = run(q, k, v, 16, 32, 0.25)
@@ -150,7 +151,7 @@ def test_descriptor_failure_falls_back_to_pointer_loads_once(monkeypatch):
 def test_tma_modes_follow_the_layout():
     k = torch.randn(2, 3, 40, 16, device=DEV, dtype=torch.float16)
     km = torch.randn(2, 40, 3, 16, device=DEV, dtype=torch.float16).transpose(1, 2)  # the model's layout
-    if fa.TensorDescriptor is None or not fa.tma_ok(k):
+    if common.TensorDescriptor is None or not common.tma_ok(k):
         assert fa.tma_mode("2d", k, k) == 0
         return
     assert fa.tma_mode(False, k, k) == 0 and fa.tma_mode(True, k, k) == 1
@@ -162,10 +163,26 @@ def test_descriptors_only_where_the_bulk_copy_can_address_the_tensor():
     x = torch.randn(2, 3, 40, 16, device=DEV, dtype=torch.float16)
     wide = torch.randn(2, 3, 40, 20, device=DEV, dtype=torch.float16)[..., :16]  # rows 40 bytes apart
     expanded = torch.randn(1, 3, 40, 16, device=DEV, dtype=torch.float16).expand(2, -1, -1, -1)
-    if fa.TensorDescriptor is None or not (fa.INTERPRET or torch.cuda.get_device_capability()[0] >= 9):
-        assert not fa.tma_ok(x)
+    if common.TensorDescriptor is None or not (fa.INTERPRET or torch.cuda.get_device_capability()[0] >= 9):
+        assert not common.tma_ok(x)
         return
-    assert fa.tma_ok(x) and fa.tma_ok(x.transpose(1, 2).contiguous().transpose(1, 2))
-    assert not fa.tma_ok(wide) and not fa.tma_ok(expanded) and not fa.tma_ok(x, wide)
+    assert common.tma_ok(x) and common.tma_ok(x.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not common.tma_ok(wide) and not common.tma_ok(expanded) and not common.tma_ok(x, wide)
     flat = torch.randn(x.numel() + 8, device=DEV, dtype=torch.float16)
-    assert fa.tma_ok(flat[8:].view(2, 3, 40, 16)) and not fa.tma_ok(flat[1:1 + x.numel()].view(2, 3, 40, 16))
+    assert common.tma_ok(flat[8:].view(2, 3, 40, 16)) and not common.tma_ok(flat[1:1 + x.numel()].view(2, 3, 40, 16))
+
+
+@pytest.mark.skipif(common.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
+def test_2d_descriptors_keep_a_nan_in_the_next_head_out(monkeypatch):
+    """Contiguous K/V as [B * Hkv * T, d]: KV head 0's last tile (T not a multiple of BLOCK_N) runs on into head 1's
+    rows; a NaN there must not reach head 0's outputs or selection."""
+    q, k, v = qkv(2, 4, 2, 45, 16, torch.float32, seed=11)
+    k[:, 1], v[:, 1] = float("nan"), float("nan")
+    use_config(monkeypatch)
+    base = run(q, k, v, 16, 32, 0.25)
+    use_config(monkeypatch, tma="2d")
+    assert fa.tma_mode("2d", k, v) == 2
+    out, idx, lse, _ = run(q, k, v, 16, 32, 0.25)
+    assert not fa.TMA_FAILED
+    assert torch.isfinite(out[:, :2]).all() and torch.equal(out[:, :2], base[0][:, :2])  # query heads of KV head 0
+    assert torch.equal(idx[:, 0], base[1][:, 0]) and torch.equal(lse[:, :2], base[2][:, :2])

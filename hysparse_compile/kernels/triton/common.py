@@ -92,3 +92,29 @@ def with_descriptors(failed, key, what, launch):
             warnings.warn(f"hysparse: {what} with tensor descriptors failed ({failed[key]}); it uses pointer loads "
                           f"on {key} from now on", RuntimeWarning, stacklevel=3)
     return launch(False)
+
+
+def tma_mode(want, *xs):
+    """The kernels' TMA mode for a "tma" option (False, True / "4d", "2d") and K/V tensors [B, Hkv, S, d]: 0
+    (pointer loads: not wanted, or the bulk copy cannot address them), 1 (4-D descriptors, any strides), 2 or 3
+    (2-D descriptors: every tensor contiguous, or every one in the model's [B, S, Hkv, d] layout; else 1)."""
+    if not want or not tma_ok(*xs):
+        return 0
+    if want == "2d":
+        if all(x.is_contiguous() for x in xs):
+            return 2
+        if all(x.transpose(1, 2).is_contiguous() for x in xs):
+            return 3
+    return 1
+
+
+def descriptor(x, mode, block_n):
+    """The tensor descriptor of K or V [B, Hkv, S, d] for TMA mode 1 ([B, Hkv, S, d], block [1, 1, block_n, d]), 2
+    (contiguous, seen as [B * Hkv * S, d]) or 3 (the model's layout, seen as [B * S, Hkv * d]); 2-D blocks
+    [block_n, d]. In modes 2 and 3 a block past a head's last row reads the next head's or batch row's keys."""
+    B, H, S, d = x.shape
+    if mode == 2:
+        return TensorDescriptor(x, [B * H * S, d], [d, 1], [block_n, d])
+    if mode == 3:
+        return TensorDescriptor(x, [B * S, H * d], [H * d, 1], [block_n, d])
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, d])

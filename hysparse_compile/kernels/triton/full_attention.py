@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from . import full_attention_bwd_cudnn as bwd_cudnn
-from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, TensorDescriptor, direct, soft_cap, soft_cap_with_slope,
-                     softcap2, tma_ok, with_descriptors)
+from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, descriptor, direct, soft_cap, soft_cap_with_slope, softcap2,
+                     tma_mode, with_descriptors)
 from .select_blocks import launch_merge_heads
 
 
@@ -376,32 +376,6 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=di
     else:
         launch(0)
     return out, lse, cand_s, cand_i
-
-
-def tma_mode(want, k, v):
-    """The kernel's TMA mode for FWD_CONFIG's "tma" (False, True / "4d", "2d") and these K/V [B, Hkv, S, d]: 0 (pointer
-    loads: not wanted, or the bulk copy cannot address them), 1 (4-D descriptors, any strides), 2 or 3 (2-D
-    descriptors: K and V both contiguous, or both in the model's [B, S, Hkv, d] layout; else 1)."""
-    if not want or not tma_ok(k, v):
-        return 0
-    if want == "2d":
-        if k.is_contiguous() and v.is_contiguous():
-            return 2
-        if k.transpose(1, 2).is_contiguous() and v.transpose(1, 2).is_contiguous():
-            return 3
-    return 1
-
-
-def descriptor(x, mode, block_n):
-    """The tensor descriptor of K or V [B, Hkv, S, d] for TMA mode 1, 2 or 3 (`tma_mode`)."""
-    B, H, S, d = x.shape
-    if mode == 2:
-        return TensorDescriptor(x, [B * H * S, d], [d, 1], [block_n, d])
-    if mode == 3:
-        return TensorDescriptor(x, [B * S, H * d], [H * d, 1], [block_n, d])
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, d])
-
-
 
 
 def launch_block_scores(q, k, lse, sinks, block_size, scale, softcap=0.0, wrap=direct):

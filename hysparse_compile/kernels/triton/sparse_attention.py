@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .block_major import block_partials, combine_partials
 from .block_union import choose_tokens_per_tile, tile_block_union, tokens_per_tile
-from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, TensorDescriptor, direct, soft_cap, softcap2, tma_ok,
+from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, descriptor, direct, soft_cap, softcap2, tma_mode,
                      with_descriptors)
 from .online_softmax import normalize_with_sink, online_softmax_step
 
@@ -59,12 +59,25 @@ def kv_block(k_base, v_base, j, skt, svt, T, BLOCK_N: tl.constexpr, D: tl.conste
 
 
 @triton.jit
-def kv_block_desc(KD, VD, b, g, j, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    """Key block j of KV head (b, g) through tensor descriptors over [B, Hkv, T, d] (Hopper bulk copies): positions
-    [BLOCK_N] and k, v [BLOCK_N, D]; rows past T arrive as zeros, as `kv_block`'s masked loads give them."""
+def kv_block_desc(KD, VD, b, g, j, T, HKV, MODE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Key block j of KV head (b, g) through tensor descriptors (Hopper bulk copies; `common.descriptor`) over K/V
+    [B, Hkv, T, d]: MODE 1 4-D, 2 contiguous rows (b, g, t), 3 the model's [B, T, Hkv, d] rows. Returns positions
+    [BLOCK_N] and k, v [BLOCK_N, D]; V rows past T are zeros, as `kv_block`'s masked loads give them (4-D: the
+    bulk copy's fill; 2-D: they are the next head's or batch row's, masked here; K's are masked by the caller's
+    causal mask)."""
     kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = KD.load([b, g, j * BLOCK_N, 0]).reshape(BLOCK_N, D)  # b, g, j: int32 (the descriptor's offsets)
-    v = VD.load([b, g, j * BLOCK_N, 0]).reshape(BLOCK_N, D)
+    if MODE == 1:
+        k = KD.load([b, g, j * BLOCK_N, 0]).reshape(BLOCK_N, D)  # b, g, j: int32 (the descriptor's offsets)
+        v = VD.load([b, g, j * BLOCK_N, 0]).reshape(BLOCK_N, D)
+    else:
+        if MODE == 2:
+            row = (b * HKV + g) * T + j * BLOCK_N
+            col = 0
+        else:
+            row = b * T + j * BLOCK_N
+            col = g * D
+        k = KD.load([row, col])
+        v = tl.where((kpos < T)[:, None], VD.load([row, col]), 0.0)
     return kpos, k, v
 
 
@@ -93,16 +106,17 @@ def gate_offsets(b, heads, tpos, sgb, sgh, sgt, sgd, MODE: tl.constexpr, D: tl.c
 
 @triton.jit
 def union_walk(q, m_s, l_s, acc_s, UNION, BITS, u_base, n_union, ks_base, vs_base, skst, svst, n_keys, row_tok,
-               row_ok, qpos, qk_scale2, cap2, b, g, BLOCK_N: tl.constexpr, D: tl.constexpr, SOFTCAP: tl.constexpr,
-               TMA: tl.constexpr):
+               row_ok, qpos, qk_scale2, cap2, b, g, HKV, BLOCK_N: tl.constexpr, D: tl.constexpr,
+               SOFTCAP: tl.constexpr, TMA: tl.constexpr):
     """Sparse branch of a token tile, one union block per step: block j = UNION[u_base + u] of the shared K/V
     (keys < n_keys), kept for the rows whose token's bit is set in BITS[u_base + u] and whose position `qpos` is at or
     after the key. Folds each step into the online-softmax state (m_s, l_s, acc_s) and returns it. TMA: ks_base and
-    vs_base are tensor descriptors over the whole [B, Hkv, T, d] K/V (of exactly n_keys rows), read at head (b, g)."""
+    vs_base are tensor descriptors over the whole [B, Hkv, T, d] K/V (of exactly n_keys rows; TMA is the mode of
+    `kv_block_desc`), read at head (b, g)."""
     for u in range(0, n_union):
         j = tl.load(UNION + u_base + u)
         if TMA:
-            kpos, k, v = kv_block_desc(ks_base, vs_base, b, g, j, BLOCK_N, D)
+            kpos, k, v = kv_block_desc(ks_base, vs_base, b, g, j, n_keys, HKV, TMA, BLOCK_N, D)
         else:
             kpos, k, v = kv_block(ks_base, vs_base, j, skst, svst, n_keys, BLOCK_N, D)
         bits = tl.load(BITS + u_base + u)
@@ -115,12 +129,12 @@ def union_walk(q, m_s, l_s, acc_s, UNION, BITS, u_base, n_union, ks_base, vs_bas
 
 @triton.jit
 def _swa_branch(q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok,
-                skob, skoh, skot, svob, svoh, svot, sib, sih, sit, T, NSEL, qk_scale2, cap2, window,
+                skob, skoh, skot, svob, svoh, svot, sib, sih, sit, T, NSEL, qk_scale2, cap2, window, HKV,
                 M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                 NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, SOFTCAP: tl.constexpr,
                 TMA: tl.constexpr):
     """SWA branch (own K/V, positions t-window+1..t) of a tile; merged into the sparse softmax state when MERGE.
-    TMA: KO and VO are tensor descriptors over the whole [B, Hkv, T, d] own K/V.
+    TMA: KO and VO are tensor descriptors over the whole [B, Hkv, T, d] own K/V (`kv_block_desc`'s mode).
 
     Returns the sparse state (changed only when MERGE) and the SWA branch's (m_w, l_w, acc_w)."""
     m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -135,7 +149,7 @@ def _swa_branch(q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok,
         lo, hi = window_blocks(t0, T, window, M_TOK, BLOCK_N)
         for j in range(lo, hi + 1):
             if TMA:
-                kpos, k, v = kv_block_desc(KO, VO, b, g, j, BLOCK_N, D)
+                kpos, k, v = kv_block_desc(KO, VO, b, g, j, T, HKV, TMA, BLOCK_N, D)
             else:
                 kpos, k, v = kv_block(ko_base, vo_base, j, skot, svot, T, BLOCK_N, D)
             s = soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP)
@@ -193,10 +207,11 @@ def _sparse_fwd_kernel(
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_SINKS: tl.constexpr,
     GS_MODE: tl.constexpr, GW_MODE: tl.constexpr, SAVE: tl.constexpr, PAIR: tl.constexpr, SOFTCAP: tl.constexpr,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = 0,
 ):
-    """Token-major sparse layer forward (module docstring). TMA (never with PAIR): KS, VS, KO, VO are tensor
-    descriptors over [B, Hkv, T, d] with block [1, 1, BLOCK_N, d]; their strides are then unused."""
+    """Token-major sparse layer forward (module docstring). TMA (never with PAIR): 0 pointer loads; 1, 2, 3: KS, VS,
+    KO, VO are tensor descriptors (`common.descriptor`'s modes: 4-D, contiguous 2-D, the model's layout 2-D); their
+    strides are then unused."""
     qk_scale2 = tl.cast(qk_scale2, tl.float32)  # a traced caller (AOTInductor, wrap_triton) passes floats as fp64
     tile = tl.program_id(0)
     bg = tl.program_id(1)
@@ -247,11 +262,11 @@ def _sparse_fwd_kernel(
             m_s, l_s, acc_s = online_softmax_step(s, v, m_s, l_s, acc_s)
     else:
         m_s, l_s, acc_s = union_walk(q, m_s, l_s, acc_s, UNION, BITS, u_base, n_union, ks_base, vs_base, skst, svst,
-                                     T, row_tok, row_ok, tpos, qk_scale2, cap2, b, g, BLOCK_N, D, SOFTCAP, TMA)
+                                     T, row_tok, row_ok, tpos, qk_scale2, cap2, b, g, HKV, BLOCK_N, D, SOFTCAP, TMA)
 
     m_s, l_s, acc_s, m_w, l_w, acc_w = _swa_branch(
         q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
-        T, NSEL, qk_scale2, cap2, window, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, MERGE, HAS_SWA, SOFTCAP, TMA)
+        T, NSEL, qk_scale2, cap2, window, HKV, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, MERGE, HAS_SWA, SOFTCAP, TMA)
     _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, heads, tpos, row_ok,
               sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, T, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE, SAVE)
 
@@ -318,7 +333,7 @@ def _sparse_fwd_partials_kernel(
         q = tl.load(Q + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
     m_s, l_s, acc_s, m_w, l_w, acc_w = _swa_branch(
         q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
-        T, NSEL, qk_scale2, cap2, window, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, False, HAS_SWA, SOFTCAP, False)
+        T, NSEL, qk_scale2, cap2, window, HKV, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, False, HAS_SWA, SOFTCAP, 0)
     _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, heads, tpos, row_ok,
               sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, T, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE, SAVE)
 
@@ -478,9 +493,10 @@ def launch_forward(q, k_own, v_own, k_shared, v_shared, indices, work, gate_spar
     """Launch the token-major kernel. q, K/V, gates with unit last stride; work = (union, bits, count) of
     `block_union.launch_tile_union` for `m_tok` tokens per tile; outputs = (gate_sparse, gate_swa, sinks, out, lse,
     branch_out), each a tensor (a stand-in where absent, never read); meta = HAS_SWA, HAS_SINKS, GS_MODE, GW_MODE,
-    SAVE, SOFTCAP. `wrap`: how the kernel is launched (`torch.library.wrap_triton` inside a `triton_op`). `tma`: K/V
-    blocks through tensor descriptors where they can address the tensors (not with `pair` or a `wrap`; a failure to
-    build falls back to pointer loads, remembered in TMA_FAILED)."""
+    SAVE, SOFTCAP. `wrap`: how the kernel is launched (`torch.library.wrap_triton` inside a `triton_op`). `tma`
+    (False, True / "4d", "2d"; `common.tma_mode`): K/V blocks through tensor descriptors where they can address the
+    tensors (not with `pair` or a `wrap`; a failure to build falls back to pointer loads, remembered in
+    TMA_FAILED)."""
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]
     G = Hq // Hkv
@@ -488,10 +504,10 @@ def launch_forward(q, k_own, v_own, k_shared, v_shared, indices, work, gate_spar
     union, bits, count = work
     m_tok, block_m, num_warps, num_stages = launch_config(G, D, block_size, m_tok, num_warps, num_stages)
 
-    def launch(use_tma):
+    def launch(mode):
         kv = (k_shared, v_shared, k_own, v_own)
-        if use_tma:
-            kv = tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_size, D]) for x in kv)
+        if mode:
+            kv = tuple(descriptor(x, mode, block_size) for x in kv)
         wrap(_sparse_fwd_kernel)[(triton.cdiv(T, m_tok), B * Hkv)](
             q, *kv, union, bits, count, indices, *outputs,
             *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3], *k_own.stride()[:3],
@@ -499,13 +515,15 @@ def launch_forward(q, k_own, v_own, k_shared, v_shared, indices, work, gate_spar
             *gate_strides(gate_sparse), *gate_strides(gate_swa),
             T, Hkv, nsel, scale * LOG2E, softcap2(softcap), window,
             G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
-            MERGE=bool(merge), PAIR=bool(pair), TMA=use_tma, num_warps=num_warps, num_stages=num_stages, **meta,
+            MERGE=bool(merge), PAIR=bool(pair), TMA=mode, num_warps=num_warps, num_stages=num_stages, **meta,
         )
 
-    if tma and not pair and wrap is direct and tma_ok(k_shared, v_shared, k_own, v_own):
-        with_descriptors(TMA_FAILED, (str(q.device), q.dtype, D), "the sparse layer's token-major forward", launch)
+    mode = tma_mode(tma, k_shared, v_shared, k_own, v_own) if not pair and wrap is direct else 0
+    if mode:
+        with_descriptors(TMA_FAILED, (str(q.device), q.dtype, D, mode), "the sparse layer's token-major forward",
+                         lambda use: launch(mode if use else 0))
     else:
-        launch(False)
+        launch(0)
 
 
 def partial_chunk_tokens(B, Hq, T, D, nsel, elt, m_tok, max_partial_bytes=None):

@@ -94,7 +94,7 @@ def _sparse_extend_kernel(
     ks_base = KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh
     vs_base = VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh
     m_s, l_s, acc_s = union_walk(q, m_s, l_s, acc_s, UNION, BITS, u_base, n_union, ks_base, vs_base, skst, svst,
-                                 n_keys, row_tok, row_ok, qpos, qk_scale2, cap2, b, g, BLOCK_N, D, SOFTCAP, False)
+                                 n_keys, row_tok, row_ok, qpos, qk_scale2, cap2, b, g, HKV, BLOCK_N, D, SOFTCAP, 0)
 
     # ---- window: keys qpos - window < p <= qpos
     m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)

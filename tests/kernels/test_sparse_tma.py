@@ -56,8 +56,13 @@ CASES = {  # name: (B, Hq, Hkv, T, d, nsel, gates, sinks, window, merge, softcap
 }
 
 
-@pytest.mark.parametrize("tma", [True, "2d"])  # 4-D descriptors; 2-D (contiguous: mode 2, the model's layout: 3)
-@pytest.mark.parametrize("name", list(CASES))
+# 4-D descriptors (by default on the model's layout only; every case with --full) and 2-D (contiguous: mode 2, the
+# model's layout: mode 3)
+GRID = [pytest.param(n, True, marks=[] if n == "g4_T77_channel_model_layout" else pytest.mark.full_grid)
+        for n in CASES] + [(n, "2d") for n in CASES]
+
+
+@pytest.mark.parametrize("name,tma", GRID)
 def test_descriptor_loads_match_reference_and_pointer_kernel(monkeypatch, name, tma):
     B, Hq, Hkv, T, d, nsel, gates, sinks, window, merge, cap, transposed = CASES[name]
     x = case(len(name), B, Hq, Hkv, T, d, nsel, gates, sinks, transposed)

@@ -105,3 +105,11 @@ def test_the_128k_estimate_counts_every_row_and_call_of_the_fair_sections():
     why = bench_e2e.long_row_blocker(b, done, {"original": 3 * 8, "compiled": 2 * 8})
     assert why is not None and "~120s needed" in why and "100s left" in why
     assert bench_e2e.long_row_blocker(b, {}, {"original": 24, "compiled": 16}) is None  # no 32k rows: no estimate
+
+
+def test_full_fwd_names_an_unknown_variant_and_the_valid_ones(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "bench.bench_e2e", "--smoke", "--full-fwd", "fastest"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 2
+    assert "--full-fwd 'fastest': choose from ptr_64x64_w4_s3, " in result.stderr and "tma2d_acc" in result.stderr

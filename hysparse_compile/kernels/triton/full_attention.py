@@ -38,10 +38,12 @@ from .select_blocks import launch_merge_heads
 
 
 # Tuned on H100 (bench/tune_full_attention.py); the interpreter uses the smallest legal tiles.
-# "tma": K/V through tensor descriptors (Hopper bulk copies), "acc_dot": P @ V accumulates into the rescaled acc;
-# both off until timed on the GPU (bench/full_fwd_variants.py).
-FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "tma": False, "acc_dot": False}
-TMA_FAILED: dict = {}  # (device, dtype, head_dim) -> why the descriptor kernel failed there: pointer loads run
+# "tma" (False, True / "4d", "2d"): K/V through tensor descriptors (Hopper bulk copies; common.tma_mode); "acc_dot":
+# P @ V accumulates into the rescaled acc; "ws" (with tma): a warp-specialized loop. All off until timed on a GPU
+# (bench/full_fwd_variants.py; docs/kernels_full.md, "Forward variants").
+FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "tma": False, "acc_dot": False,
+              "ws": False}
+TMA_FAILED: dict = {}  # (device, dtype, head_dim, mode) -> why the descriptor kernel failed: pointer loads run there
 BWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}  # dk/dv; dq uses the transpose
 
 

@@ -64,12 +64,14 @@ CASES = {  # name: (B, Hq, Hkv, T, d, block, topk, options)
 }
 
 
-SINGLE = ("tma", "acc_dot")  # each option alone: the combinations cover them; run with --full
+# Each option alone (the combinations cover it) and the warp-specialized loop (the interpreter runs it as the plain
+# one) run on one case by default, on every case with --full.
+SAMPLED = ("tma", "acc_dot", "tma2d+acc_dot+ws")
+GRID = [pytest.param(c, v, marks=pytest.mark.full_grid) if v in SAMPLED and c != "g4_T70_transposed" else (c, v)
+        for v in VARIANTS for c in CASES]
 
 
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.full_grid) if v in SINGLE else v
-                                     for v in VARIANTS])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case,variant", GRID)
 def test_variant_matches_reference_and_pointer_kernel(monkeypatch, variant, case):
     B, Hq, Hkv, T, d, bs, topk, opt = CASES[case]
     q, k, v = qkv(B, Hq, Hkv, T, d, torch.float32, seed=len(case), transposed=opt.get("transposed", False))

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import direct
+from .common import capturing, direct
 
 _PAD = 2**30  # sorts after every real block index (torch builder)
 _PAD_KEY = tl.constexpr(2**31 - 1)  # sorts after every real key block * 64 + token (Triton builder)
@@ -132,8 +132,7 @@ def choose_tokens_per_tile(indices: torch.Tensor, group_size: int):
     """
     nsel = indices.shape[-1]
     m64, m128 = tokens_per_tile(group_size, 64), tokens_per_tile(group_size, 128)
-    capturing = indices.is_cuda and torch.cuda.is_current_stream_capturing()
-    if m128 == m64 or capturing:
+    if m128 == m64 or capturing(indices):
         return m64, tile_block_union(indices, m64)
     work = tile_block_union(indices, m128)
     if work[2].float().mean().item() <= 2 * nsel:

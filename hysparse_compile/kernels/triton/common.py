@@ -78,20 +78,26 @@ def tma_ok(*xs):
     return True
 
 
-def with_descriptors(failed, key, what, launch):
-    """`launch(True)` (the kernel with tensor-descriptor loads) unless it failed before for `key`; if it raises (out
-    of memory excepted), the reason is kept in `failed[key]`, a warning says so once, and `launch(False)` (pointer
-    loads) runs, now and from then on for that key."""
-    if key not in failed:
+def capturing(x) -> bool:
+    """Whether a CUDA graph is being captured on x's device's current stream (no host sync may happen)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def with_descriptors(failed, key, what, mode, launch):
+    """`launch(mode)`: the kernel with tensor-descriptor loads in TMA mode `mode` (`tma_mode`), unless mode is 0 or
+    it failed before for `key + (mode,)`; if it raises (out of memory excepted), the reason is kept in
+    `failed[key + (mode,)]`, a warning says so once, and `launch(0)` (pointer loads) runs, now and from then on."""
+    key = key + (mode,)
+    if mode and key not in failed:
         try:
-            return launch(True)
+            return launch(mode)
         except Exception as e:  # noqa: BLE001 - a Triton or driver that cannot build the descriptor kernel
             if isinstance(e, torch.OutOfMemoryError):
                 raise
             failed[key] = f"{type(e).__name__}: {str(e)[:200]}"
             warnings.warn(f"hysparse: {what} with tensor descriptors failed ({failed[key]}); it uses pointer loads "
                           f"on {key} from now on", RuntimeWarning, stacklevel=3)
-    return launch(False)
+    return launch(0)
 
 
 def tma_mode(want, *xs):

@@ -229,9 +229,9 @@ def _fwd_kernel(
                                                     pos_m, offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, False,
                                                     BLOCK_N, BS, IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
     for start_n in range(lo, hi, BLOCK_N):  # diagonal tiles: causal + bounds masks
-        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n, pos_m,
-                                                offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, True, BLOCK_N, BS,
-                                                IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
+        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n,
+                                                pos_m, offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, True, BLOCK_N,
+                                                BS, IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     if HAS_SINKS:  # the sink's exp joins the denominator (rows past T have m = -inf: never stored)
         l_den = l_i + tl.math.exp2(tl.load(Sinks + h).to(tl.float32) * LOG2E_C - m_i)
@@ -372,11 +372,7 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=di
         )
 
     mode = tma_mode(cfg.get("tma"), k, v) if wrap is direct else 0
-    if mode:
-        with_descriptors(TMA_FAILED, (str(q.device), q.dtype, d, mode), "the full layer's forward",
-                         lambda use: launch(mode if use else 0))
-    else:
-        launch(0)
+    with_descriptors(TMA_FAILED, (str(q.device), q.dtype, d), "the full layer's forward", mode, launch)
     return out, lse, cand_s, cand_i
 
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .block_major import block_partials, combine_partials
 from .block_union import choose_tokens_per_tile, tile_block_union, tokens_per_tile
-from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, descriptor, direct, soft_cap, softcap2, tma_mode,
+from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, capturing, descriptor, direct, soft_cap, softcap2, tma_mode,
                      with_descriptors)
 from .online_softmax import normalize_with_sink, online_softmax_step
 
@@ -402,19 +402,15 @@ def choose_order(count, nsel, T, G=None):
     only for random-like selections at G = 4 and long T (32k: 1.6x vs 1.1x cuDNN); at G = 16 and with
     tile-correlated selections token-major is faster, which this rule keeps.
     """
-    key = (str(count.device), tuple(count.shape), nsel, T)
     if T < AUTO_MIN_T:
         return "token"
+    key = (str(count.device), tuple(count.shape), nsel, T)
     if capturing(count):
         return LAST_ORDER.get(key, "token")
     order = "block" if count.float().mean().item() > AUTO_UNION_RATIO * nsel else "token"
     LAST_ORDER[key] = order
     return order
 
-
-def capturing(x) -> bool:
-    """Whether a CUDA graph is being captured on x's device's current stream (no host sync may happen)."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
@@ -519,11 +515,7 @@ def launch_forward(q, k_own, v_own, k_shared, v_shared, indices, work, gate_spar
         )
 
     mode = tma_mode(tma, k_shared, v_shared, k_own, v_own) if not pair and wrap is direct else 0
-    if mode:
-        with_descriptors(TMA_FAILED, (str(q.device), q.dtype, D, mode), "the sparse layer's token-major forward",
-                         lambda use: launch(mode if use else 0))
-    else:
-        launch(0)
+    with_descriptors(TMA_FAILED, (str(q.device), q.dtype, D), "the sparse layer's token-major forward", mode, launch)
 
 
 def partial_chunk_tokens(B, Hq, T, D, nsel, elt, m_tok, max_partial_bytes=None):

@@ -809,7 +809,13 @@ def main(argv=None) -> int:
     ap.add_argument("--full-fwd", default=None, metavar="VARIANT",
                     help="run the full layers' forward as this variant of bench/full_fwd_variants.py (its tiles, "
                          "tensor-descriptor loads, accumulate form) instead of the kernel's FWD_CONFIG")
+    ap.add_argument("--token-tma", default=None, choices=("off", "4d", "2d"),
+                    help="the token-major sparse forward's K/V loads: pointers (off) or tensor descriptors (4-D, the "
+                         "default TOKEN_TMA, or 2-D)")
     args = ap.parse_args(argv)
+    if args.token_tma is not None:
+        from hysparse_compile.kernels.triton import sparse_attention as tsa
+        tsa.TOKEN_TMA = False if args.token_tma == "off" else args.token_tma
     if args.full_fwd is not None:
         from hysparse_compile.kernels.triton import full_attention as fa
 

@@ -1,7 +1,7 @@
 """Correctness of the Triton and Flex backends against the reference in float32, at real sizes, on the GPU.
 
     python -m bench.check_gpu [--seqlens 4096,8192,32768] [--bwd-seqlens 4096,8192] [--smoke]
-        [--orders token,block] [--full-fwd VARIANT] [--combine fused] [--token-tma 4d|2d]
+        [--orders token,block] [--full-fwd VARIANT] [--combine fused] [--token-tma off|4d|2d]
 
 For bf16 inputs, both paper shapes (Hq/Hkv/d = 32/8/128 and 64/4/128), block 64, topk 1024, window 128:
 full layer (out, lse, indices), sparse layer with per-channel gates and sinks on the full layer's own selection,
@@ -61,7 +61,7 @@ def kernel_options(args):
     if args.combine:
         tsa.BLOCK_COMBINE = args.combine
     if args.token_tma:
-        tsa.TOKEN_TMA = args.token_tma
+        tsa.TOKEN_TMA = False if args.token_tma == "off" else args.token_tma
     PARAMS.update(variant=[x for x in (args.full_fwd, args.combine and f"combine={args.combine}",
                                        args.token_tma and f"token-tma={args.token_tma}") if x])
 
@@ -235,8 +235,9 @@ def main(argv=None):
                    help="the full layer's forward as this variant of bench/full_fwd_variants.py (every full-layer op)")
     p.add_argument("--combine", default=None, choices=("separate", "fused"),
                    help="the block-major sparse forward's combine (default: the kernel module's BLOCK_COMBINE)")
-    p.add_argument("--token-tma", default=None, choices=("4d", "2d"),
-                   help="the token-major sparse forward reads K/V through tensor descriptors (4-D or 2-D)")
+    p.add_argument("--token-tma", default=None, choices=("off", "4d", "2d"),
+                   help="the token-major sparse forward's K/V loads: pointers (off) or tensor descriptors (4-D, the "
+                        "default TOKEN_TMA, or 2-D)")
     args = p.parse_args(argv)
     kernel_options(args)
     ORDERS[:] = [o for o in args.orders.split(",") if o]

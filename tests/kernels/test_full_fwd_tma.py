@@ -150,6 +150,30 @@ def test_descriptor_failure_falls_back_to_pointer_loads_once(monkeypatch):
     assert not [w for w in seen if "hysparse" in str(w.message)], "remembered: no second try, no second warning"
 
 
+def test_a_descriptor_config_without_descriptors_runs_the_pointer_tiles(monkeypatch):
+    """FWD_CONFIG's 128-row tiles are tuned for descriptor loads; where they cannot run (here: under a wrap, as
+    AOTInductor's wrap_triton launches) the pointer kernel gets POINTER_FWD_CONFIG's tiles, and the same result."""
+    launched = []
+
+    def recording(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                def call(*args, **kw):
+                    launched.append((grid, kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["TMA"]))
+                    return kernel[grid](*args, **kw)
+                return call
+        return Grid()
+
+    q, k, v = qkv(1, 4, 1, 150, 16, torch.float32, seed=4)
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1, "tma": "2d", "acc_dot": True}
+    got = fa.launch_forward(q, k, v, None, 16, 32, 0.25, wrap=recording, cfg=cfg)
+    p = fa.POINTER_FWD_CONFIG
+    assert launched == [((3, 4), p["BLOCK_M"], p["BLOCK_N"], p["num_warps"], 0)]  # ceil(150 / 64) row tiles
+    want = fa.launch_forward(q, k, v, None, 16, 32, 0.25, cfg=dict(p))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_tma_modes_follow_the_layout():
     k = torch.randn(2, 3, 40, 16, device=DEV, dtype=torch.float16)
     km = torch.randn(2, 40, 3, 16, device=DEV, dtype=torch.float16).transpose(1, 2)  # the model's layout

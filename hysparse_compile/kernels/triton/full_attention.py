@@ -37,12 +37,16 @@ from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, descriptor, direct, soft_
 from .select_blocks import launch_merge_heads
 
 
-# Tuned on H100 (bench/tune_full_attention.py); the interpreter uses the smallest legal tiles.
-# "tma" (False, True / "4d", "2d"): K/V through tensor descriptors (Hopper bulk copies; common.tma_mode); "acc_dot":
-# P @ V accumulates into the rescaled acc; "ws" (with tma): a warp-specialized loop. All off until timed on a GPU
-# (bench/full_fwd_variants.py; docs/kernels_full.md, "Forward variants").
-FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "tma": False, "acc_dot": False,
-              "ws": False}
+# Tuned on H100 (bench/full_fwd_variants.py, 2026-12-05; docs/kernels_full.md, "Forward variants"); the interpreter
+# uses the smallest legal tiles. "tma" (False, True / "4d", "2d"): K/V through tensor descriptors (Hopper bulk
+# copies; common.tma_mode; pointer loads where a tensor can't be described or the kernel fails to build); "acc_dot":
+# P @ V accumulates into the rescaled acc; "ws" (with tma): a warp-specialized off-diagonal loop. This set was
+# 1.33x cuDNN against the pointer kernel's 1.42x (64x64 tiles, no descriptors), mean of 8k/32k at 32/8/128, 64/4/128.
+FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "tma": "2d", "acc_dot": True,
+              "ws": True}
+# Where descriptors cannot run (before Hopper, an unaddressable tensor, under wrap_triton, a failed build): the tiles
+# tuned for pointer loads (bench/tune_full_attention.py, 2026-11-23: 1.42x cuDNN against 128-row tiles' spills).
+POINTER_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 TMA_FAILED: dict = {}  # (device, dtype, head_dim, mode) -> why the descriptor kernel failed: pointer loads run there
 BWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}  # dk/dv; dq uses the transpose
 
@@ -305,6 +309,15 @@ def forward_config(block_size, head_dim):
     return cfg
 
 
+def pointer_tiles(block_size):
+    """The tiles for a config that asked for descriptors but runs without them: POINTER_FWD_CONFIG (BLOCK_N at least
+    the block), whatever `cfg`'s own tiles."""
+    tiles = dict(POINTER_FWD_CONFIG)
+    tiles["BLOCK_N"] = max(tiles["BLOCK_N"], block_size)
+    tiles["BLOCK_M"] = max(tiles["BLOCK_M"], tiles["BLOCK_N"])
+    return tiles
+
+
 def full_attention_fwd(q, k, v, block_size, topk, scale, return_scores, *, sinks=None, softcap=0.0):
     """Causal attention + block selection.
 
@@ -351,13 +364,14 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=di
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     cand_s = torch.empty((B, Hq, T, nsel_p2), dtype=torch.float32, device=q.device)
     cand_i = torch.empty((B, Hq, T, nsel_p2), dtype=torch.int32, device=q.device)
-    cfg = cfg or forward_config(block_size, d)
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
+    wanted = cfg or forward_config(block_size, d)
 
     def launch(tma):
+        cfg = wanted if tma or not wanted.get("tma") else pointer_tiles(block_size)
         kd, vd = (k, v)
         if tma:
             kd, vd = (descriptor(x, tma, cfg["BLOCK_N"]) for x in (k, v))
+        grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
         wrap(_fwd_kernel)[grid](
             q, kd, vd, out, lse, cand_s, cand_i, sinks if sinks is not None else lse,
             start if start is not None else lse,
@@ -371,7 +385,7 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=di
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
-    mode = tma_mode(cfg.get("tma"), k, v) if wrap is direct else 0
+    mode = tma_mode(wanted.get("tma"), k, v) if wrap is direct else 0
     with_descriptors(TMA_FAILED, (str(q.device), q.dtype, d), "the full layer's forward", mode, launch)
     return out, lse, cand_s, cand_i
 

@@ -366,7 +366,8 @@ DEFAULT_ORDER = "auto"  # what `sparse_attention_fwd(order=None)` (and so the op
 AUTO_UNION_RATIO = 4.0  # "auto": block-major when the mean tile union exceeds this many times nsel
 AUTO_MIN_T = 16384  # "auto": token-major below this length (H200, 32/8/128 random: block 0.4x vs token 0.6x cuDNN at
 #                     8k, 1.6x vs 1.1x at 32k; the crossover estimate is ~16k)
-TOKEN_TMA = False  # token-major: K/V through tensor descriptors (False, True / "4d", "2d"; untimed; the `tma` knob)
+TOKEN_TMA = True  # token-major: K/V through tensor descriptors (False, True / "4d", "2d"; the `tma` knob): 4-D was
+# 15-19% faster than pointer loads on the H100 at 32k (2-D 13% slower; docs/kernels_sparse.md)
 TMA_FAILED: dict = {}  # (device, dtype, head_dim, mode) -> why the descriptor kernel failed: pointer loads run there
 LAST_ORDER: dict = {}  # "auto": (device, work-list shape, nsel, T) -> the order last chosen there (graph captures)
 MAX_PARTIAL_BYTES = 1 << 30  # block-major: partial buffers per token chunk (the sequence is cut to fit)

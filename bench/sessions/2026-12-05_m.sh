@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# For the next device session (one call, <= 600 s), left by the fourth session of 2026-12-05: the GPU checks after that
-# session's changes at both shapes (the full layer's backward now on cuDNN; softcap keeps the Triton backward), the
-# sparse layer's fwd+bwd with the recomputation the model does (SPEC §6's definition, never measured that way:
-# bench_kernels --recompute), the 128k forward on this tree with the model's own selections (the graph-break fix), and
-# the extend grid's full sample on the GPU (cut at 60 s in call h). Rename to <date>_<letter>.sh once run.
+# 2026-12-05, sixth session, device call 1 (23:55-00:01 UTC, 339 s; results bench/results/h100_2026-12-05m_*),
+# left by the fourth session as pending.sh: the GPU checks after that session's changes at both shapes (the full
+# layer's backward on cuDNN; softcap keeps the Triton backward), the sparse layer's fwd+bwd with the recomputation the
+# model does (SPEC §6's definition: bench_kernels --recompute), the 128k forward on this tree with the model's own
+# selections, and the extend grid's full sample on the GPU (it did not finish in 80 s: 44 cases passed, none failed).
 BUDGET_S=${BUDGET_S:-560}; . "$(dirname "$0")/steps.sh"; mkdir -p "$W"
 OUT="$W" TAIL=15 step check_gpu 110 python -m bench.check_gpu --shapes 32/8/128,64/4/128 --seqlens 4096 --bwd-seqlens 4096 --backends triton
 mv "$W/check_gpu.json" "$W/check_gpu_main.json" 2>/dev/null

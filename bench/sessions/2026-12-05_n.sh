@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# For a device session (one call, <= 600 s), left by the fifth session of 2026-12-05 (no GPU lent), beside
-# pending.sh: (1) the full layer's forward variants (K/V through tensor descriptors, the accumulate-form P @ V,
-# tiles), checked against the reference and timed against SDPA cuDNN at 8k / 32k; (2) the block-major sparse forward
-# with the fused combine (the last kernel folds the partials; SWA as the last split) against the separate combine
-# kernel, per kernel, both shapes, with their outputs compared; (3) the token-major sparse forward with K/V blocks
-# through tensor descriptors (tile-correlated selections at G = 4, random at G = 16: where token-major runs).
-# Then pending_variants_check.sh (FULL_FWD = the fastest variant found here): check_gpu with the variants, decode's
-# +inductor rows (they failed in call h, fixed since) and the model's forward with them. Defaults change only where
-# the model's rows move. Rename to <date>_<letter>.sh once run.
+# 2026-12-05, sixth session, device call 2 (00:01-00:03 UTC, 134 s; results bench/results/h100_2026-12-05n_*),
+# left by the fifth session as pending_full_fwd.sh: (1) the full layer's forward variants (K/V through tensor
+# descriptors, the accumulate-form P @ V, tiles, the warp-specialized loop), checked against the reference and timed
+# against SDPA cuDNN at 8k / 32k: tma2d_acc_ws_128x64_w8_s3 fastest, now FWD_CONFIG; (2) the block-major sparse
+# forward with the fused combine against the separate combine kernel, per kernel, both shapes (0.1% / 3%: default
+# kept); (3) the token-major sparse forward with K/V blocks through tensor descriptors (4-D 15-19% faster: now
+# TOKEN_TMA; 2-D 13% slower).
 BUDGET_S=${BUDGET_S:-570}; . "$(dirname "$0")/steps.sh"; mkdir -p "$W"
 mkdir -p "$W/ffv"
 TAIL=45 step full_fwd_variants 290 python -m bench.full_fwd_variants --set-default --out "$W/ffv"

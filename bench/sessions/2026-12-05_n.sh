@@ -16,5 +16,5 @@ TV='[{}, {"tma": true}, {"tma": "2d"}]'
 TAIL=30 step profile_tma_tile_32_8 55 python -m bench.profile_sparse --shape 32/8/128 --seqlen 32768 --selection tile --orders token --variants "$TV"
 TAIL=30 step profile_tma_64_4 55 python -m bench.profile_sparse --shape 64/4/128 --seqlen 32768 --orders token --variants "$TV"
 best=$(python -c "import json; print(json.load(open('$W/ffv/full_fwd_variants.json'))['fastest']['variant'])" 2>/dev/null)
-echo "fastest full-forward variant: ${best:-none} (pass it as FULL_FWD to pending_variants_check.sh)"
+echo "fastest full-forward variant: ${best:-none} (pass it as FULL_FWD to 2026-12-05_o.sh)"
 tar -C "$OUT" -czf "$OUT/session.tar.gz" s

@@ -34,6 +34,16 @@ def test_variant_flags_set_the_kernel_defaults_and_the_tags(clean):
     assert check_gpu.descriptor_fallbacks() == {"sparse": {"('cuda:0', 'bf16', 128)": "CompilationError: ..."}}
 
 
+def test_the_previous_defaults_are_one_flag_each(clean):
+    """The defaults are descriptor loads now; `--full-fwd ptr_64x64_w4_s3 --token-tma off` must undo every option
+    (a variant that named only its tiles would keep the default's tma / ws and time something else)."""
+    assert fa.FWD_CONFIG["tma"] and fa.FWD_CONFIG["ws"] and tsa.TOKEN_TMA
+    check_gpu.kernel_options(argparse.Namespace(full_fwd="ptr_64x64_w4_s3", combine=None, token_tma="off"))
+    assert fa.FWD_CONFIG == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "tma": False,
+                             "acc_dot": False, "ws": False}
+    assert tsa.TOKEN_TMA is False
+
+
 def test_without_flags_nothing_changes(clean):
     before = (dict(fa.FWD_CONFIG), tsa.BLOCK_COMBINE, tsa.TOKEN_TMA)
     check_gpu.kernel_options(argparse.Namespace(full_fwd=None, combine=None, token_tma=None))

@@ -1,7 +1,7 @@
 """The full layer's forward with K/V through tensor descriptors (`tma`) and the accumulate-form P @ V (`acc_dot`).
 
-Both are options of `full_attention.FWD_CONFIG` (off until timed on a GPU: bench/full_fwd_variants.py). Each
-variant must give the pointer kernel's result: against the float64 reference (out, lse, block scores, selection) at
+Both are options of `full_attention.FWD_CONFIG` (on by default since the H100 run of 2026-12-06,
+bench/full_fwd_variants.py, with the warp-specialized loop and 128-row tiles). Each variant must give the pointer kernel's result: against the float64 reference (out, lse, block scores, selection) at
 odd sizes, GQA groups 1/4/16, batch 2, sinks, softcap, the model's transposed layout, and the extend launch (cache
 rows past the filled length hold garbage). Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (the interpreter
 implements tensor descriptors, zero-filling rows past the tensor as the bulk copy does).

@@ -37,12 +37,18 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="32/8/128,64/4/128")
     p.add_argument("--backends", default="reference,flex,triton")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--descriptors", action="store_true",
+                   help="the full layer's extend on the forward's descriptor tiles (FWD_CONFIG) instead of its pointer "
+                        "tiles (full_attention_extend.EXTEND_DESCRIPTORS)")
     args = p.parse_args(argv)
     device, dtype, bs, topk, w = "cuda", torch.bfloat16, 64, 1024, 128
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are imported (by their first call)
         device, dtype, bs, topk, w = "cpu", torch.float32, 16, 32, 8
         args.cache, args.rs, args.shapes = 96, "5,24", "8/2/16"
+    if args.descriptors:
+        import importlib
+        importlib.import_module("hysparse_compile.kernels.triton.full_attention_extend").EXTEND_DESCRIPTORS = True
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for shape in args.shapes.split(","):

@@ -7,6 +7,7 @@ rows past the filled length hold garbage). Runs on CUDA, or on CPU under TRITON_
 implements tensor descriptors, zero-filling rows past the tensor as the bulk copy does).
 """
 
+import importlib
 import os
 import warnings
 
@@ -21,6 +22,8 @@ from hysparse_compile.kernels import reference  # noqa: E402
 from hysparse_compile.kernels.triton import common  # noqa: E402
 from hysparse_compile.kernels.triton import full_attention as fa  # noqa: E402
 from hysparse_compile.kernels.triton.full_attention_extend import full_attention_extend  # noqa: E402
+
+fa_ext = importlib.import_module("hysparse_compile.kernels.triton.full_attention_extend")  # the package's name is the function
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 VARIANTS = {"tma+acc_dot": dict(tma=True, acc_dot=True), "tma": dict(tma=True), "acc_dot": dict(acc_dot=True),
@@ -121,6 +124,7 @@ def test_extend_through_descriptors_ignores_the_cache_past_the_filled_rows(monke
     for b, s in enumerate(start.tolist()):
         kc[b, :, s + R:] = float("inf")
         vc[b, :, s + R:] = float("nan")
+    monkeypatch.setattr(fa_ext, "EXTEND_DESCRIPTORS", True)
     for tma in (True, "2d"):  # 2-D: a head's rows past start + R run on into its unwritten rows
         use_config(monkeypatch, tma=tma, acc_dot=True)
         out, idx = full_attention_extend(q, kc, vc, start, 16, 32, 0.25)
@@ -172,6 +176,17 @@ def test_a_descriptor_config_without_descriptors_runs_the_pointer_tiles(monkeypa
     want = fa.launch_forward(q, k, v, None, 16, 32, 0.25, cfg=dict(p))
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_extend_keeps_the_pointer_tiles_unless_asked(monkeypatch):
+    """FWD_CONFIG asks for descriptors and 128-row tiles; extend was timed with the pointer tiles and keeps them
+    (query tiles cut to the rows) until EXTEND_DESCRIPTORS."""
+    monkeypatch.setattr(fa, "INTERPRET_FWD_CONFIG", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3,
+                                                     "tma": "2d", "acc_dot": True, "ws": True})
+    assert fa_ext.extend_config(64, 128, 512) == fa.POINTER_FWD_CONFIG
+    assert fa_ext.extend_config(64, 128, 8) == {**fa.POINTER_FWD_CONFIG, "BLOCK_M": 16}
+    monkeypatch.setattr(fa_ext, "EXTEND_DESCRIPTORS", True)
+    assert fa_ext.extend_config(64, 128, 512)["tma"] == "2d" and fa_ext.extend_config(64, 128, 8)["BLOCK_M"] == 16
 
 
 def test_tma_modes_follow_the_layout():

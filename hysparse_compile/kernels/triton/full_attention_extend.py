@@ -13,12 +13,19 @@ import torch
 import triton
 
 from .common import INTERPRET, direct
-from .full_attention import forward_config, launch_forward, merged_indices, unit_last_stride
+from .full_attention import forward_config, launch_forward, merged_indices, pointer_tiles, unit_last_stride
+
+# The forward's descriptor tiles (FWD_CONFIG's tma / ws, 128 rows, 8 warps) were timed for prefill only; extend keeps
+# the pointer tiles it was timed with (docs/benchmarks.md, "Extend") until bench/sessions/pending.sh times both.
+EXTEND_DESCRIPTORS = False
 
 
 def extend_config(block_size, head_dim, rows):
-    """Tiles of the extend launch: the forward's, with query tiles no taller than the rows (at least 16)."""
+    """Tiles of the extend launch: the forward's (its pointer tiles unless EXTEND_DESCRIPTORS), with query tiles no
+    taller than the rows (at least 16)."""
     cfg = forward_config(block_size, head_dim)
+    if cfg.get("tma") and not EXTEND_DESCRIPTORS:
+        cfg = pointer_tiles(block_size)
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(rows)))
     return cfg
 

@@ -51,6 +51,14 @@ VARIANTS = {
                                       ws=True),
     "tma2d_acc_ws_128x128_w8_s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, tma="2d", acc_dot=True,
                                        ws=True),
+    # around the winner of 2026-12-06 (the default): its pipeline depth, 4-D descriptors, the plain P @ V
+    "tma2d_acc_ws_128x64_w8_s2": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, tma="2d", acc_dot=True,
+                                      ws=True),
+    "tma2d_acc_ws_128x64_w8_s4": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma="2d", acc_dot=True,
+                                      ws=True),
+    "tma_acc_ws_128x64_w8_s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True, acc_dot=True,
+                                    ws=True),
+    "tma2d_ws_128x64_w8_s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma="2d", ws=True),
 }
 # every variant names every option, so that FWD_CONFIG.update(VARIANTS[name]) runs exactly that variant
 VARIANTS = {name: {"tma": False, "acc_dot": False, "ws": False, **cfg} for name, cfg in VARIANTS.items()}

@@ -178,6 +178,19 @@ def test_a_descriptor_config_without_descriptors_runs_the_pointer_tiles(monkeypa
         assert torch.equal(a, b)
 
 
+def test_descriptor_tiles_only_where_they_were_timed(monkeypatch):
+    """FWD_CONFIG (128-row descriptor tiles) runs at the (block, head dim) it was timed at; elsewhere the pointer
+    tiles, the default before it (BLOCK_N stretched to the block)."""
+    monkeypatch.setattr(fa, "FWD_CONFIG", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3,
+                                           "tma": "2d", "acc_dot": True, "ws": True})
+    monkeypatch.setattr(fa, "DESCRIPTORS_TIMED", {(64, 128)})
+    assert fa.tuned_config(64, 128) == fa.FWD_CONFIG
+    assert fa.tuned_config(64, 64) == fa.POINTER_FWD_CONFIG
+    assert fa.tuned_config(128, 128) == {**fa.POINTER_FWD_CONFIG, "BLOCK_M": 128, "BLOCK_N": 128}
+    monkeypatch.setattr(fa, "FWD_CONFIG", dict(fa.POINTER_FWD_CONFIG, tma=False))  # no descriptors asked: as given
+    assert fa.tuned_config(128, 64)["BLOCK_N"] == 128 and fa.tuned_config(32, 64)["BLOCK_M"] == 64
+
+
 def test_extend_keeps_the_pointer_tiles_unless_asked(monkeypatch):
     """FWD_CONFIG asks for descriptors and 128-row tiles; extend was timed with the pointer tiles and keeps them
     (query tiles cut to the rows) until EXTEND_DESCRIPTORS."""

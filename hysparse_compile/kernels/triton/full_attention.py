@@ -47,6 +47,7 @@ FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "t
 # Where descriptors cannot run (before Hopper, an unaddressable tensor, under wrap_triton, a failed build): the tiles
 # tuned for pointer loads (bench/tune_full_attention.py, 2026-11-23: 1.42x cuDNN against 128-row tiles' spills).
 POINTER_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+DESCRIPTORS_TIMED = {(64, 128)}  # (block_size, head_dim) where FWD_CONFIG's descriptor tiles were timed (H100)
 TMA_FAILED: dict = {}  # (device, dtype, head_dim, mode) -> why the descriptor kernel failed: pointer loads run there
 BWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}  # dk/dv; dq uses the transpose
 
@@ -303,6 +304,14 @@ def forward_config(block_size, head_dim):
         return dict(INTERPRET_FWD_CONFIG)
     if INTERPRET:
         return {"BLOCK_M": max(16, block_size), "BLOCK_N": block_size, "num_warps": 4, "num_stages": 1}
+    return tuned_config(block_size, head_dim)
+
+
+def tuned_config(block_size, head_dim):
+    """FWD_CONFIG where its descriptor tiles were timed (DESCRIPTORS_TIMED: (block_size, head_dim) pairs), else the
+    pointer tiles, the default before them (a 128-row tile with 128-key blocks or other head dims is untimed)."""
+    if FWD_CONFIG.get("tma") and (block_size, head_dim) not in DESCRIPTORS_TIMED:
+        return pointer_tiles(block_size)
     cfg = dict(FWD_CONFIG)
     cfg["BLOCK_N"] = max(cfg["BLOCK_N"], block_size)  # powers of two: a multiple of block_size
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], cfg["BLOCK_N"])

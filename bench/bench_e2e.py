@@ -816,6 +816,7 @@ def main(argv=None) -> int:
     if args.token_tma is not None:
         from hysparse_compile.kernels.triton import sparse_attention as tsa
         tsa.TOKEN_TMA = False if args.token_tma == "off" else args.token_tma
+        tsa.TOKEN_TMA_TIMED = None  # asked for: whatever the model's block size and head dim
     if args.full_fwd is not None:
         from hysparse_compile.kernels.triton import full_attention as fa
 

@@ -62,6 +62,7 @@ def kernel_options(args):
         tsa.BLOCK_COMBINE = args.combine
     if args.token_tma:
         tsa.TOKEN_TMA = False if args.token_tma == "off" else args.token_tma
+        tsa.TOKEN_TMA_TIMED = None  # asked for: at every size checked, not only where it was timed
     PARAMS.update(variant=[x for x in (args.full_fwd, args.combine and f"combine={args.combine}",
                                        args.token_tma and f"token-tma={args.token_tma}") if x])
 

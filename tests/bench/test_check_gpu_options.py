@@ -19,6 +19,7 @@ def clean(monkeypatch):
     monkeypatch.setattr(fa, "FWD_CONFIG", dict(fa.FWD_CONFIG))
     monkeypatch.setattr(tsa, "BLOCK_COMBINE", tsa.BLOCK_COMBINE)
     monkeypatch.setattr(tsa, "TOKEN_TMA", tsa.TOKEN_TMA)
+    monkeypatch.setattr(tsa, "TOKEN_TMA_TIMED", tsa.TOKEN_TMA_TIMED)
     monkeypatch.setattr(fa, "TMA_FAILED", {})
     monkeypatch.setattr(tsa, "TMA_FAILED", {})
     monkeypatch.setattr(check_gpu, "PARAMS", {})
@@ -27,7 +28,7 @@ def clean(monkeypatch):
 def test_variant_flags_set_the_kernel_defaults_and_the_tags(clean):
     check_gpu.kernel_options(argparse.Namespace(full_fwd="tma2d_acc_64x64_w4_s3", combine="fused", token_tma="2d"))
     assert fa.FWD_CONFIG["tma"] == "2d" and fa.FWD_CONFIG["acc_dot"] and fa.FWD_CONFIG["BLOCK_M"] == 64
-    assert tsa.BLOCK_COMBINE == "fused" and tsa.TOKEN_TMA == "2d"
+    assert tsa.BLOCK_COMBINE == "fused" and tsa.TOKEN_TMA == "2d" and tsa.token_tma(16, 16) == "2d"  # any size
     assert check_gpu.tag("full.out") == "full.out[tma2d_acc_64x64_w4_s3,combine=fused,token-tma=2d]"
     assert check_gpu.descriptor_fallbacks() == {}
     tsa.TMA_FAILED[("cuda:0", "bf16", 128)] = "CompilationError: ..."

@@ -128,3 +128,13 @@ def test_2d_descriptors_keep_a_nan_in_the_next_head_out():
     got = tsa.sparse_attention_fwd(*args, order="token", tma="2d")[0]
     base = tsa.sparse_attention_fwd(*args, order="token", tma=False)[0]
     assert torch.isfinite(got[:, :4]).all() and torch.equal(got[:, :4], base[:, :4])  # query heads of KV head 0
+
+
+def test_the_default_takes_descriptors_only_where_they_were_timed(monkeypatch):
+    """TOKEN_TMA applies at the (block, head dim) where it was timed; elsewhere pointer loads, the default before."""
+    monkeypatch.setattr(tsa, "TOKEN_TMA", True)
+    monkeypatch.setattr(tsa, "TOKEN_TMA_TIMED", {(64, 128)})
+    assert tsa.token_tma(64, 128) is True and tsa.token_tma(64, 64) is False and tsa.token_tma(16, 128) is False
+    monkeypatch.setattr(tsa, "TOKEN_TMA_TIMED", None)
+    assert tsa.token_tma(16, 16) is True
+

@@ -367,12 +367,13 @@ AUTO_UNION_RATIO = 4.0  # "auto": block-major when the mean tile union exceeds t
 AUTO_MIN_T = 16384  # "auto": token-major below this length (H200, 32/8/128 random: block 0.4x vs token 0.6x cuDNN at
 #                     8k, 1.6x vs 1.1x at 32k; the crossover estimate is ~16k)
 TOKEN_TMA = True  # token-major: K/V through tensor descriptors (False, True / "4d", "2d"; the `tma` knob): 4-D was
-# 15-19% faster than pointer loads on the H100 at 32k (2-D 13% slower; docs/kernels_sparse.md)
+# 15-19% faster than pointer loads on the H100 at 32k (2-D 13% slower; docs/kernels_sparse.md), at block 64, head dim
+TOKEN_TMA_TIMED = {(64, 128)}  # 128: the (block_size, head_dim) pairs where TOKEN_TMA applies (None: everywhere)
 TMA_FAILED: dict = {}  # (device, dtype, head_dim, mode) -> why the descriptor kernel failed: pointer loads run there
 LAST_ORDER: dict = {}  # "auto": (device, work-list shape, nsel, T) -> the order last chosen there (graph captures)
 MAX_PARTIAL_BYTES = 1 << 30  # block-major: partial buffers per token chunk (the sequence is cut to fit)
 BLOCK_COMBINE = "separate"  # block-major: the combine kernel then the last kernel ("fused": the last kernel folds
-#                             the partials itself; not yet timed on a GPU, bench/profile_sparse.py --variants)
+#                             the partials itself; 0.1% / 3% faster on the H100 at 32k: below the model's noise)
 
 
 @contextlib.contextmanager
@@ -439,7 +440,7 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
     program), num_warps, num_stages (see `block_major.default_config`), max_partial_bytes (default 1 GiB), combine
     ("separate": the combine kernel, then the last kernel reads slot 0; "fused": the last kernel folds every slot
     itself; default BLOCK_COMBINE).
-    softcap: 0.0 (off) or c > 0, both branches' logits -> c * tanh(logits / c). `tma` (None = TOKEN_TMA): the
+    softcap: 0.0 (off) or c > 0, both branches' logits -> c * tanh(logits / c). `tma` (None = `token_tma`'s default): the
     token-major kernel reads K/V blocks through tensor descriptors (Hopper bulk copies).
     """
     B, Hq, T, D = q.shape
@@ -480,8 +481,13 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
         return out, lse, branch_out
     launch_forward(q, k_own, v_own, k_shared, v_shared, indices, (union, bits, count), gate_sparse, gate_swa, common,
                    epi_meta, block_size, window, scale, softcap, merge, m_tok, num_warps, num_stages, pair,
-                   tma=TOKEN_TMA if tma is None else tma)
+                   tma=token_tma(block_size, D) if tma is None else tma)
     return out, lse, branch_out
+
+
+def token_tma(block_size, head_dim):
+    """The token-major kernel's default `tma`: TOKEN_TMA where it was timed (TOKEN_TMA_TIMED), else pointer loads."""
+    return TOKEN_TMA if TOKEN_TMA_TIMED is None or (block_size, head_dim) in TOKEN_TMA_TIMED else False
 
 
 def launch_forward(q, k_own, v_own, k_shared, v_shared, indices, work, gate_sparse, gate_swa, outputs, meta,

@@ -1,7 +1,7 @@
 """Extend (R new tokens against a filled cache: chunked prefill, speculative verification) per backend, one GPU.
 
     python -m bench.bench_extend [--cache 32768] [--rs 64,512] [--shapes 32/8/128,64/4/128]
-                                 [--backends reference,flex,triton]
+                                 [--backends reference,flex,triton] [--descriptors]
 
 bf16, B = 1, block 64, topk 1024, window 128, per-channel gates, sinks; one full-layer extend (attention + block
 scores + selection) and one sparse-layer extend (its selection, the SWA keys read from a linear own cache) per
@@ -9,7 +9,8 @@ row. `reference` is the PyTorch path (the naive math in query chunks); every oth
 `speedup` = reference ms / its ms (issue 22 item 5: >= 5x at R = 512 over a 32k cache). Each backend's output is
 checked against the reference's first (`rel_l2`; the full layer's selection as `indices_rows_equal`, the share of
 rows equal to the reference's). Timing: `bench.timer.time_ms`. `--smoke`: CPU, tiny sizes, float32,
-Triton interpreted.
+Triton interpreted. `--descriptors`: the full layer's extend on the prefill forward's descriptor tiles
+(`full_attention_extend.EXTEND_DESCRIPTORS`; by default it keeps the pointer tiles it was timed with).
 Writes `bench_extend.json` to $OUT (default bench/results/).
 """
 from __future__ import annotations

@@ -154,6 +154,37 @@ def test_descriptor_failure_falls_back_to_pointer_loads_once(monkeypatch):
     assert not [w for w in seen if "hysparse" in str(w.message)], "remembered: no second try, no second warning"
 
 
+def test_a_failure_is_remembered_per_tiles_not_per_head_dim(monkeypatch):
+    """A descriptor build that failed for one set of tiles sends those tiles to pointer loads, not every forward of
+    the same device, dtype and head dim (extend's shorter tiles, a tuned variant)."""
+    real, built = common.TensorDescriptor, []
+
+    def refuse(*a, **k):
+        raise ValueError("no bulk copies here")
+
+    def counting(*a, **k):
+        built.append(a[1])
+        return real(*a, **k)
+
+    q, k, v = qkv(1, 4, 1, 30, 16, torch.float32, seed=2)
+    use_config(monkeypatch, tma=True)
+    monkeypatch.setattr(common, "TensorDescriptor", refuse)
+    with pytest.warns(RuntimeWarning, match="failed"):
+        run(q, k, v, 16, 32, 0.25)
+    assert len(fa.TMA_FAILED) == 1
+    monkeypatch.setattr(common, "TensorDescriptor", counting)
+    run(q, k, v, 16, 32, 0.25)
+    assert built == [], "the failed tiles are remembered: no second try"
+    failed = dict(fa.TMA_FAILED)
+    use_config(monkeypatch, block_n=16, tma=True)  # other tiles: descriptors are tried (and build) there
+    monkeypatch.setattr(fa, "TMA_FAILED", failed)
+    want = run(q, k, v, 16, 32, 0.25)
+    assert len(built) == 2 and len(fa.TMA_FAILED) == 1  # K and V
+    monkeypatch.setattr(common, "TensorDescriptor", real)
+    use_config(monkeypatch, block_n=16)
+    assert torch.equal(run(q, k, v, 16, 32, 0.25)[0], want[0])
+
+
 def test_a_descriptor_config_without_descriptors_runs_the_pointer_tiles(monkeypatch):
     """FWD_CONFIG's 128-row tiles are tuned for descriptor loads; where they cannot run (here: under a wrap, as
     AOTInductor's wrap_triton launches) the pointer kernel gets POINTER_FWD_CONFIG's tiles, and the same result."""

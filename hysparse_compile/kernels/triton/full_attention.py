@@ -48,7 +48,7 @@ FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "t
 # tuned for pointer loads (bench/tune_full_attention.py, 2026-11-23: 1.42x cuDNN against 128-row tiles' spills).
 POINTER_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 DESCRIPTORS_TIMED = {(64, 128)}  # (block_size, head_dim) where FWD_CONFIG's descriptor tiles were timed (H100)
-TMA_FAILED: dict = {}  # (device, dtype, head_dim, mode) -> why the descriptor kernel failed: pointer loads run there
+TMA_FAILED: dict = {}  # (device, dtype, head_dim, tiles, mode) -> why the descriptor kernel failed: pointer loads there
 BWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}  # dk/dv; dq uses the transpose
 
 
@@ -395,7 +395,8 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=di
         )
 
     mode = tma_mode(wanted.get("tma"), k, v) if wrap is direct else 0
-    with_descriptors(TMA_FAILED, (str(q.device), q.dtype, d), "the full layer's forward", mode, launch)
+    tiles = tuple(wanted.get(n) for n in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "ws"))
+    with_descriptors(TMA_FAILED, (str(q.device), q.dtype, d, tiles), "the full layer's forward", mode, launch)
     return out, lse, cand_s, cand_i
 
 

@@ -369,7 +369,7 @@ AUTO_MIN_T = 16384  # "auto": token-major below this length (H200, 32/8/128 rand
 TOKEN_TMA = True  # token-major: K/V through tensor descriptors (False, True / "4d", "2d"; the `tma` knob): 4-D was
 # 15-19% faster than pointer loads on the H100 at 32k (2-D 13% slower; docs/kernels_sparse.md), at block 64, head dim
 TOKEN_TMA_TIMED = {(64, 128)}  # 128: the (block_size, head_dim) pairs where TOKEN_TMA applies (None: everywhere)
-TMA_FAILED: dict = {}  # (device, dtype, head_dim, mode) -> why the descriptor kernel failed: pointer loads run there
+TMA_FAILED: dict = {}  # (device, dtype, head_dim, tiles, mode) -> why the descriptor kernel failed: pointer loads there
 LAST_ORDER: dict = {}  # "auto": (device, work-list shape, nsel, T) -> the order last chosen there (graph captures)
 MAX_PARTIAL_BYTES = 1 << 30  # block-major: partial buffers per token chunk (the sequence is cut to fit)
 BLOCK_COMBINE = "separate"  # block-major: the combine kernel then the last kernel ("fused": the last kernel folds
@@ -522,7 +522,8 @@ def launch_forward(q, k_own, v_own, k_shared, v_shared, indices, work, gate_spar
         )
 
     mode = tma_mode(tma, k_shared, v_shared, k_own, v_own) if not pair and wrap is direct else 0
-    with_descriptors(TMA_FAILED, (str(q.device), q.dtype, D), "the sparse layer's token-major forward", mode, launch)
+    with_descriptors(TMA_FAILED, (str(q.device), q.dtype, D, (block_m, block_size, num_warps, num_stages)),
+                     "the sparse layer's token-major forward", mode, launch)
 
 
 def partial_chunk_tokens(B, Hq, T, D, nsel, elt, m_tok, max_partial_bytes=None):

@@ -67,7 +67,7 @@ import torch
 
 
 import hysparse_compile as hs
-from . import original_best
+from . import kernel_options, original_best
 from .baselines import Rotor, sdpa_call
 from .inject import KINDS, injected_selections
 from .timer import samples_ms, time_ms
@@ -809,21 +809,12 @@ def main(argv=None) -> int:
     ap.add_argument("--full-fwd", default=None, metavar="VARIANT",
                     help="run the full layers' forward as this variant of bench/full_fwd_variants.py (its tiles, "
                          "tensor-descriptor loads, accumulate form) instead of the kernel's FWD_CONFIG")
-    ap.add_argument("--token-tma", default=None, choices=("off", "4d", "2d"),
-                    help="the token-major sparse forward's K/V loads: pointers (off) or tensor descriptors (4-D, the "
-                         "default TOKEN_TMA, or 2-D)")
+    kernel_options.add_token_tma_argument(ap)
     args = ap.parse_args(argv)
-    if args.token_tma is not None:
-        from hysparse_compile.kernels.triton import sparse_attention as tsa
-        tsa.TOKEN_TMA = False if args.token_tma == "off" else args.token_tma
-        tsa.TOKEN_TMA_TIMED = None  # asked for: whatever the model's block size and head dim
-    if args.full_fwd is not None:
-        from hysparse_compile.kernels.triton import full_attention as fa
-
-        from .full_fwd_variants import VARIANTS
-        if args.full_fwd not in VARIANTS:
-            ap.error(f"--full-fwd {args.full_fwd!r}: choose from {', '.join(VARIANTS)}")
-        fa.FWD_CONFIG.update(VARIANTS[args.full_fwd])
+    try:
+        kernel_options.apply(args.full_fwd, token_tma=args.token_tma)
+    except ValueError as e:
+        ap.error(str(e))
     if args.selections not in KINDS and not os.path.isfile(args.selections):
         ap.error(f"--selections {args.selections!r}: choose from {KINDS} or give a selections.npz that exists")
     b = Bench(args)

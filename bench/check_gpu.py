@@ -26,6 +26,8 @@ import torch
 
 from hysparse_compile import functional as F
 
+from . import kernel_options as variant_flags
+
 ORDERS: list[str] = []  # Triton sparse-layer loop orders checked on top of the default (--orders)
 PARAMS: dict = {}  # --softcap / --full-sinks: the op parameters every check passes (Gemma 2, gpt-oss)
 
@@ -51,18 +53,10 @@ def kernel_options(args):
     backward's recomputation included) runs them; recorded in PARAMS and in every check's name."""
     if not (args.full_fwd or args.combine or args.token_tma):
         return
-    from hysparse_compile.kernels.triton import full_attention as fa
-    from hysparse_compile.kernels.triton import sparse_attention as tsa
-    if args.full_fwd:
-        from .full_fwd_variants import VARIANTS
-        if args.full_fwd not in VARIANTS:
-            sys.exit(f"check_gpu: --full-fwd {args.full_fwd!r}: choose from {', '.join(VARIANTS)}")
-        fa.FWD_CONFIG.update(VARIANTS[args.full_fwd])
-    if args.combine:
-        tsa.BLOCK_COMBINE = args.combine
-    if args.token_tma:
-        tsa.TOKEN_TMA = False if args.token_tma == "off" else args.token_tma
-        tsa.TOKEN_TMA_TIMED = None  # asked for: at every size checked, not only where it was timed
+    try:
+        variant_flags.apply(args.full_fwd, args.combine, args.token_tma)
+    except ValueError as e:
+        sys.exit(f"check_gpu: {e}")
     PARAMS.update(variant=[x for x in (args.full_fwd, args.combine and f"combine={args.combine}",
                                        args.token_tma and f"token-tma={args.token_tma}") if x])
 
@@ -236,9 +230,7 @@ def main(argv=None):
                    help="the full layer's forward as this variant of bench/full_fwd_variants.py (every full-layer op)")
     p.add_argument("--combine", default=None, choices=("separate", "fused"),
                    help="the block-major sparse forward's combine (default: the kernel module's BLOCK_COMBINE)")
-    p.add_argument("--token-tma", default=None, choices=("off", "4d", "2d"),
-                   help="the token-major sparse forward's K/V loads: pointers (off) or tensor descriptors (4-D, the "
-                        "default TOKEN_TMA, or 2-D)")
+    variant_flags.add_token_tma_argument(p)
     args = p.parse_args(argv)
     kernel_options(args)
     ORDERS[:] = [o for o in args.orders.split(",") if o]

@@ -1,9 +1,10 @@
 """The full layer's forward with K/V through tensor descriptors (`tma`) and the accumulate-form P @ V (`acc_dot`).
 
 Both are options of `full_attention.FWD_CONFIG` (on by default since the H100 run of 2026-12-06,
-bench/full_fwd_variants.py, with the warp-specialized loop and 128-row tiles). Each variant must give the pointer kernel's result: against the float64 reference (out, lse, block scores, selection) at
-odd sizes, GQA groups 1/4/16, batch 2, sinks, softcap, the model's transposed layout, and the extend launch (cache
-rows past the filled length hold garbage). Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (the interpreter
+bench/full_fwd_variants.py, with the warp-specialized loop and 128-row tiles). Each variant must give the pointer
+kernel's result: against the float64 reference (out, lse, block scores, selection) at odd sizes, GQA groups
+1/4/16, batch 2, sinks, softcap, the model's transposed layout, and the extend launch (cache rows past the filled
+length hold garbage). Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (the interpreter
 implements tensor descriptors, zero-filling rows past the tensor as the bulk copy does).
 """
 
@@ -23,7 +24,8 @@ from hysparse_compile.kernels.triton import common  # noqa: E402
 from hysparse_compile.kernels.triton import full_attention as fa  # noqa: E402
 from hysparse_compile.kernels.triton.full_attention_extend import full_attention_extend  # noqa: E402
 
-fa_ext = importlib.import_module("hysparse_compile.kernels.triton.full_attention_extend")  # the package's name is the function
+# the module, not the function of the same name the package exports
+fa_ext = importlib.import_module("hysparse_compile.kernels.triton.full_attention_extend")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 VARIANTS = {"tma+acc_dot": dict(tma=True, acc_dot=True), "tma": dict(tma=True), "acc_dot": dict(acc_dot=True),

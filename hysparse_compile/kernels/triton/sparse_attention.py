@@ -414,7 +414,6 @@ def choose_order(count, nsel, T, G=None):
     return order
 
 
-
 def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
                          block_size, window, scale, merge, save_branches, m_tok=None, num_warps=None,
                          num_stages=None, pair=False, order=None, block_major=None, *, softcap=0.0, tma=None):
@@ -440,8 +439,8 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
     program), num_warps, num_stages (see `block_major.default_config`), max_partial_bytes (default 1 GiB), combine
     ("separate": the combine kernel, then the last kernel reads slot 0; "fused": the last kernel folds every slot
     itself; default BLOCK_COMBINE).
-    softcap: 0.0 (off) or c > 0, both branches' logits -> c * tanh(logits / c). `tma` (None = `token_tma`'s default): the
-    token-major kernel reads K/V blocks through tensor descriptors (Hopper bulk copies).
+    softcap: 0.0 (off) or c > 0, both branches' logits -> c * tanh(logits / c). `tma` (None = `token_tma`'s
+    default): the token-major kernel reads K/V blocks through tensor descriptors (Hopper bulk copies).
     """
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]

@@ -9,8 +9,8 @@ row. `reference` is the PyTorch path (the naive math in query chunks); every oth
 `speedup` = reference ms / its ms (issue 22 item 5: >= 5x at R = 512 over a 32k cache). Each backend's output is
 checked against the reference's first (`rel_l2`; the full layer's selection as `indices_rows_equal`, the share of
 rows equal to the reference's). Timing: `bench.timer.time_ms`. `--smoke`: CPU, tiny sizes, float32,
-Triton interpreted. `--descriptors`: the full layer's extend on the prefill forward's descriptor tiles
-(`full_attention_extend.EXTEND_DESCRIPTORS`; by default it keeps the pointer tiles it was timed with).
+Triton interpreted. `--descriptors`: the full layer's extend on the prefill forward's descriptor tiles at
+every R (by default from `full_attention_extend.EXTEND_DESCRIPTORS_MIN_ROWS` = 512 rows; fewer keep pointer tiles).
 Writes `bench_extend.json` to $OUT (default bench/results/).
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default="reference,flex,triton")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--descriptors", action="store_true",
-                   help="the full layer's extend on the forward's descriptor tiles (FWD_CONFIG) instead of its pointer "
-                        "tiles (full_attention_extend.EXTEND_DESCRIPTORS)")
+                   help="the full layer's extend on the forward's descriptor tiles (FWD_CONFIG) at every R, not only from "
+                        "full_attention_extend.EXTEND_DESCRIPTORS_MIN_ROWS rows")
     args = p.parse_args(argv)
     device, dtype, bs, topk, w = "cuda", torch.bfloat16, 64, 1024, 128
     if args.smoke:
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         args.cache, args.rs, args.shapes = 96, "5,24", "8/2/16"
     if args.descriptors:
         import importlib
-        importlib.import_module("hysparse_compile.kernels.triton.full_attention_extend").EXTEND_DESCRIPTORS = True
+        importlib.import_module("hysparse_compile.kernels.triton.full_attention_extend").EXTEND_DESCRIPTORS_MIN_ROWS = 1
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for shape in args.shapes.split(","):

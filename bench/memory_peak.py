@@ -4,6 +4,12 @@ Python frames that made them.
 
     python -m bench.memory_peak --seqlen 32k --modes compile        # torch.compile(compiled): 9.99 GiB vs 6.10 eager
     python -m bench.memory_peak --seqlen 8k --modes eager,compile --model original
+    python -m bench.memory_peak --seqlen 8k --modes compile --model both --backward   # one training step each
+
+`--model original` runs its compiled mode as bench_e2e's `compile[causal]` (the original at its best: the whole
+model compiled with SDPA kept causal, no mask). `--backward` records a training step from no grads (loss =
+logits.sum(), as bench_e2e's fwd+bwd rows) instead of a no-grad forward, and also sums the live bytes at the peak
+by where they were allocated, and by forward / backward (a frame named `backward` in the stack).
 
 Why: `torch.compile(compiled)` peaks at 5.59 / 9.99 / 29.54 GiB in the forward at 8k / 32k / 128k against 4.57 /
 6.10 / 13.16 eager (H100, 2026-12-05, bench_e2e --sections best): 134 KB more per token at every length, the size of
@@ -46,6 +52,35 @@ def where(e: dict, depth: int = 4) -> str:
     return " <- ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in frames[:depth]) or "?"
 
 
+def backward_starts(device) -> None:
+    """A marker in the allocator's trace between a step's forward and its backward (its frame names it)."""
+    import torch
+
+    torch.empty(1, device=device)
+
+
+def marker_index(trace: list[dict]) -> int:
+    """Index of `backward_starts`'s allocation in the trace (len(trace) when absent: all forward)."""
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc" and any(f.get("name") == "backward_starts" for f in e.get("frames", [])):
+            return i
+    return len(trace)
+
+
+def grouped(trace: list[dict], live: list[dict], depth: int = 1) -> list[tuple[str, str, int, int]]:
+    """(phase, where, bytes, blocks) of the live allocations summed by phase (forward / backward: before or after
+    the marker; the autograd engine's own allocations carry no Python frame) and innermost frame, largest first."""
+    at = marker_index(trace)
+    index = {id(e): i for i, e in enumerate(trace)}
+    sums: dict[tuple[str, str], list[int]] = {}
+    for e in live:
+        key = ("backward" if index[id(e)] > at else "forward", where(e, depth))
+        acc = sums.setdefault(key, [0, 0])
+        acc[0] += e["size"]
+        acc[1] += 1
+    return sorted(((k[0], k[1], v[0], v[1]) for k, v in sums.items()), key=lambda r: -r[2])
+
+
 def main(argv=None) -> None:
     import torch
 
@@ -54,38 +89,75 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlen", default="32k", help="8k, 32k, 128k or a number of tokens")
     ap.add_argument("--modes", default="eager,compile", help="eager and/or compile (torch.compile of the whole model)")
-    ap.add_argument("--model", default="compiled", choices=["compiled", "original"])
+    ap.add_argument("--model", default="compiled", choices=["compiled", "original", "both"])
+    ap.add_argument("--backward", action="store_true", help="a training step (forward + backward) from no grads")
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args(argv)
     T = int(args.seqlen[:-1]) * 1024 if args.seqlen.endswith("k") else int(args.seqlen)
     device, dtype = torch.device("cuda"), torch.bfloat16
     model, compiled, _ = be.build(False, device, dtype, "triton")
-    target = compiled if args.model == "compiled" else model
     ids = torch.randint(0, be.model_config(False)["vocab_size"], (1, T), device=device)
-    for mode in args.modes.split(","):
-        fn = torch.compile(target, dynamic=True) if mode == "compile" else target
-        kw = {} if args.model == "compiled" else {"use_cache": False}
-        with torch.no_grad():
-            fn(input_ids=ids, **kw)  # compile and warm up outside the recording
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
-            out = fn(input_ids=ids, **kw)
-            torch.cuda.synchronize()
-            snap = torch.cuda.memory._snapshot()
-            torch.cuda.memory._record_memory_history(enabled=None)
-        del out
-        trace = snap["device_traces"][torch.cuda.current_device()]
-        peak, live = live_at_peak(trace)
-        gib = 1 << 30
-        print(f"\n## {args.model} {mode}, T={T}: max_memory_allocated {torch.cuda.max_memory_allocated() / gib:.2f} "
-              f"GiB ({base / gib:.2f} before the call); the call's own peak {peak / gib:.2f} GiB, "
-              f"{len(live)} blocks live there")
-        print("| MiB | bytes per token | allocated at |\n|---|---|---|")
-        for e in live[:args.top]:
-            print(f"| {e['size'] / 2**20:.1f} | {e['size'] / T:.0f} | {where(e)} |")
+    for name in (("original", "compiled") if args.model == "both" else (args.model,)):
+        for mode in args.modes.split(","):
+            report(args, name, mode, model if name == "original" else compiled, ids, T)
+            torch._dynamo.reset()
 
+
+def report(args, name: str, mode: str, target, ids, T: int) -> None:
+    import contextlib
+
+    import torch
+
+    from . import original_best
+
+    gib = 1 << 30
+    fn = torch.compile(target, dynamic=True) if mode == "compile" else target
+    kw = {} if name == "compiled" else {"use_cache": False}
+    ctx = contextlib.nullcontext()
+    if name == "original" and mode == "compile":  # bench_e2e's compile[causal]: SDPA causal, no mask
+        original_best.register()
+        ctx = original_best.attention(original_best.configs_of(target), original_best.CAUSAL)
+        mode = "compile[causal]"
+    params = [p for p in target.parameters() if p.requires_grad]
+
+    def call():
+        out = fn(input_ids=ids, **kw).logits
+        if args.backward:
+            loss = out.sum()
+            backward_starts(ids.device)
+            loss.backward()
+            for p in params:
+                p.grad = None
+        return out
+
+    with ctx, (contextlib.nullcontext() if args.backward else torch.no_grad()):
+        call()  # compile and warm up outside the recording
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
+        out = call()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+    del out
+    trace = snap["device_traces"][torch.cuda.current_device()]
+    peak, live = live_at_peak(trace)
+    what = "fwd+bwd" if args.backward else "forward"
+    index = {id(e): i for i, e in enumerate(trace)}
+    if args.backward and live:
+        what += ", peak in the " + ("backward" if max(index[id(e)] for e in live) > marker_index(trace) else "forward")
+    print(f"\n## {name} {mode} {what}, T={T}: max_memory_allocated {torch.cuda.max_memory_allocated() / gib:.2f} "
+          f"GiB ({base / gib:.2f} before the call); the call's own peak {peak / gib:.2f} GiB, "
+          f"{len(live)} blocks live there")
+    print("| MiB | bytes per token | allocated at |\n|---|---|---|")
+    for e in live[:args.top]:
+        print(f"| {e['size'] / 2**20:.1f} | {e['size'] / T:.0f} | {where(e)} |")
+    if args.backward:
+        print("\n| phase | allocated at (innermost frame) | MiB | bytes per token | blocks |\n|---|---|---|---|---|")
+        for ph, at, size, n in grouped(trace, live)[:args.top]:
+            print(f"| {ph} | {at} | {size / 2**20:.1f} | {size / T:.0f} | {n} |")
 
 if __name__ == "__main__":
     main()

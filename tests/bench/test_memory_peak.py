@@ -1,5 +1,5 @@
 """bench/memory_peak.py's replay of an allocator trace (the GPU part runs only on a GPU)."""
-from bench.memory_peak import live_at_peak, where
+from bench.memory_peak import grouped, live_at_peak, marker_index, where
 
 
 def ev(action, addr, size, name="f"):
@@ -22,3 +22,16 @@ def test_the_peak_and_what_is_live_there():
 
 def test_an_empty_trace():
     assert live_at_peak([]) == (0, [])
+
+
+def test_live_bytes_grouped_by_phase_and_frame():
+    marker = ev("alloc", 8, 1, "backward_starts")
+    trace = [ev("alloc", 1, 100), ev("alloc", 2, 40), marker, ev("free_requested", 8, 1), ev("alloc", 3, 30, "g"),
+             ev("alloc", 4, 5, "f"), ev("free_requested", 4, 5), ev("alloc", 5, 1)]
+    assert marker_index(trace) == 2
+    peak, live = live_at_peak(trace)
+    assert peak == 175
+    # same frame on both sides of the marker: two rows; the backward's f (addr 4) is live at the peak
+    assert grouped(trace, live) == [("forward", "model.py:7 f", 140, 2), ("backward", "model.py:7 g", 30, 1),
+                                    ("backward", "model.py:7 f", 5, 1)]
+    assert marker_index(trace[:2]) == 2  # no marker: everything is forward

@@ -126,7 +126,7 @@ def test_extend_through_descriptors_ignores_the_cache_past_the_filled_rows(monke
     for b, s in enumerate(start.tolist()):
         kc[b, :, s + R:] = float("inf")
         vc[b, :, s + R:] = float("nan")
-    monkeypatch.setattr(fa_ext, "EXTEND_DESCRIPTORS", True)
+    monkeypatch.setattr(fa_ext, "EXTEND_DESCRIPTORS_MIN_ROWS", 1)
     for tma in (True, "2d"):  # 2-D: a head's rows past start + R run on into its unwritten rows
         use_config(monkeypatch, tma=tma, acc_dot=True)
         out, idx = full_attention_extend(q, kc, vc, start, 16, 32, 0.25)
@@ -224,14 +224,15 @@ def test_descriptor_tiles_only_where_they_were_timed(monkeypatch):
     assert fa.tuned_config(128, 64)["BLOCK_N"] == 128 and fa.tuned_config(32, 64)["BLOCK_M"] == 64
 
 
-def test_extend_keeps_the_pointer_tiles_unless_asked(monkeypatch):
-    """FWD_CONFIG asks for descriptors and 128-row tiles; extend was timed with the pointer tiles and keeps them
-    (query tiles cut to the rows) until EXTEND_DESCRIPTORS."""
+def test_extend_takes_the_descriptor_tiles_only_from_512_rows(monkeypatch):
+    """FWD_CONFIG asks for descriptors and 128-row tiles; extend takes them from EXTEND_DESCRIPTORS_MIN_ROWS (512)
+    new rows, where they were faster, and keeps the pointer tiles (query tiles cut to the rows) below."""
     monkeypatch.setattr(fa, "INTERPRET_FWD_CONFIG", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3,
                                                      "tma": "2d", "acc_dot": True, "ws": True})
-    assert fa_ext.extend_config(64, 128, 512) == fa.POINTER_FWD_CONFIG
+    assert fa_ext.extend_config(64, 128, 511) == fa.POINTER_FWD_CONFIG
     assert fa_ext.extend_config(64, 128, 8) == {**fa.POINTER_FWD_CONFIG, "BLOCK_M": 16}
-    monkeypatch.setattr(fa_ext, "EXTEND_DESCRIPTORS", True)
+    assert fa_ext.extend_config(64, 128, 512) == fa.INTERPRET_FWD_CONFIG
+    monkeypatch.setattr(fa_ext, "EXTEND_DESCRIPTORS_MIN_ROWS", 1)
     assert fa_ext.extend_config(64, 128, 512)["tma"] == "2d" and fa_ext.extend_config(64, 128, 8)["BLOCK_M"] == 16
 
 

@@ -15,16 +15,18 @@ import triton
 from .common import INTERPRET, direct
 from .full_attention import forward_config, launch_forward, merged_indices, pointer_tiles, unit_last_stride
 
-# The forward's descriptor tiles (FWD_CONFIG's tma / ws, 128 rows, 8 warps) were timed for prefill only; extend keeps
-# the pointer tiles it was timed with (docs/benchmarks.md, "Extend") until bench/sessions/pending.sh times both.
-EXTEND_DESCRIPTORS = False
+# From how many new rows extend takes the forward's descriptor tiles (FWD_CONFIG's tma / ws, 128 rows, 8 warps);
+# fewer rows keep its pointer tiles. Measured on the H100 (docs/benchmarks.md, "Seventh session"), both shapes:
+# descriptors 7-8% faster at R = 512, 29-62% slower at R = 8 and 64 (their short query tiles leave the warp-
+# specialized loop little to overlap). `bench_extend --descriptors` sets 1.
+EXTEND_DESCRIPTORS_MIN_ROWS = 512
 
 
 def extend_config(block_size, head_dim, rows):
-    """Tiles of the extend launch: the forward's (its pointer tiles unless EXTEND_DESCRIPTORS), with query tiles no
-    taller than the rows (at least 16)."""
+    """Tiles of the extend launch: the forward's (its pointer tiles below EXTEND_DESCRIPTORS_MIN_ROWS rows), with
+    query tiles no taller than the rows (at least 16)."""
     cfg = forward_config(block_size, head_dim)
-    if cfg.get("tma") and not EXTEND_DESCRIPTORS:
+    if cfg.get("tma") and rows < EXTEND_DESCRIPTORS_MIN_ROWS:
         cfg = pointer_tiles(block_size)
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(rows)))
     return cfg

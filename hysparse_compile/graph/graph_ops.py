@@ -52,10 +52,41 @@ def branch_gates(x: Tensor, weight: Tensor, heads: int, branches: int) -> tuple[
     buffer (indexing `g[i]` would zero-fill a buffer of both branches per branch and add them: docs/compiler.md,
     "What the compiled graph does not pay for").
     """
-    g = torch.sigmoid(torch.nn.functional.linear(x, weight))  # [B, T, branches * heads * e]
+    logits = torch.nn.functional.linear(x, weight)  # [B, T, branches * heads * e]
+    trains = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    g = gate_sigmoid(logits) if trains and torch.compiler.is_compiling() else torch.sigmoid(logits)
     B, T = x.shape[0], x.shape[1]
     g = g.view(B, T, branches, heads, -1).permute(2, 0, 3, 1, 4)  # [branches, B, heads, T, e]
     return g.unbind(0)
+
+
+@torch.library.custom_op("hysparse::gate_sigmoid", mutates_args=())
+def gate_sigmoid(logits: Tensor) -> Tensor:
+    """`torch.sigmoid` that Inductor cannot take apart, for the gates of a graph being compiled for training.
+
+    The sparse op's backward needs the gates (the sigmoid's output), and the sigmoid's own backward needs them too.
+    With a plain sigmoid, Inductor's partitioner saves the projection's output to recompute the sigmoid in the
+    backward *and* the gates the sparse op holds: two `[B, T, 2 Hq e]` tensors per sparse layer where one serves
+    (measured, docs/compiler.md "What the compiled graph does not pay for"). As an opaque op whose backward reads its
+    output, only the gates are kept. Eager autograd keeps one already; export (no grad) sees `torch.sigmoid`."""
+    return torch.sigmoid(logits)
+
+
+@gate_sigmoid.register_fake
+def _(logits):
+    return torch.empty_like(logits)
+
+
+def _gate_sigmoid_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _gate_sigmoid_backward(ctx, grad):
+    (g,) = ctx.saved_tensors
+    return torch.ops.aten.sigmoid_backward(grad, g)
+
+
+gate_sigmoid.register_autograd(_gate_sigmoid_backward, setup_context=_gate_sigmoid_setup)
 
 
 def select_nothing(indices: Tensor) -> Tensor:

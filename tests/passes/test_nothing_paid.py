@@ -205,6 +205,12 @@ def test_triton_full_layer_output_keeps_q_layout_so_the_reshape_before_o_proj_is
 
 def _saved_activation_bytes(model, ids) -> int:
     """Bytes of the distinct storages autograd keeps for backward (parameters excluded) in one forward."""
+    return sum(_saved_storages(model, ids)[0].values())
+
+
+def _saved_storages(model, ids, call=None):
+    """({storage pointer: bytes} of what autograd keeps for backward in one forward, parameters excluded; the
+    logits). `call`: what runs the forward (default `model`; e.g. its torch.compile)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
@@ -215,8 +221,37 @@ def _saved_activation_bytes(model, ids) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits(model(ids))
-    return sum(storages.values())
+        out = logits((model if call is None else call)(ids))
+    return storages, out
+
+
+def test_compiled_training_keeps_each_sparse_layers_gates_once():
+    """Under torch.compile (Inductor) with grad, a sparse layer keeps one [B, T, 2 Hq d] gate tensor, as eager
+    autograd does: with a plain sigmoid, Inductor also kept the gate projection's output to recompute the sigmoid in
+    the backward (graph_ops.gate_sigmoid). The compiled step's gradients equal the eager step's."""
+    import transformers as tf
+    from models import _hf_common
+
+    import hysparse_compile as hs
+
+    torch.manual_seed(0)  # head_dim 32 with 4 heads: 2 Hq d = 256, a width no other activation of the model has
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**_hf_common(3, 4, 2), head_dim=32, attn_implementation="sdpa"))
+    compiled = hs.compile(model, hs.Schedule.from_pattern("FSS", block_size=16, topk=32, window=16, mode="paper"))
+    B, T = 1, 40
+    ids = torch.randint(0, 100, (B, T), generator=torch.Generator().manual_seed(5))
+    gate_bytes = B * T * 2 * 4 * 32 * 4  # fp32
+    params = [p for p in compiled.parameters() if p.requires_grad]
+    kept, grads = {}, {}
+    for how, call in (("eager", None), ("inductor", torch.compile(compiled, backend="inductor", dynamic=False))):
+        storages, out = _saved_storages(compiled, ids, call)
+        kept[how] = sorted(storages.values()).count(gate_bytes)
+        out.sum().backward()
+        grads[how] = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+    assert kept == {"eager": 2, "inductor": 2}, kept  # one per sparse layer (Inductor kept 4 before)
+    for a, b in zip(grads["eager"], grads["inductor"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("save_branches", [False, True])

@@ -54,7 +54,8 @@ def branch_gates(x: Tensor, weight: Tensor, heads: int, branches: int) -> tuple[
     """
     logits = torch.nn.functional.linear(x, weight)  # [B, T, branches * heads * e]
     trains = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    g = gate_sigmoid(logits) if trains and torch.compiler.is_compiling() else torch.sigmoid(logits)
+    compiling = torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    g = gate_sigmoid(logits) if trains and compiling else torch.sigmoid(logits)
     B, T = x.shape[0], x.shape[1]
     g = g.view(B, T, branches, heads, -1).permute(2, 0, 3, 1, 4)  # [branches, B, heads, T, e]
     return g.unbind(0)
@@ -68,7 +69,7 @@ def gate_sigmoid(logits: Tensor) -> Tensor:
     With a plain sigmoid, Inductor's partitioner saves the projection's output to recompute the sigmoid in the
     backward *and* the gates the sparse op holds: two `[B, T, 2 Hq e]` tensors per sparse layer where one serves
     (measured, docs/compiler.md "What the compiled graph does not pay for"). As an opaque op whose backward reads its
-    output, only the gates are kept. Eager autograd keeps one already; export (no grad) sees `torch.sigmoid`."""
+    output, only the gates are kept. Eager autograd keeps one already; `torch.export` sees `torch.sigmoid`."""
     return torch.sigmoid(logits)
 
 

@@ -67,18 +67,27 @@ def marker_index(trace: list[dict]) -> int:
     return len(trace)
 
 
-def grouped(trace: list[dict], live: list[dict], depth: int = 1) -> list[tuple[str, str, int, int]]:
-    """(phase, where, bytes, blocks) of the live allocations summed by phase (forward / backward: before or after
-    the marker; the autograd engine's own allocations carry no Python frame) and innermost frame, largest first."""
+def grouped(trace: list[dict], live: list[dict]) -> list[tuple[str, str, int, int, str]]:
+    """(phase, site, block bytes, blocks, example) of the live allocations summed by phase (forward / backward:
+    before or after the marker; the autograd engine's own allocations carry no Python frame), site (the innermost
+    frame's file and function, its line dropped: an Inductor graph allocates every buffer on its own line) and block
+    size, largest total first; `example` is one block's line and, where the file is readable, its source text."""
+    import linecache
+
     at = marker_index(trace)
     index = {id(e): i for i, e in enumerate(trace)}
-    sums: dict[tuple[str, str], list[int]] = {}
+    sums: dict[tuple[str, str, int], list] = {}
     for e in live:
-        key = ("backward" if index[id(e)] > at else "forward", where(e, depth))
-        acc = sums.setdefault(key, [0, 0])
-        acc[0] += e["size"]
-        acc[1] += 1
-    return sorted(((k[0], k[1], v[0], v[1]) for k, v in sums.items()), key=lambda r: -r[2])
+        frame = next((f for f in e.get("frames", []) if f.get("filename", "").endswith(".py")
+                      and "/torch/" not in f["filename"]), None)
+        site = f"{frame['filename'].rsplit('/', 1)[-1]} {frame['name']}" if frame else "?"
+        key = ("backward" if index[id(e)] > at else "forward", site, e["size"])
+        if key not in sums:
+            text = linecache.getline(frame["filename"], frame["line"]).strip()[:90] if frame else ""
+            sums[key] = [0, f"line {frame['line']}: {text}" if frame else ""]
+        sums[key][0] += 1
+    rows = [(k[0], k[1], k[2], v[0], v[1]) for k, v in sums.items()]
+    return sorted(rows, key=lambda r: -r[2] * r[3])
 
 
 def main(argv=None) -> None:
@@ -155,9 +164,11 @@ def report(args, name: str, mode: str, target, ids, T: int) -> None:
     for e in live[:args.top]:
         print(f"| {e['size'] / 2**20:.1f} | {e['size'] / T:.0f} | {where(e)} |")
     if args.backward:
-        print("\n| phase | allocated at (innermost frame) | MiB | bytes per token | blocks |\n|---|---|---|---|---|")
-        for ph, at, size, n in grouped(trace, live)[:args.top]:
-            print(f"| {ph} | {at} | {size / 2**20:.1f} | {size / T:.0f} | {n} |")
+        print("\n| phase | allocated in | MiB per block | blocks | MiB | bytes per token | e.g. |\n"
+              "|---|---|---|---|---|---|---|")
+        for ph, site, size, n, example in grouped(trace, live):
+            print(f"| {ph} | {site} | {size / 2**20:.1f} | {n} | {n * size / 2**20:.1f} | {n * size / T:.0f} | "
+                  f"{example.replace('|', '/')} |")
 
 if __name__ == "__main__":
     main()

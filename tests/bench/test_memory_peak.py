@@ -31,7 +31,8 @@ def test_live_bytes_grouped_by_phase_and_frame():
     assert marker_index(trace) == 2
     peak, live = live_at_peak(trace)
     assert peak == 175
-    # same frame on both sides of the marker: two rows; the backward's f (addr 4) is live at the peak
-    assert grouped(trace, live) == [("forward", "model.py:7 f", 140, 2), ("backward", "model.py:7 g", 30, 1),
-                                    ("backward", "model.py:7 f", 5, 1)]
+    # by phase, site and block size: the backward's f (addr 4) is live at the peak
+    assert [r[:4] for r in grouped(trace, live)] == [("forward", "model.py f", 100, 1), ("forward", "model.py f", 40, 1),
+                                                     ("backward", "model.py g", 30, 1), ("backward", "model.py f", 5, 1)]
+    assert grouped(trace, live)[0][4].startswith("line 7")
     assert marker_index(trace[:2]) == 2  # no marker: everything is forward

@@ -8,8 +8,9 @@ Python frames that made them.
 
 `--model original` runs its compiled mode as bench_e2e's `compile[causal]` (the original at its best: the whole
 model compiled with SDPA kept causal, no mask). `--backward` records a training step from no grads (loss =
-logits.sum(), as bench_e2e's fwd+bwd rows) instead of a no-grad forward, and also sums the live bytes at the peak
-by where they were allocated, and by forward / backward (a frame named `backward` in the stack).
+logits.sum(), as bench_e2e's fwd+bwd rows) instead of a no-grad forward, and also lists every block live at the peak,
+grouped by phase (allocated before or after a marker allocation between the forward and the backward), site and
+block size.
 
 Why: `torch.compile(compiled)` peaks at 5.59 / 9.99 / 29.54 GiB in the forward at 8k / 32k / 128k against 4.57 /
 6.10 / 13.16 eager (H100, 2026-12-05, bench_e2e --sections best): 134 KB more per token at every length, the size of

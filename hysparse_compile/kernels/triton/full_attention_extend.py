@@ -17,8 +17,8 @@ from .full_attention import forward_config, launch_forward, merged_indices, poin
 
 # From how many new rows extend takes the forward's descriptor tiles (FWD_CONFIG's tma / ws, 128 rows, 8 warps);
 # fewer rows keep its pointer tiles. Measured on the H100 (docs/benchmarks.md, "Seventh session"), both shapes:
-# descriptors 7-8% faster at R = 512, 29-62% slower at R = 8 and 64 (their short query tiles leave the warp-
-# specialized loop little to overlap). `bench_extend --descriptors` sets 1.
+# descriptors 7-8% faster at R = 512, 29-62% slower at R = 8 and 64 (rows between were not timed).
+# `bench_extend --descriptors` sets 1.
 EXTEND_DESCRIPTORS_MIN_ROWS = 512
 
 

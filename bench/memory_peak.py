@@ -45,11 +45,15 @@ def live_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
     return peak, sorted(live.values(), key=lambda e: -e["size"])
 
 
+def user_frames(e: dict) -> list[dict]:
+    """An allocation's Python frames outside torch's own files, innermost first (the snapshot's C++ frames, `??` or
+    `.cpp` files, came first and filled the depth in the run of 2026-12-05 h)."""
+    return [f for f in e.get("frames", []) if f.get("filename", "").endswith(".py") and "/torch/" not in f["filename"]]
+
+
 def where(e: dict, depth: int = 4) -> str:
-    """The innermost `depth` Python frames of an allocation outside torch's own files, innermost first (the
-    snapshot's C++ frames, `??` or `.cpp` files, came first and filled the depth in the run of 2026-12-05 h)."""
-    frames = [f for f in e.get("frames", []) if f.get("filename", "").endswith(".py")
-              and "/torch/" not in f["filename"]]
+    """The innermost `depth` of `user_frames`, as `file:line function <- ...`."""
+    frames = user_frames(e)
     return " <- ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in frames[:depth]) or "?"
 
 
@@ -79,8 +83,7 @@ def grouped(trace: list[dict], live: list[dict]) -> list[tuple[str, str, int, in
     index = {id(e): i for i, e in enumerate(trace)}
     sums: dict[tuple[str, str, int], list] = {}
     for e in live:
-        frame = next((f for f in e.get("frames", []) if f.get("filename", "").endswith(".py")
-                      and "/torch/" not in f["filename"]), None)
+        frame = next(iter(user_frames(e)), None)
         site = f"{frame['filename'].rsplit('/', 1)[-1]} {frame['name']}" if frame else "?"
         key = ("backward" if index[id(e)] > at else "forward", site, e["size"])
         if key not in sums:

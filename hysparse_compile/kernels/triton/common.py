@@ -83,6 +83,12 @@ def capturing(x) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def timed_at(pairs, block_size, head_dim) -> bool:
+    """Whether a kernel default tuned on a GPU applies at (block_size, head_dim): `pairs` are the (block_size,
+    head_dim) pairs where it was timed (None: everywhere)."""
+    return pairs is None or (block_size, head_dim) in pairs
+
+
 def with_descriptors(failed, key, what, mode, launch):
     """`launch(mode)`: the kernel with tensor-descriptor loads in TMA mode `mode` (`tma_mode`), unless mode is 0 or
     it failed before for `key + (mode,)`; if it raises (out of memory excepted), the reason is kept in

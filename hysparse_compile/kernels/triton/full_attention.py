@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import full_attention_bwd_cudnn as bwd_cudnn
 from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, descriptor, direct, soft_cap, soft_cap_with_slope, softcap2,
-                     tma_mode, with_descriptors)
+                     timed_at, tma_mode, with_descriptors)
 from .select_blocks import launch_merge_heads
 
 
@@ -47,7 +47,8 @@ FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "t
 # Where descriptors cannot run (before Hopper, an unaddressable tensor, under wrap_triton, a failed build): the tiles
 # tuned for pointer loads (bench/tune_full_attention.py, 2026-11-23: 1.42x cuDNN against 128-row tiles' spills).
 POINTER_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-DESCRIPTORS_TIMED = {(64, 128)}  # (block_size, head_dim) where FWD_CONFIG's descriptor tiles were timed (H100)
+DESCRIPTORS_TIMED = {(64, 128)}  # (block_size, head_dim) where FWD_CONFIG's descriptor tiles were timed (H100; None:
+#                                   everywhere): common.timed_at
 TMA_FAILED: dict = {}  # (device, dtype, head_dim, tiles, mode) -> why the descriptor kernel failed: pointer loads there
 BWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}  # dk/dv; dq uses the transpose
 
@@ -310,7 +311,7 @@ def forward_config(block_size, head_dim):
 def tuned_config(block_size, head_dim):
     """FWD_CONFIG where its descriptor tiles were timed (DESCRIPTORS_TIMED: (block_size, head_dim) pairs), else the
     pointer tiles, the default before them (a 128-row tile with 128-key blocks or other head dims is untimed)."""
-    if FWD_CONFIG.get("tma") and (block_size, head_dim) not in DESCRIPTORS_TIMED:
+    if FWD_CONFIG.get("tma") and not timed_at(DESCRIPTORS_TIMED, block_size, head_dim):
         return pointer_tiles(block_size)
     cfg = dict(FWD_CONFIG)
     cfg["BLOCK_N"] = max(cfg["BLOCK_N"], block_size)  # powers of two: a multiple of block_size
@@ -320,7 +321,7 @@ def tuned_config(block_size, head_dim):
 
 def pointer_tiles(block_size):
     """The tiles for a config that asked for descriptors but runs without them: POINTER_FWD_CONFIG (BLOCK_N at least
-    the block), whatever `cfg`'s own tiles."""
+    the block), whatever tiles the descriptor config had."""
     tiles = dict(POINTER_FWD_CONFIG)
     tiles["BLOCK_N"] = max(tiles["BLOCK_N"], block_size)
     tiles["BLOCK_M"] = max(tiles["BLOCK_M"], tiles["BLOCK_N"])

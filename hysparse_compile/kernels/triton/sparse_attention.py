@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .block_major import block_partials, combine_partials
 from .block_union import choose_tokens_per_tile, tile_block_union, tokens_per_tile
-from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, capturing, descriptor, direct, soft_cap, softcap2, tma_mode,
-                     with_descriptors)
+from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, capturing, descriptor, direct, soft_cap, softcap2, timed_at,
+                     tma_mode, with_descriptors)
 from .online_softmax import normalize_with_sink, online_softmax_step
 
 
@@ -486,7 +486,7 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
 
 def token_tma(block_size, head_dim):
     """The token-major kernel's default `tma`: TOKEN_TMA where it was timed (TOKEN_TMA_TIMED), else pointer loads."""
-    return TOKEN_TMA if TOKEN_TMA_TIMED is None or (block_size, head_dim) in TOKEN_TMA_TIMED else False
+    return TOKEN_TMA if timed_at(TOKEN_TMA_TIMED, block_size, head_dim) else False
 
 
 def launch_forward(q, k_own, v_own, k_shared, v_shared, indices, work, gate_sparse, gate_swa, outputs, meta,

@@ -1,7 +1,7 @@
 """Correctness of the Triton and Flex backends against the reference in float32, at real sizes, on the GPU.
 
     python -m bench.check_gpu [--seqlens 4096,8192,32768] [--bwd-seqlens 4096,8192] [--smoke]
-        [--orders token,block] [--full-fwd VARIANT] [--combine fused] [--token-tma off|4d|2d]
+        [--orders token,block] [--full-fwd VARIANT] [--combine fused] [--token-tma off|4d|2d] [--layout hf]
 
 For bf16 inputs, both paper shapes (Hq/Hkv/d = 32/8/128 and 64/4/128), block 64, topk 1024, window 128:
 full layer (out, lse, indices), sparse layer with per-channel gates and sinks on the full layer's own selection,
@@ -11,7 +11,8 @@ of (token, group) rows whose selection equals the fp32 one (bf16 near-ties make 
 layer is checked with its default loop order ("auto") and again with each order of --orders forced
 (`sparse.out[block]`, `grad.*[block]`, ...: token-major / K/V-block-major, docs/kernels_sparse.md).
 `--full-fwd`, `--combine`, `--token-tma` run the kernel variants that are off by default (their names join every
-check's tag); a descriptor kernel that falls back to pointer loads counts as a failure.
+check's tag); a descriptor kernel that falls back to pointer loads counts as a failure. `--layout hf` lays the
+inputs out as the model does (`inputs`), so the kernels read and write through the strides a model gives them.
 """
 from __future__ import annotations
 
@@ -99,11 +100,19 @@ def record(name, shape, T, backend, errs, extra=None, tol=2e-2):
           f"mean={errs['mean_abs']:.3e} rel_l2={errs['rel_l2']:.3e} {more}", flush=True)
 
 
-def inputs(B, Hq, Hkv, T, d, dtype, device, gen):
+def inputs(B, Hq, Hkv, T, d, dtype, device, gen, layout="contiguous"):
+    """One case's tensors, [B, H, T, d] contiguous, or with layout "hf" as an HF attention module and the
+    compiled model make them: q/k/v transposed views of [B, T, H, d] projections, the two gates views of one
+    [B, T, 2, Hq, d] projection, dout a transposed view (o_proj's gradient)."""
     r = lambda *s: torch.randn(*s, generator=gen, device=device).to(dtype)  # noqa: E731
-    return dict(q=r(B, Hq, T, d), k=r(B, Hkv, T, d), v=r(B, Hkv, T, d), k_own=r(B, Hkv, T, d), v_own=r(B, Hkv, T, d),
-                gs=torch.sigmoid(r(B, Hq, T, d)), gw=torch.sigmoid(r(B, Hq, T, d)),
-                sinks=torch.randn(Hq, generator=gen, device=device), dout=r(B, Hq, T, d),
+    if layout == "hf":
+        t = lambda H: r(B, T, H, d).transpose(1, 2)  # noqa: E731
+        gs, gw = torch.sigmoid(r(B, T, 2, Hq, d)).permute(2, 0, 3, 1, 4)
+    else:
+        t = lambda H: r(B, H, T, d)  # noqa: E731
+        gs, gw = torch.sigmoid(r(B, Hq, T, d)), torch.sigmoid(r(B, Hq, T, d))
+    return dict(q=t(Hq), k=t(Hkv), v=t(Hkv), k_own=t(Hkv), v_own=t(Hkv), gs=gs, gw=gw,
+                sinks=torch.randn(Hq, generator=gen, device=device), dout=t(Hq),
                 sinks_full=torch.randn(Hq, generator=gen, device=device))
 
 
@@ -230,11 +239,15 @@ def main(argv=None):
                    help="the full layer's forward as this variant of bench/full_fwd_variants.py (every full-layer op)")
     p.add_argument("--combine", default=None, choices=("separate", "fused"),
                    help="the block-major sparse forward's combine (default: the kernel module's BLOCK_COMBINE)")
+    p.add_argument("--layout", default="contiguous", choices=("contiguous", "hf"),
+                   help="hf: q/k/v/dout transposed views of [B, T, H, d], the gates views of one projection")
     variant_flags.add_token_tma_argument(p)
     args = p.parse_args(argv)
     kernel_options(args)
     ORDERS[:] = [o for o in args.orders.split(",") if o]
     PARAMS.update(softcap=args.softcap, full_sinks=args.full_sinks)
+    if args.layout == "hf":
+        PARAMS.setdefault("variant", []).append("hf")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device, dtype, bs, topk, w, B = "cuda", torch.bfloat16, 64, 1024, 128, 1
@@ -249,11 +262,11 @@ def main(argv=None):
     for shape in args.shapes.split(","):
         Hq, Hkv, d = map(int, shape.split("/"))
         for T in map(int, args.seqlens.split(",")):
-            x = inputs(B if T < 32768 else 1, Hq, Hkv, T, d, dtype, device, gen)
+            x = inputs(B if T < 32768 else 1, Hq, Hkv, T, d, dtype, device, gen, args.layout)
             check_forward(x, shape, T, backends, bs, topk, w)
             if str(T) in args.bwd_seqlens.split(","):
                 check_backward(x, shape, T, backends, bs, topk, w)
-            x2 = inputs(2, Hq, Hkv, T, d, dtype, device, gen) if T == max(map(int, args.seqlens.split(","))) else None
+            x2 = inputs(2, Hq, Hkv, T, d, dtype, device, gen, args.layout) if T == max(map(int, args.seqlens.split(","))) else None
             if x2 is not None:
                 check_decode(x2, shape, T, backends, bs, topk, w)
                 if args.extend:

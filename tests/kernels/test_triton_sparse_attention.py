@@ -303,3 +303,37 @@ def test_merge_reads_the_window_from_k_shared(gen):
     for name, g, r in zip(NAMES, got, ref):
         if r is not None:
             assert (g.abs().max() == 0 and r.abs().max() == 0) or rel(g, r) < 1e-4, name
+
+
+@pytest.mark.parametrize("order,kv_mode,merge,gates", [
+    ("token", "kv_major", False, "channel"), ("token", "atomic", False, "head"), ("block", "kv_major", False, "channel"),
+    ("token", "kv_major", True, None)])
+def test_forward_and_backward_write_in_their_inputs_layouts(gen, order, kv_mode, merge, gates):
+    """The forward's output and every gradient come back in the layout `torch.empty_like` of what they stand for
+    has (what the ops declare, so they return them without a copy), with the reference's values. Inputs laid out as
+    an HF attention module makes them: q/k/v transposed views of [B, T, H, d] projections, the gates views of one
+    [B, T, 2, Hq, d] projection, dout a transposed view as o_proj's gradient arrives."""
+    B, Hq, Hkv, T, d, bs, nsel = 2, 8, 2, 45, 32, 16, 2
+    r = lambda *s: torch.randn(*s, generator=gen).to(DEV)  # noqa: E731
+    q = r(B, T, Hq, d).transpose(1, 2)
+    k_own, v_own, k_sh, v_sh = (r(B, T, Hkv, d).transpose(1, 2) for _ in range(4))
+    gs = gw = None
+    if gates == "channel":
+        gs, gw = torch.rand(B, T, 2, Hq, d, generator=gen).to(DEV).permute(2, 0, 3, 1, 4)
+    elif gates == "head":
+        gs, gw = torch.rand(B, T, 2, Hq, 1, generator=gen).to(DEV).permute(2, 0, 3, 1, 4)
+    case = dict(q=q, k_own=k_own, v_own=v_own, k_shared=k_sh, v_shared=v_sh,
+                indices=random_indices(B, Hkv, T, bs, nsel, gen).to(DEV), gate_sparse=gs, gate_swa=gw,
+                sinks=r(Hq))
+    scale = d ** -0.5
+    out, lse, br = sparse_attention_fwd(*case.values(), bs, 12, scale, merge, False, order=order)
+    assert out.stride() == torch.empty_like(q).stride(), out.stride()
+    assert rel(out, reference.sparse_attention_fwd(*case.values(), bs, 12, scale, merge, False)[0]) < 1e-5
+    dout = r(B, T, Hq, d).transpose(1, 2)
+    got = sparse_attention_bwd(dout, *case.values(), out, lse, br, bs, 12, scale, merge, order=order,
+                               kv_mode=kv_mode)
+    ref = reference.sparse_attention_bwd(dout, *case.values(), out, lse, br, bs, 12, scale, merge)
+    assert_grads_match(got, ref)
+    for name, g, x in zip(NAMES, got, (q, k_own, v_own, k_sh, v_sh, gs, gw)):
+        if g is not None and not (merge and name in ("dk_own", "dv_own")):  # merge: zeros, unread inputs
+            assert g.stride() == torch.empty_like(x).stride(), (name, g.stride(), x.stride())

@@ -166,11 +166,12 @@ def _swa_branch(q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok,
 
 @triton.jit
 def _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, heads, tpos, row_ok,
-              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, T, HKV,
+              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, sob, soh, sot, T, HKV,
               G: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr,
               GS_MODE: tl.constexpr, GW_MODE: tl.constexpr, SAVE: tl.constexpr):
     """Sinks join each branch's denominator, lse (and the ungated branches when SAVE) are stored, gates multiply,
-    `out` is written once. Both kernels that call it run on a grid whose axis 1 is B * Hkv."""
+    `out` is written once, with its own strides (so*: q's layout, which the op returns without a copy; lse and the
+    branches are contiguous). Both kernels that call it run on a grid whose axis 1 is B * Hkv."""
     dd = tl.arange(0, D)
     if HAS_SINKS:
         sink2 = tl.load(SINKS + heads).to(tl.float32) * LOG2E_C
@@ -194,7 +195,8 @@ def _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, 
     if GW_MODE > 0:
         gw_off = gate_offsets(b, heads, tpos, sgwb, sgwh, sgwt, sgwd, GW_MODE, D)
         o_w = o_w * tl.load(GW + gw_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(OUT + o_off[:, None] * D + dd[None, :], (o_s + o_w).to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    out_off = b.to(tl.int64) * sob + heads.to(tl.int64) * soh + tpos.to(tl.int64) * sot
+    tl.store(OUT + out_off[:, None] + dd[None, :], (o_s + o_w).to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -202,7 +204,7 @@ def _sparse_fwd_kernel(
     Q, KS, VS, KO, VO, UNION, BITS, COUNT, IDX, GS, GW, SINKS, OUT, LSE, BR,
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst, skob, skoh, skot, svob, svoh, svot,
     sub, suh, sut, sib, sih, sit,
-    sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd,
+    sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, sob, soh, sot,
     T, HKV, NSEL, qk_scale2, cap2, window,
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_SINKS: tl.constexpr,
@@ -268,14 +270,15 @@ def _sparse_fwd_kernel(
         q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
         T, NSEL, qk_scale2, cap2, window, HKV, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, MERGE, HAS_SWA, SOFTCAP, TMA)
     _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, heads, tpos, row_ok,
-              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, T, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE, SAVE)
+              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, sob, soh, sot, T, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE,
+              GW_MODE, SAVE)
 
 
 @triton.jit
 def _sparse_fwd_partials_kernel(
     Q, KO, VO, OP, LP, IDX, GS, GW, SINKS, OUT, LSE, BR,
     sqb, sqh, sqt, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
-    sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd,
+    sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, sob, soh, sot,
     T, T_BEGIN, TC, HKV, NSEL, qk_scale2, cap2, window,
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NSEL_P2: tl.constexpr, HAS_SWA: tl.constexpr, HAS_SINKS: tl.constexpr,
@@ -335,11 +338,21 @@ def _sparse_fwd_partials_kernel(
         q, m_s, l_s, acc_s, KO, VO, IDX, b, g, t0, tpos, row_ok, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
         T, NSEL, qk_scale2, cap2, window, HKV, M_TOK, BLOCK_M, BLOCK_N, D, NSEL_P2, False, HAS_SWA, SOFTCAP, 0)
     _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, heads, tpos, row_ok,
-              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, T, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE, SAVE)
+              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, sob, soh, sot, T, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE,
+              GW_MODE, SAVE)
 
 
 def last_dim_unit(x):
     return x if x is None or x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def layout_like(x):
+    """An empty tensor shaped as `x` in the layout `torch.empty_like(x)` gives it, the one the ops' fake
+    implementations declare for outputs and gradients standing for `x` (`ops._layout_of`), so the op returns it
+    without a copy; contiguous where that layout's last dimension is not unit-stride (the kernels' stores need it; a
+    per-head gate's last dimension has size 1)."""
+    y = torch.empty_like(x)
+    return y if y.stride(-1) == 1 or x.shape[-1] == 1 else torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
 def gate_mode(gate):
@@ -452,10 +465,10 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
     if merge:  # one softmax over selected + window keys of the layer's own K/V, passed as k_shared/v_shared
         k_own, v_own = k_shared, v_shared
         order = "token"
+    out = layout_like(q)
     q, k_own, v_own, k_shared, v_shared = (last_dim_unit(x) for x in (q, k_own, v_own, k_shared, v_shared))
     gate_sparse, gate_swa = last_dim_unit(gate_sparse), last_dim_unit(gate_swa)
     indices = indices.contiguous()
-    out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, 2, device=q.device, dtype=torch.float32)
     branch_out = (torch.empty(2, B, Hq, T, D, device=q.device, dtype=q.dtype) if save_branches
                   else torch.empty(0, device=q.device, dtype=q.dtype))
@@ -514,7 +527,7 @@ def launch_forward(q, k_own, v_own, k_shared, v_shared, indices, work, gate_spar
             q, *kv, union, bits, count, indices, *outputs,
             *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3], *k_own.stride()[:3],
             *v_own.stride()[:3], *union.stride()[:3], *indices.stride()[:3],
-            *gate_strides(gate_sparse), *gate_strides(gate_swa),
+            *gate_strides(gate_sparse), *gate_strides(gate_swa), *outputs[3].stride()[:3],
             T, Hkv, nsel, scale * LOG2E, softcap2(softcap), window,
             G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
             MERGE=bool(merge), PAIR=bool(pair), TMA=mode, num_warps=num_warps, num_stages=num_stages, **meta,
@@ -563,7 +576,7 @@ def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, 
         _sparse_fwd_partials_kernel[(triton.cdiv(n, m_tok), B * Hkv)](
             q, k_own, v_own, op, lp, indices, *common,
             *q.stride()[:3], *k_own.stride()[:3], *v_own.stride()[:3], *indices.stride()[:3],
-            *gate_strides(gate_sparse), *gate_strides(gate_swa),
+            *gate_strides(gate_sparse), *gate_strides(gate_swa), *common[3].stride()[:3],
             T, t_begin, n, Hkv, nsel, scale2, softcap2(softcap), window,
             G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
             COMBINE=combine == "fused", num_warps=num_warps, num_stages=num_stages, **epi_meta,

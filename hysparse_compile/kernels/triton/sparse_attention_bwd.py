@@ -22,7 +22,7 @@ from .block_major import block_grads
 from .block_union import tile_block_union
 from .common import soft_cap_with_slope, softcap2
 from .sparse_attention import (LOG2E, gate_mode, gate_offsets, gate_strides, in_window, kv_block,
-                               last_dim_unit, row_member, row_selected, row_selection, window_blocks,
+                               last_dim_unit, layout_like, row_member, row_selected, row_selection, window_blocks,
                                launch_config, sparse_attention_fwd)
 
 
@@ -46,14 +46,16 @@ def _sparse_bwd_kernel(
     Q, KS, VS, KO, VO, DOS, DOW, LS, LW, DS, DW, UNION, BITS, COUNT, IDX,
     DQ_ACC, DQ, DKS, DVS, DKO, DVO,
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst, skob, skoh, skot, svob, svoh, svot,
-    sub, suh, sut, sib, sih, sit,
+    sdqb, sdqh, sdqt, sub, suh, sut, sib, sih, sit,
     T, HKV, NSEL, qk_scale2, scale, cap2, window,
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, ATOMIC_KV: tl.constexpr,
     SPARSE: tl.constexpr, DQ_INIT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """dq of one query tile (and dK/dV with atomics when ATOMIC_KV). SPARSE: walk the tile union (False: the sparse
-    branch is done block-major, `block_major.block_grads`, whose fp32 dq sum DQ_INIT loads and completes)."""
+    branch is done block-major, `block_major.block_grads`, whose fp32 dq sum DQ_INIT loads and completes). dq is
+    written with its own strides (sdq*: q's layout, so the op returns it without a copy); the fp32 sums (DQ_ACC, the
+    atomic dK/dV) are contiguous [B, H, T, D]."""
     tile = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // HKV
@@ -123,7 +125,8 @@ def _sparse_bwd_kernel(
                 tl.atomic_add(DKO + g_off, tl.dot(tl.trans(ds.to(q.dtype)), q) * scale, mask=kmask)
                 tl.atomic_add(DVO + g_off, tl.dot(tl.trans(p.to(do_w.dtype)), do_w), mask=kmask)
 
-    tl.store(DQ + r_off[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    dq_off = b.to(tl.int64) * sdqb + heads.to(tl.int64) * sdqh + tpos.to(tl.int64) * sdqt
+    tl.store(DQ + dq_off[:, None] + dd[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -150,13 +153,15 @@ def _sparse_bwd_dkdv_kernel(
     Q, KS, VS, KO, VO, DOS, DOW, LS, LW, DS, DW, TILE_OF, BITS_OF, START, IDX,
     DKS, DVS, DKO, DVO,
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst, skob, skoh, skot, svob, svoh, svot, sib, sih, sit,
+    sdksb, sdksh, sdkst, sdvsb, sdvsh, sdvst, sdkob, sdkoh, sdkot, sdvob, sdvoh, sdvot,
     T, HKV, NSEL, qk_scale2, scale, cap2, window,
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, SPARSE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """dK, dV of key block j of one KV group, written once: shared K/V from the query tiles whose union holds j
     (the inverse of the tile unions, CSR in TILE_OF/BITS_OF/START), own K/V from the tiles whose window covers j.
-    SPARSE=False: only the window part (the sparse branch is done block-major)."""
+    SPARSE=False: only the window part (the sparse branch is done block-major). Each gradient is written with its own
+    strides (sd*: the layout of the K/V it belongs to, so the op returns it without a copy)."""
     j = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // HKV
@@ -164,7 +169,7 @@ def _sparse_bwd_dkdv_kernel(
     dd = tl.arange(0, D)
     kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
     kmask = (kpos < T)[:, None]
-    g_off = ((bg.to(tl.int64) * T + kpos)[:, None] * D + dd[None, :])  # rows of contiguous [B, Hkv, T, D]
+    b64, g64, k64 = b.to(tl.int64), g.to(tl.int64), kpos.to(tl.int64)
     if SPARSE:
         _, k, v = kv_block(KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh,
                             VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh, j, skst, svst, T, BLOCK_N, D)
@@ -182,8 +187,10 @@ def _sparse_bwd_dkdv_kernel(
             ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2, cap2, SOFTCAP)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        tl.store(DKS + g_off, (dk * scale).to(DKS.dtype.element_ty), mask=kmask)
-        tl.store(DVS + g_off, dv.to(DVS.dtype.element_ty), mask=kmask)
+        tl.store(DKS + (b64 * sdksb + g64 * sdksh + k64 * sdkst)[:, None] + dd[None, :],
+                 (dk * scale).to(DKS.dtype.element_ty), mask=kmask)
+        tl.store(DVS + (b64 * sdvsb + g64 * sdvsh + k64 * sdvst)[:, None] + dd[None, :],
+                 dv.to(DVS.dtype.element_ty), mask=kmask)
     if HAS_SWA:
         _, k, v = kv_block(KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh,
                             VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh, j, skot, svot, T, BLOCK_N, D)
@@ -204,8 +211,15 @@ def _sparse_bwd_dkdv_kernel(
             ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2, cap2, SOFTCAP)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        tl.store(DKO + g_off, (dk * scale).to(DKO.dtype.element_ty), mask=kmask)
-        tl.store(DVO + g_off, dv.to(DVO.dtype.element_ty), mask=kmask)
+        tl.store(DKO + (b64 * sdkob + g64 * sdkoh + k64 * sdkot)[:, None] + dd[None, :],
+                 (dk * scale).to(DKO.dtype.element_ty), mask=kmask)
+        tl.store(DVO + (b64 * sdvob + g64 * sdvoh + k64 * sdvot)[:, None] + dd[None, :],
+                 dv.to(DVO.dtype.element_ty), mask=kmask)
+
+
+def kv_grad_strides(*grads):
+    """(batch, head, token) strides of each K/V gradient, in order, for the dK/dV kernel's stores."""
+    return tuple(s for g in grads for s in g.stride()[:3])
 
 
 def inverse_union(union, bits, count, n_blocks):
@@ -229,12 +243,15 @@ def inverse_union(union, bits, count, n_blocks):
 @triton.jit
 def _bwd_preprocess_kernel(
     DOUT, BR, GS, GW, DOS, DOW, DELTA_S, DELTA_W, DGS, DGW,
-    sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd,
+    sdob, sdoh, sdot, sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd,
+    sdgsb, sdgsh, sdgst, sdgsd, sdgwb, sdgwh, sdgwt, sdgwd,
     n_rows, T, HQ,
     D: tl.constexpr, BLOCK_R: tl.constexpr, GS_MODE: tl.constexpr, GW_MODE: tl.constexpr,
 ):
     """Per row of [B, Hq, T]: do_branch = dout * gate, delta = do_branch . o_branch, dgate = dout * o_branch
-    (summed over d for per-head gates). One pass over dout and the saved branch outputs."""
+    (summed over d for per-head gates). One pass over dout and the saved branch outputs. dout is read and the gate
+    gradients written with their own strides (autograd's layout in, the gates' out: no copy either side); the rows
+    it writes for the kernels after it (do_*, delta_*) are contiguous [B, Hq, T, *]."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = r < n_rows
     rr = r.to(tl.int64)
@@ -244,23 +261,28 @@ def _bwd_preprocess_kernel(
     h = bh % HQ
     b = bh // HQ
     off = rr[:, None] * D + dd[None, :]
-    dout = tl.load(DOUT + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    do_off = b * sdob + h * sdoh + t * sdot
+    dout = tl.load(DOUT + do_off[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     o_s = tl.load(BR + off, mask=ok[:, None], other=0.0).to(tl.float32)
     o_w = tl.load(BR + n_rows.to(tl.int64) * D + off, mask=ok[:, None], other=0.0).to(tl.float32)
     do_s = dout
     if GS_MODE > 0:
         if GS_MODE == 2:
-            tl.store(DGS + off, (dout * o_s).to(DGS.dtype.element_ty), mask=ok[:, None])
+            dg_off = gate_offsets(b, h, t, sdgsb, sdgsh, sdgst, sdgsd, 2, D)
+            tl.store(DGS + dg_off, (dout * o_s).to(DGS.dtype.element_ty), mask=ok[:, None])
         else:
-            tl.store(DGS + rr, tl.sum(dout * o_s, axis=1).to(DGS.dtype.element_ty), mask=ok)
+            dg_off = b * sdgsb + h * sdgsh + t * sdgst
+            tl.store(DGS + dg_off, tl.sum(dout * o_s, axis=1).to(DGS.dtype.element_ty), mask=ok)
         g_off = gate_offsets(b, h, t, sgsb, sgsh, sgst, sgsd, GS_MODE, D)
         do_s = dout * tl.load(GS + g_off, mask=ok[:, None], other=0.0).to(tl.float32)
     do_w = dout
     if GW_MODE > 0:
         if GW_MODE == 2:
-            tl.store(DGW + off, (dout * o_w).to(DGW.dtype.element_ty), mask=ok[:, None])
+            dg_off = gate_offsets(b, h, t, sdgwb, sdgwh, sdgwt, sdgwd, 2, D)
+            tl.store(DGW + dg_off, (dout * o_w).to(DGW.dtype.element_ty), mask=ok[:, None])
         else:
-            tl.store(DGW + rr, tl.sum(dout * o_w, axis=1).to(DGW.dtype.element_ty), mask=ok)
+            dg_off = b * sdgwb + h * sdgwh + t * sdgwt
+            tl.store(DGW + dg_off, tl.sum(dout * o_w, axis=1).to(DGW.dtype.element_ty), mask=ok)
         g_off = gate_offsets(b, h, t, sgwb, sgwh, sgwt, sgwd, GW_MODE, D)
         do_w = dout * tl.load(GW + g_off, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DOS + off, do_s.to(DOS.dtype.element_ty), mask=ok[:, None])
@@ -296,21 +318,22 @@ def _block_major_bwd(q, k_own, v_own, k_shared, v_shared, rows, indices, dq, str
     block_grads(q, k_shared, v_shared, do_s, l2_s, delta_s, indices, block_size, scale, dq_acc, dk_s, dv_s,
                 softcap=softcap, **(knobs or {}))
     cap2 = softcap2(softcap)
-    new = torch.empty if window > 0 else torch.zeros  # no SWA branch: the own K/V get zero gradients
-    dk_o, dv_o = (new(B, Hkv, T, D, device=q.device, dtype=k_own.dtype) for _ in range(2))
+    dk_o, dv_o = layout_like(k_own), layout_like(v_own)
+    if window <= 0:  # no SWA branch: the own K/V get zero gradients
+        dk_o.zero_(), dv_o.zero_()
     unused = indices  # union/inverse-union arguments of the token-major kernels, not read with SPARSE=False
     _sparse_bwd_kernel[(triton.cdiv(T, meta["M_TOK"]), B * Hkv)](
         q, k_shared, v_shared, k_own, v_own, *rows, unused, unused, unused, indices,
-        dq_acc, dq, dk_s, dv_s, dk_o, dv_o, *strides, *indices.stride()[:3], *indices.stride()[:3],
-        T, Hkv, nsel, scale * LOG2E, scale, cap2, window, ATOMIC_KV=False, SPARSE=False, DQ_INIT=True,
-        **meta)
+        dq_acc, dq, dk_s, dv_s, dk_o, dv_o, *strides, *dq.stride()[:3], *indices.stride()[:3],
+        *indices.stride()[:3], T, Hkv, nsel, scale * LOG2E, scale, cap2, window, ATOMIC_KV=False, SPARSE=False,
+        DQ_INIT=True, **meta)
+    del dq_acc
     if window > 0:
         _sparse_bwd_dkdv_kernel[(triton.cdiv(T, block_size), B * Hkv)](
             q, k_shared, v_shared, k_own, v_own, *rows, unused, unused, unused, indices,
-            dk_s, dv_s, dk_o, dv_o, *strides, *indices.stride()[:3],
+            dk_s, dv_s, dk_o, dv_o, *strides, *indices.stride()[:3], *kv_grad_strides(dk_s, dv_s, dk_o, dv_o),
             T, Hkv, nsel, scale * LOG2E, scale, cap2, window, SPARSE=False, **meta)
-    dt = k_shared.dtype
-    return dq, dk_o, dv_o, dk_s.to(dt), dv_s.to(dt)
+    return dq, dk_o, dv_o, layout_like(k_shared).copy_(dk_s), layout_like(v_shared).copy_(dv_s)
 
 
 def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa, sinks,
@@ -337,27 +360,28 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
     G = Hq // Hkv
     nsel = indices.shape[-1]
     cap2 = softcap2(softcap)
-    if branch_out is None or branch_out.numel() == 0:
-        _, lse, branch_out = sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse,
-                                                  gate_swa, sinks, block_size, window, scale, merge, True,
-                                                  softcap=softcap)
-    dout, branch_out = dout.contiguous(), branch_out.contiguous()
+    if branch_out is None or branch_out.numel() == 0:  # recompute (the forward's out is dropped at once)
+        lse, branch_out = sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, gate_swa,
+                                               sinks, block_size, window, scale, merge, True, softcap=softcap)[1:]
+    dout, branch_out = last_dim_unit(dout), branch_out.contiguous()
+    # every gradient this returns is allocated in its input's layout (`layout_like`), so the op hands it on as it is
+    dgate_sparse = None if gate_sparse is None else layout_like(gate_sparse)
+    dgate_swa = None if gate_swa is None else layout_like(gate_swa)
     gate_sparse, gate_swa = last_dim_unit(gate_sparse), last_dim_unit(gate_swa)
     n_rows = B * Hq * T
     do_s = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)  # dout * gate_sparse
     do_w = torch.empty_like(do_s)
     delta_s = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # do_s . o_sparse
     delta_w = torch.empty_like(delta_s)
-    dgate_sparse = None if gate_sparse is None else torch.empty(gate_sparse.shape, device=q.device,
-                                                                 dtype=gate_sparse.dtype)
-    dgate_swa = None if gate_swa is None else torch.empty(gate_swa.shape, device=q.device, dtype=gate_swa.dtype)
     block_r = 32
     _bwd_preprocess_kernel[(triton.cdiv(n_rows, block_r),)](
         dout, branch_out, gate_sparse if gate_sparse is not None else dout, gate_swa if gate_swa is not None else dout,
         do_s, do_w, delta_s, delta_w, dgate_sparse if gate_sparse is not None else dout,
         dgate_swa if gate_swa is not None else dout,
-        *gate_strides(gate_sparse), *gate_strides(gate_swa), n_rows, T, Hq,
+        *dout.stride()[:3], *gate_strides(gate_sparse), *gate_strides(gate_swa), *gate_strides(dgate_sparse),
+        *gate_strides(dgate_swa), n_rows, T, Hq,
         D=D, BLOCK_R=block_r, GS_MODE=gate_mode(gate_sparse), GW_MODE=gate_mode(gate_swa), num_warps=4)
+    del dout, branch_out  # read once, above: a recomputed branch_out (2 [B, Hq, T, d]) is freed before the kernels
     lse_s, lse_w = lse[..., 0], lse[..., 1]
     dsinks = None
     if sinks is not None:
@@ -368,7 +392,7 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
     l2_s = torch.nan_to_num(lse_s, neginf=0.0).mul(LOG2E).contiguous()  # no key: every p is masked anyway
     l2_w = torch.nan_to_num(lse_w, neginf=0.0).mul(LOG2E).contiguous()
 
-    k_own_in, v_own_in = k_own, v_own
+    q_in, k_own_in, v_own_in, k_shared_in, v_shared_in = q, k_own, v_own, k_shared, v_shared
     if merge:  # the window is read from k_shared/v_shared (see the forward)
         k_own, v_own = k_shared, v_shared
     q, k_own, v_own, k_shared, v_shared = (last_dim_unit(x) for x in (q, k_own, v_own, k_shared, v_shared))
@@ -381,7 +405,7 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
         order = "token"
     if order == "auto":
         order = choose_backward_order(T, G)
-    dq = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    dq = layout_like(q_in)
     strides = (*q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3], *k_own.stride()[:3],
                *v_own.stride()[:3])
     meta = dict(G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
@@ -393,28 +417,30 @@ def sparse_attention_bwd(dout, q, k_own, v_own, k_shared, v_shared, indices, gat
                                  window, scale, block_major, softcap)
         return (*grads, dgate_sparse, dgate_swa, dsinks)
     union, bits, count = tile_block_union(indices, m_tok)
-    new = torch.zeros if atomic else torch.empty  # atomics accumulate in fp32; kv_major writes each block once
-    acc_dt = torch.float32 if atomic else k_shared.dtype
-    dk_s, dv_s, dk_o, dv_o = (new(B, Hkv, T, D, device=q.device, dtype=acc_dt) for _ in range(4))
+    refs = (k_shared_in, v_shared_in, k_own_in, v_own_in)
+    if atomic:  # fp32 sums, contiguous (the atomics' offsets), cast into the K/V layouts below
+        dk_s, dv_s, dk_o, dv_o = (torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32) for _ in range(4))
+    else:  # kv_major writes each block once, in place
+        dk_s, dv_s, dk_o, dv_o = (layout_like(x) for x in refs)
     _sparse_bwd_kernel[(triton.cdiv(T, m_tok), B * Hkv)](
         q, k_shared, v_shared, k_own, v_own, *rows, union, bits, count, indices,
-        dq, dq, dk_s, dv_s, dk_o, dv_o, *strides, *union.stride()[:3], *indices.stride()[:3],
+        dq, dq, dk_s, dv_s, dk_o, dv_o, *strides, *dq.stride()[:3], *union.stride()[:3], *indices.stride()[:3],
         T, Hkv, nsel, scale * LOG2E, scale, cap2, window, ATOMIC_KV=atomic, SPARSE=True, DQ_INIT=False,
         **meta)
-    if not atomic:
+    if atomic:
+        dk_s, dv_s, dk_o, dv_o = (layout_like(ref).copy_(x) for ref, x in zip(refs, (dk_s, dv_s, dk_o, dv_o)))
+    else:
         n_blocks = triton.cdiv(T, block_size)
         tile_of, bits_of, start = inverse_union(union, bits, count, n_blocks)
         _sparse_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
             q, k_shared, v_shared, k_own, v_own, *rows, tile_of, bits_of, start, indices, dk_s, dv_s, dk_o, dv_o,
-            *strides, *indices.stride()[:3],
+            *strides, *indices.stride()[:3], *kv_grad_strides(dk_s, dv_s, dk_o, dv_o),
             T, Hkv, nsel, scale * LOG2E, scale, cap2, window, SPARSE=True, **meta)
         if window <= 0:
             dk_o.zero_(), dv_o.zero_()
     if merge:  # every key gradient belongs to k_shared/v_shared; k_own/v_own are not read (zeros, as the reference)
         dk_s, dv_s = dk_s.add_(dk_o), dv_s.add_(dv_o)
         dk_o, dv_o = torch.zeros_like(k_own_in), torch.zeros_like(v_own_in)
-    dt = k_shared.dtype
-    dk_o, dv_o, dk_s, dv_s = (x.to(dt) for x in (dk_o, dv_o, dk_s, dv_s))  # no-op for kv_major
     return (dq, dk_o, dv_o, dk_s, dv_s, dgate_sparse, dgate_swa, dsinks)
 
 

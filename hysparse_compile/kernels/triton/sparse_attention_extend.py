@@ -127,8 +127,8 @@ def _sparse_extend_kernel(
                 s = tl.where(ok, s, float("-inf"))
                 m_w, l_w, acc_w = online_softmax_step(s, v, m_w, l_w, acc_w)
     _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, LSE, b, heads, r, row_ok,
-              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, R, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE,
-              False)
+              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, HKV * G * R * D, R * D, D,  # out: contiguous
+              R, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE, False)
 
 
 def launch_extend(q, k_shared, v_shared, k_win, v_win, slots, start, indices, work, gate_sparse, gate_swa, sinks,

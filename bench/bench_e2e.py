@@ -810,7 +810,9 @@ def main(argv=None) -> int:
                     help="run the full layers' forward as this variant of bench/full_fwd_variants.py (its tiles, "
                          "tensor-descriptor loads, accumulate form) instead of the kernel's FWD_CONFIG")
     kernel_options.add_token_tma_argument(ap)
+    kernel_options.add_inductor_argument(ap)
     args = ap.parse_args(argv)
+    kernel_options.inductor_config(args.inductor)
     try:
         kernel_options.apply(args.full_fwd, token_tma=args.token_tma)
     except ValueError as e:
@@ -854,6 +856,7 @@ def main(argv=None) -> int:
     b.meta["selections"] = args.selections
     b.meta["gate"] = args.gate
     b.meta["full_fwd"] = args.full_fwd
+    b.meta["inductor"] = args.inductor
     model, compiled, compile_s = build(b.smoke, b.device, b.dtype, b.backend, args.save_branches, args.gate)
     b.meta["hs_compile_s"] = compile_s
     b.log(f"built and compiled ({compiled.schedule.pattern}) in {compile_s:.1f}s")

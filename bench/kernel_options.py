@@ -1,5 +1,6 @@
 """The Triton kernels' variant flags the benches share (`check_gpu`, `bench_e2e`): they set the kernel modules'
-defaults, so that every op call (the backward's recomputation included) runs the variant."""
+defaults, so that every op call (the backward's recomputation included) runs the variant. Also `--inductor`
+(`bench_e2e`, `memory_peak`): Inductor's own options, for both models of a run."""
 from __future__ import annotations
 
 
@@ -26,3 +27,23 @@ def apply(full_fwd: str | None = None, combine: str | None = None, token_tma: st
     if token_tma:
         tsa.TOKEN_TMA = False if token_tma == "off" else token_tma
         tsa.TOKEN_TMA_TIMED = None
+
+
+def add_inductor_argument(parser) -> None:
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config.KEY (a Python literal) before compiling; repeatable")
+
+
+def inductor_config(pairs: list[str]) -> None:
+    """`--inductor KEY=VALUE`: torch._inductor.config.KEY = VALUE (a Python literal), printed with the run; SystemExit
+    naming an unknown KEY."""
+    import ast
+
+    import torch._inductor.config as cfg
+
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not hasattr(cfg, key):
+            raise SystemExit(f"--inductor {pair!r}: torch._inductor.config has no {key!r}")
+        setattr(cfg, key, ast.literal_eval(value))
+        print(f"torch._inductor.config.{key} = {getattr(cfg, key)!r}")

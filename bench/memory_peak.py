@@ -98,6 +98,7 @@ def main(argv=None) -> None:
     import torch
 
     from . import bench_e2e as be
+    from . import kernel_options
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlen", default="32k", help="8k, 32k, 128k or a number of tokens")
@@ -105,7 +106,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="compiled", choices=["compiled", "original", "both"])
     ap.add_argument("--backward", action="store_true", help="a training step (forward + backward) from no grads")
     ap.add_argument("--top", type=int, default=12)
+    kernel_options.add_inductor_argument(ap)
     args = ap.parse_args(argv)
+    kernel_options.inductor_config(args.inductor)
     T = int(args.seqlen[:-1]) * 1024 if args.seqlen.endswith("k") else int(args.seqlen)
     device, dtype = torch.device("cuda"), torch.bfloat16
     model, compiled, _ = be.build(False, device, dtype, "triton")

@@ -54,11 +54,19 @@ def branch_gates(x: Tensor, weight: Tensor, heads: int, branches: int) -> tuple[
     """
     logits = torch.nn.functional.linear(x, weight)  # [B, T, branches * heads * e]
     trains = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    compiling = torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    compiling = torch.compiler.is_compiling() and not exporting()
     g = gate_sigmoid(logits) if trains and compiling else torch.sigmoid(logits)
     B, T = x.shape[0], x.shape[1]
     g = g.view(B, T, branches, heads, -1).permute(2, 0, 3, 1, 4)  # [branches, B, heads, T, e]
     return g.unbind(0)
+
+
+def exporting() -> bool:
+    """Whether torch.export is tracing. torch 2.11's Dynamo folds `torch.compiler.is_exporting()` to True under any
+    `torch.compile` (torch 2.13's reads the flag torch.export sets; measured on the GPU, 2026-12-06: with it, the
+    gates never took `gate_sigmoid` there), so the flag is read here directly where it exists."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 @torch.library.custom_op("hysparse::gate_sigmoid", mutates_args=())

@@ -1,4 +1,5 @@
 """bench/memory_peak.py's replay of an allocator trace (the GPU part runs only on a GPU)."""
+from bench.kernel_options import inductor_config
 from bench.memory_peak import grouped, live_at_peak, marker_index, where
 
 
@@ -36,3 +37,17 @@ def test_live_bytes_grouped_by_phase_and_frame():
                                                      ("backward", "model.py g", 30, 1), ("backward", "model.py f", 5, 1)]
     assert grouped(trace, live)[0][4].startswith("line 7")
     assert marker_index(trace[:2]) == 2  # no marker: everything is forward
+
+
+def test_inductor_options_are_set_by_name_and_an_unknown_one_is_named():
+    import pytest
+    import torch._inductor.config as cfg
+
+    old = cfg.reorder_for_peak_memory
+    try:
+        inductor_config([f"reorder_for_peak_memory={not old}"])
+        assert cfg.reorder_for_peak_memory is (not old)
+    finally:
+        cfg.reorder_for_peak_memory = old
+    with pytest.raises(SystemExit, match="no_such_option"):
+        inductor_config(["no_such_option=1"])

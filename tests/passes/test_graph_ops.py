@@ -1,4 +1,5 @@
 """The padding helpers the rewrite inserts: roll left-padded rows to right-padded and back."""
+import pytest
 import torch
 
 from hysparse_compile.graph import graph_ops
@@ -32,6 +33,43 @@ def test_branch_gates_are_half_with_zero_weights_and_split_per_branch():
     sparse, swa = graph_ops.branch_gates(x, w, heads=3, branches=2)
     assert sparse.shape == (2, 3, 5, 1) and torch.equal(sparse, torch.full_like(sparse, 0.5))
     assert torch.allclose(swa[..., 0], torch.sigmoid(100 * x[..., 0])[:, None, :].expand(2, 3, 5))
+
+
+@pytest.mark.parametrize("dynamo_says_exporting", [False, True])
+def test_gates_take_gate_sigmoid_under_compile_and_plain_sigmoid_under_export(monkeypatch, dynamo_says_exporting):
+    """With grad, torch.compile gets the opaque `gate_sigmoid` (one saved gate tensor per sparse layer) and
+    torch.export plain `sigmoid` (what the exporters translate). torch 2.11's Dynamo answers
+    `torch.compiler.is_exporting()` with True under any torch.compile (found on the GPU, 2026-12-06: the gates never
+    took gate_sigmoid there); `dynamo_says_exporting` makes this torch do the same."""
+    from torch._inductor.utils import run_and_get_code
+
+    if dynamo_says_exporting:  # True while Dynamo traces, torch.export's flag elsewhere (torch 2.11)
+        monkeypatch.setattr(torch.compiler, "is_exporting",
+                            lambda: torch.compiler.is_compiling() or torch.compiler._is_exporting_flag)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 8, generator=gen, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(2 * 2 * 4, 8, generator=gen))
+
+    def gates(x):
+        sparse, swa = graph_ops.branch_gates(x, weight, heads=2, branches=2)
+        return sparse + swa
+
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(lambda: torch.compile(gates, backend="inductor")(x))
+    assert any("gate_sigmoid" in c for c in codes)
+
+    class Gates(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, x):
+            sparse, swa = graph_ops.branch_gates(x, self.weight, heads=2, branches=2)
+            return sparse + swa
+
+    for strict in (False, True):
+        graph = str(torch.export.export(Gates(), (x,), strict=strict).graph)
+        assert "gate_sigmoid" not in graph and "sigmoid" in graph, strict
 
 
 def test_padding_rolls_run_only_when_a_row_is_padded(monkeypatch):

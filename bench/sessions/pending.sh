@@ -10,44 +10,7 @@
 # Rename to <date>_<letter>.sh once run.
 BUDGET_S=${BUDGET_S:-560}; . "$(dirname "$0")/steps.sh"; mkdir -p "$W"
 mkdir -p "$W/e2e_fwdbwd" "$W/e2e_fwdbwd_reorder_off"
-TAIL=20 step gate_probe 75 python - <<'PY'
-import sys, torch, transformers as tf
-sys.path.insert(0, "tests")
-from models import _hf_common
-import hysparse_compile as hs
-from hysparse_compile.graph import graph_ops
-from torch._inductor.utils import run_and_get_code
-print(torch.__version__)
-x = torch.randn(1, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-w = torch.randn(2 * 8 * 64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-def f(x, w):
-    gs, gw = graph_ops.branch_gates(x, w, 8, 2)
-    return gs.float().sum() + gw.float().sum()
-_, codes = run_and_get_code(lambda: torch.compile(f)(x, w))
-print("torch.compile, branch_gates alone: gate_sigmoid in code:", ["gate_sigmoid" in c for c in codes])
-class M(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(w.detach().clone())
-    def forward(self, x):
-        gs, gw = graph_ops.branch_gates(x, self.w, 8, 2)
-        return gs + gw
-for strict in (False, True):
-    ep = torch.export.export(M(), (x,), strict=strict)
-    print(f"torch.export strict={strict}: gate_sigmoid in graph:", "gate_sigmoid" in str(ep.graph),
-          "sigmoid in graph:", "sigmoid" in str(ep.graph))
-torch.manual_seed(0)
-model = tf.LlamaForCausalLM(tf.LlamaConfig(**_hf_common(4, 4, 2), head_dim=32, attn_implementation="sdpa")).cuda()
-compiled = hs.compile(model, hs.Schedule.from_pattern("FSSF", block_size=16, topk=32, window=16, mode="paper"))
-ids = torch.randint(0, 100, (1, 64), device="cuda")
-fn = torch.compile(compiled)
-def step():
-    fn(input_ids=ids).logits.sum().backward()
-_, codes = run_and_get_code(step)
-fwd = [c for c in codes if "tangents" not in c]
-print("model: gate_sigmoid in forward code:", any("gate_sigmoid" in c for c in fwd),
-      "aten.sigmoid nodes:", sum(c.count("aten.sigmoid") for c in fwd))
-PY
+TAIL=20 step gate_probe 75 python -m bench.gate_probe
 TAIL=5 step memory_peak_8k 110 python -m bench.memory_peak --seqlen 8k --modes compile --model compiled --backward --top 40
 TAIL=5 step memory_peak_8k_reorder_off 110 python -m bench.memory_peak --seqlen 8k --modes compile --model compiled --backward --top 40 --inductor reorder_for_peak_memory=False
 TAIL=12 step e2e_fwdbwd 200 python -m bench.bench_e2e --sections best_fwdbwd --seqlens 8k,32k --calls 5 --budget-s 190 --out "$W/e2e_fwdbwd"

@@ -266,7 +266,8 @@ def main(argv=None):
             check_forward(x, shape, T, backends, bs, topk, w)
             if str(T) in args.bwd_seqlens.split(","):
                 check_backward(x, shape, T, backends, bs, topk, w)
-            x2 = inputs(2, Hq, Hkv, T, d, dtype, device, gen, args.layout) if T == max(map(int, args.seqlens.split(","))) else None
+            largest = T == max(map(int, args.seqlens.split(",")))
+            x2 = inputs(2, Hq, Hkv, T, d, dtype, device, gen, args.layout) if largest else None
             if x2 is not None:
                 check_decode(x2, shape, T, backends, bs, topk, w)
                 if args.extend:

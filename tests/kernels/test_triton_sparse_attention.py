@@ -306,8 +306,8 @@ def test_merge_reads_the_window_from_k_shared(gen):
 
 
 @pytest.mark.parametrize("order,kv_mode,merge,gates", [
-    ("token", "kv_major", False, "channel"), ("token", "atomic", False, "head"), ("block", "kv_major", False, "channel"),
-    ("token", "kv_major", True, None)])
+    ("token", "kv_major", False, "channel"), ("token", "atomic", False, "head"),
+    ("block", "kv_major", False, "channel"), ("token", "kv_major", True, None)])
 def test_forward_and_backward_write_in_their_inputs_layouts(gen, order, kv_mode, merge, gates):
     """The forward's output and every gradient come back in the layout `torch.empty_like` of what they stand for
     has (what the ops declare, so they return them without a copy), with the reference's values. Inputs laid out as

@@ -94,14 +94,20 @@ def in_window(kpos, tpos, row_ok, window):
 
 
 @triton.jit
+def row_offsets(b, heads, tpos, sb, sh, st, sd, D: tl.constexpr):
+    """[M, D] element offsets of rows (b, heads, tpos) of a [B, H, T, D] tensor with strides (sb, sh, st, sd)."""
+    off = b.to(tl.int64) * sb + heads.to(tl.int64) * sh + tpos.to(tl.int64) * st
+    return off[:, None] + tl.arange(0, D)[None, :] * sd
+
+
+@triton.jit
 def gate_offsets(b, heads, tpos, sgb, sgh, sgt, sgd, MODE: tl.constexpr, D: tl.constexpr):
     """[M, D] element offsets of a gate's rows: per channel (MODE 2) or one value per head, repeated over d (1)."""
-    off = b.to(tl.int64) * sgb + heads.to(tl.int64) * sgh + tpos.to(tl.int64) * sgt
     if MODE == 2:
         step = sgd
     else:
         step = 0
-    return off[:, None] + tl.arange(0, D)[None, :] * step
+    return row_offsets(b, heads, tpos, sgb, sgh, sgt, step, D)
 
 
 @triton.jit
@@ -195,8 +201,8 @@ def _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, BR, b, 
     if GW_MODE > 0:
         gw_off = gate_offsets(b, heads, tpos, sgwb, sgwh, sgwt, sgwd, GW_MODE, D)
         o_w = o_w * tl.load(GW + gw_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    out_off = b.to(tl.int64) * sob + heads.to(tl.int64) * soh + tpos.to(tl.int64) * sot
-    tl.store(OUT + out_off[:, None] + dd[None, :], (o_s + o_w).to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(OUT + row_offsets(b, heads, tpos, sob, soh, sot, 1, D), (o_s + o_w).to(OUT.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 @triton.jit

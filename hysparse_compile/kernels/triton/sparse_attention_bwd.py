@@ -22,8 +22,8 @@ from .block_major import block_grads
 from .block_union import tile_block_union
 from .common import soft_cap_with_slope, softcap2
 from .sparse_attention import (LOG2E, gate_mode, gate_offsets, gate_strides, in_window, kv_block,
-                               last_dim_unit, layout_like, row_member, row_selected, row_selection, window_blocks,
-                               launch_config, sparse_attention_fwd)
+                               last_dim_unit, launch_config, layout_like, row_member, row_offsets, row_selected,
+                               row_selection, sparse_attention_fwd, window_blocks)
 
 
 @triton.jit
@@ -125,8 +125,8 @@ def _sparse_bwd_kernel(
                 tl.atomic_add(DKO + g_off, tl.dot(tl.trans(ds.to(q.dtype)), q) * scale, mask=kmask)
                 tl.atomic_add(DVO + g_off, tl.dot(tl.trans(p.to(do_w.dtype)), do_w), mask=kmask)
 
-    dq_off = b.to(tl.int64) * sdqb + heads.to(tl.int64) * sdqh + tpos.to(tl.int64) * sdqt
-    tl.store(DQ + dq_off[:, None] + dd[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + row_offsets(b, heads, tpos, sdqb, sdqh, sdqt, 1, D), (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 @triton.jit
@@ -166,10 +166,8 @@ def _sparse_bwd_dkdv_kernel(
     bg = tl.program_id(1)
     b = bg // HKV
     g = bg % HKV
-    dd = tl.arange(0, D)
     kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
     kmask = (kpos < T)[:, None]
-    b64, g64, k64 = b.to(tl.int64), g.to(tl.int64), kpos.to(tl.int64)
     if SPARSE:
         _, k, v = kv_block(KS + b.to(tl.int64) * sksb + g.to(tl.int64) * sksh,
                             VS + b.to(tl.int64) * svsb + g.to(tl.int64) * svsh, j, skst, svst, T, BLOCK_N, D)
@@ -187,10 +185,9 @@ def _sparse_bwd_dkdv_kernel(
             ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2, cap2, SOFTCAP)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        tl.store(DKS + (b64 * sdksb + g64 * sdksh + k64 * sdkst)[:, None] + dd[None, :],
-                 (dk * scale).to(DKS.dtype.element_ty), mask=kmask)
-        tl.store(DVS + (b64 * sdvsb + g64 * sdvsh + k64 * sdvst)[:, None] + dd[None, :],
-                 dv.to(DVS.dtype.element_ty), mask=kmask)
+        tl.store(DKS + row_offsets(b, g, kpos, sdksb, sdksh, sdkst, 1, D), (dk * scale).to(DKS.dtype.element_ty),
+                 mask=kmask)
+        tl.store(DVS + row_offsets(b, g, kpos, sdvsb, sdvsh, sdvst, 1, D), dv.to(DVS.dtype.element_ty), mask=kmask)
     if HAS_SWA:
         _, k, v = kv_block(KO + b.to(tl.int64) * skob + g.to(tl.int64) * skoh,
                             VO + b.to(tl.int64) * svob + g.to(tl.int64) * svoh, j, skot, svot, T, BLOCK_N, D)
@@ -211,10 +208,9 @@ def _sparse_bwd_dkdv_kernel(
             ds, p = _block_grads(q, do, k, v, ok, l2, delta, qk_scale2, cap2, SOFTCAP)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        tl.store(DKO + (b64 * sdkob + g64 * sdkoh + k64 * sdkot)[:, None] + dd[None, :],
-                 (dk * scale).to(DKO.dtype.element_ty), mask=kmask)
-        tl.store(DVO + (b64 * sdvob + g64 * sdvoh + k64 * sdvot)[:, None] + dd[None, :],
-                 dv.to(DVO.dtype.element_ty), mask=kmask)
+        tl.store(DKO + row_offsets(b, g, kpos, sdkob, sdkoh, sdkot, 1, D), (dk * scale).to(DKO.dtype.element_ty),
+                 mask=kmask)
+        tl.store(DVO + row_offsets(b, g, kpos, sdvob, sdvoh, sdvot, 1, D), dv.to(DVO.dtype.element_ty), mask=kmask)
 
 
 def kv_grad_strides(*grads):
@@ -241,6 +237,15 @@ def inverse_union(union, bits, count, n_blocks):
 
 
 @triton.jit
+def _store_gate_grad(DG, dout, o, b, h, t, sb, sh, st, sd, ok, MODE: tl.constexpr, D: tl.constexpr):
+    """A branch's gate gradient at its own strides: dout * o per channel (MODE 2), summed over d per head (1)."""
+    if MODE == 2:
+        tl.store(DG + row_offsets(b, h, t, sb, sh, st, sd, D), (dout * o).to(DG.dtype.element_ty), mask=ok[:, None])
+    else:
+        tl.store(DG + b * sb + h * sh + t * st, tl.sum(dout * o, axis=1).to(DG.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _bwd_preprocess_kernel(
     DOUT, BR, GS, GW, DOS, DOW, DELTA_S, DELTA_W, DGS, DGW,
     sdob, sdoh, sdot, sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd,
@@ -261,28 +266,17 @@ def _bwd_preprocess_kernel(
     h = bh % HQ
     b = bh // HQ
     off = rr[:, None] * D + dd[None, :]
-    do_off = b * sdob + h * sdoh + t * sdot
-    dout = tl.load(DOUT + do_off[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    dout = tl.load(DOUT + row_offsets(b, h, t, sdob, sdoh, sdot, 1, D), mask=ok[:, None], other=0.0).to(tl.float32)
     o_s = tl.load(BR + off, mask=ok[:, None], other=0.0).to(tl.float32)
     o_w = tl.load(BR + n_rows.to(tl.int64) * D + off, mask=ok[:, None], other=0.0).to(tl.float32)
     do_s = dout
     if GS_MODE > 0:
-        if GS_MODE == 2:
-            dg_off = gate_offsets(b, h, t, sdgsb, sdgsh, sdgst, sdgsd, 2, D)
-            tl.store(DGS + dg_off, (dout * o_s).to(DGS.dtype.element_ty), mask=ok[:, None])
-        else:
-            dg_off = b * sdgsb + h * sdgsh + t * sdgst
-            tl.store(DGS + dg_off, tl.sum(dout * o_s, axis=1).to(DGS.dtype.element_ty), mask=ok)
+        _store_gate_grad(DGS, dout, o_s, b, h, t, sdgsb, sdgsh, sdgst, sdgsd, ok, GS_MODE, D)
         g_off = gate_offsets(b, h, t, sgsb, sgsh, sgst, sgsd, GS_MODE, D)
         do_s = dout * tl.load(GS + g_off, mask=ok[:, None], other=0.0).to(tl.float32)
     do_w = dout
     if GW_MODE > 0:
-        if GW_MODE == 2:
-            dg_off = gate_offsets(b, h, t, sdgwb, sdgwh, sdgwt, sdgwd, 2, D)
-            tl.store(DGW + dg_off, (dout * o_w).to(DGW.dtype.element_ty), mask=ok[:, None])
-        else:
-            dg_off = b * sdgwb + h * sdgwh + t * sdgwt
-            tl.store(DGW + dg_off, tl.sum(dout * o_w, axis=1).to(DGW.dtype.element_ty), mask=ok)
+        _store_gate_grad(DGW, dout, o_w, b, h, t, sdgwb, sdgwh, sdgwt, sdgwd, ok, GW_MODE, D)
         g_off = gate_offsets(b, h, t, sgwb, sgwh, sgwt, sgwd, GW_MODE, D)
         do_w = dout * tl.load(GW + g_off, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DOS + off, do_s.to(DOS.dtype.element_ty), mask=ok[:, None])

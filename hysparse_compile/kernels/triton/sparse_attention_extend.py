@@ -59,7 +59,7 @@ def _sparse_extend_kernel(
     Q, KS, VS, KW, VW, SLOTS, START, UNION, BITS, COUNT, IDX, GS, GW, SINKS, OUT, LSE,
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst, skwb, skwh, skwt, svwb, svwh, svwt, sslb,
     sub, suh, sut, sib, sih, sit,
-    sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd,
+    sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, sob, soh, sot,
     R, HKV, NSEL, qk_scale2, cap2, window,
     G: tl.constexpr, M_TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NSEL_P2: tl.constexpr, MERGE: tl.constexpr, HAS_SWA: tl.constexpr, HAS_SINKS: tl.constexpr,
@@ -127,8 +127,8 @@ def _sparse_extend_kernel(
                 s = tl.where(ok, s, float("-inf"))
                 m_w, l_w, acc_w = online_softmax_step(s, v, m_w, l_w, acc_w)
     _epilogue(m_s, l_s, acc_s, m_w, l_w, acc_w, GS, GW, SINKS, OUT, LSE, LSE, b, heads, r, row_ok,
-              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, HKV * G * R * D, R * D, D,  # out: contiguous
-              R, HKV, G, BLOCK_M, D, HAS_SINKS, GS_MODE, GW_MODE, False)
+              sgsb, sgsh, sgst, sgsd, sgwb, sgwh, sgwt, sgwd, sob, soh, sot, R, HKV, G, BLOCK_M, D, HAS_SINKS,
+              GS_MODE, GW_MODE, False)
 
 
 def launch_extend(q, k_shared, v_shared, k_win, v_win, slots, start, indices, work, gate_sparse, gate_swa, sinks,
@@ -149,7 +149,7 @@ def launch_extend(q, k_shared, v_shared, k_win, v_win, slots, start, indices, wo
         sinks if sinks is not None else out, out, lse,
         *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3], *k_win.stride()[:3], *v_win.stride()[:3],
         slots.stride(0), *union.stride()[:3], *indices.stride()[:3],
-        *gate_strides(gate_sparse), *gate_strides(gate_swa),
+        *gate_strides(gate_sparse), *gate_strides(gate_swa), *out.stride()[:3],
         R, Hkv, nsel, scale * LOG2E, softcap2(softcap), window,
         G=G, M_TOK=m_tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, NSEL_P2=triton.next_power_of_2(nsel),
         MERGE=bool(merge), HAS_SWA=window > 0, HAS_SINKS=sinks is not None, GS_MODE=gate_mode(gate_sparse),

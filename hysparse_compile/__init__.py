@@ -10,13 +10,14 @@ from .schedule import PRESETS, LayerSpec, Schedule
 __version__ = "0.1.0"
 
 __all__ = ["Schedule", "LayerSpec", "PRESETS", "functional", "compile", "inspect", "Report", "plan_kv", "KVPlan",
-           "HySparseCache", "generate", "from_pretrained", "__version__"]
+           "HySparseCache", "generate", "from_pretrained", "inductor_options", "__version__"]
 
 
 _LAZY = {"compile": ("compiler", "compile"), "inspect": ("report", "inspect"), "Report": ("report", "Report"),
          "plan_kv": ("kv_plan", "plan_kv"), "KVPlan": ("kv_plan", "KVPlan"),
          "HySparseCache": ("runtime.cache", "HySparseCache"), "generate": ("runtime.generate", "generate"),
-         "from_pretrained": ("compiler", "from_pretrained")}
+         "from_pretrained": ("compiler", "from_pretrained"),
+         "inductor_options": ("inductor", "inductor_options")}
 
 
 def __getattr__(name):  # heavier pieces (torch.export, transformers glue) load on first use

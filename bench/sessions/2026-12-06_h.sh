@@ -9,7 +9,7 @@
 # weight gradient after the last attention backward: call e) and off (call f: peak 13.41 against 13.93 GiB).
 # The review after the last call also moved the sparse kernels' strided offsets into one helper
 # (sparse_attention.row_offsets) and gave extend its out strides: check_gpu on the model's layouts first.
-# Rename to <date>_<letter>.sh once run.
+# Ran as call h of 2026-12-06 (ninth session).
 BUDGET_S=${BUDGET_S:-570}; . "$(dirname "$0")/steps.sh"; mkdir -p "$W"
 mkdir -p "$W/check_hf" "$W/e2e_fwdbwd" "$W/e2e_fwdbwd_reorder_off"
 OUT="$W/check_hf" TAIL=4 step check_gpu_hf 70 python -m bench.check_gpu --shapes 32/8/128 --seqlens 4096 --bwd-seqlens 4096 --backends triton --layout hf --extend 512

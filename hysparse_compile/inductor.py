@@ -7,7 +7,7 @@ HySparse model's one graph badly. Measured on torch 2.11 (H100, 2026-12-06; docs
 
 - in the training step it puts every weight gradient after the last attention backward, so every output gradient
   lives to the end of the backward;
-- in the forward it keeps an MLP's two intermediates alive across a sparse layer.
+- in the forward it keeps two blocks of the MLP's width (`[T, intermediate]`) alive across a sparse layer.
 
 Turning the reordering off lowered the training peak at 8k from 1.128x to 1.055x the compiled original's, and the
 forward's from 8.19 to 7.35 GiB at 32k and from 19.23 to 15.86 GiB at 128k. Speed stayed within the runs' spread,

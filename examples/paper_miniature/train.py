@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import hysparse_compile as hs
+
 import common
 import variants
 from common import console
@@ -132,7 +134,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)  # same initial weights for every variant of a seed (new HySparse weights are zeros)
     built = variants.build(args.variant, base, sparse, device=device, backend=args.backend)
     compile_s = time.perf_counter() - t_start
-    model = torch.compile(built.model) if args.torch_compile else built.model
+    # every variant compiled alike, with the Inductor options the library gives for this torch (docs/compiler.md)
+    model = torch.compile(built.model, options=hs.inductor_options()) if args.torch_compile else built.model
     n_params = sum(p.numel() for p in built.model.parameters())
     n_new = sum(p.numel() for n, p in built.model.named_parameters() if "hysparse" in n)
     pattern = variants.pattern_for(args.variant, args.layers)

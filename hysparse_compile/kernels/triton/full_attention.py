@@ -224,16 +224,10 @@ def _fwd_kernel(
         n_keys = T
         lo = start_m * BLOCK_M
         hi = tl.minimum(lo + BLOCK_M, T)
-    if WS:  # strictly below the diagonal: no masks
-        for start_n in tl.range(0, lo, BLOCK_N, warp_specialize=True):
-            acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n,
-                                                    pos_m, offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, False,
-                                                    BLOCK_N, BS, IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
-    else:
-        for start_n in range(0, lo, BLOCK_N):
-            acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n,
-                                                    pos_m, offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, False,
-                                                    BLOCK_N, BS, IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
+    for start_n in tl.range(0, lo, BLOCK_N, warp_specialize=WS):  # strictly below the diagonal: no masks
+        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n,
+                                                pos_m, offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, False,
+                                                BLOCK_N, BS, IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
     for start_n in range(lo, hi, BLOCK_N):  # diagonal tiles: causal + bounds masks
         acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n,
                                                 pos_m, offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, True, BLOCK_N,

@@ -384,7 +384,8 @@ def launch_config(G, D, block_size, m_tok=None, num_warps=None, num_stages=None)
 DEFAULT_ORDER = "auto"  # what `sparse_attention_fwd(order=None)` (and so the op) runs; see `forward_order`
 AUTO_UNION_RATIO = 4.0  # "auto": block-major when the mean tile union exceeds this many times nsel
 AUTO_MIN_T = 16384  # "auto": token-major below this length (H200, 32/8/128 random: block 0.4x vs token 0.6x cuDNN at
-#                     8k, 1.6x vs 1.1x at 32k; the crossover estimate is ~16k)
+#                     8k, 1.6x vs 1.1x at 32k; H100, 2026-12-06: 1.93 vs 1.28 ms at 8k, 3.74 vs 4.02 ms at 16k, and
+#                     the model's 8k forward 1% slower with 4096; docs/benchmarks.md "Ninth session")
 TOKEN_TMA = True  # token-major: K/V through tensor descriptors (False, True / "4d", "2d"; the `tma` knob): 4-D was
 # 15-19% faster than pointer loads on the H100 at 32k (2-D 13% slower; docs/kernels_sparse.md), at block 64, head dim
 TOKEN_TMA_TIMED = {(64, 128)}  # 128: the (block_size, head_dim) pairs where TOKEN_TMA applies (None: everywhere)

@@ -1,0 +1,156 @@
+"""The full forward's machine code for sm_90, compiled on this machine (no GPU needed): registers, stack, and what
+one iteration of its hottest loop executes, per variant; or whether two trees compile to the same SASS.
+
+    python -m bench.sass_loops                                   # selection off / on, pointer and 2-D descriptors
+    python -m bench.sass_loops --save /tmp/before                # keep each variant's SASS ...
+    python -m bench.sass_loops --diff /tmp/before                # ... and after a change, compare with it
+
+Triton compiles for `GPUTarget("cuda", 90, 32)` and ptxas (bundled with Triton) assembles; `nvdisasm` prints the
+SASS, whose branches name their labels. A loop is the span from a label to a branch back to it; the hottest is the
+one with the most HGMMA (tensor-core) instructions and, among those, the shortest: the off-diagonal key loop (the
+compiler may unroll or pipeline it, so read its HGMMA count: 12 per 64-key block at these tiles). The counts are
+static, not a timing, and the local Triton may differ from the GPU machine's (Triton 3.9 here emits the same SASS with and without
+`warp_specialize`, 3.6 on the H100 does not): use it to check that a refactor leaves the code alone, and to count
+what a change adds to the loop, then time the change on the GPU. Used in the ninth session of 2026-12-06
+(docs/benchmarks.md, "Ninth session", call l).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+from pathlib import Path
+
+# opcodes worth a column: tensor-core MMA, special-function (exp2), float / int min-max, selects, compares, shuffles,
+# barriers, local-memory loads and stores (register spills inside the loop)
+COLUMNS = ("HGMMA", "MUFU", "FMNMX", "VIMNMX", "FSEL", "SEL", "FSETP", "ISETP", "SHFL", "BAR", "LDL", "STL")
+_INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^\s*\.(L_x_\d+):")
+_TARGET = re.compile(r"\bBRA\b.*?`?\(?\.(L_x_\d+)")
+
+
+def opcode(instr: str) -> str:
+    """`@!P0 FSEL.FTZ R1, ...` -> `FSEL` (predicate and modifiers dropped)."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instr).split()[0].split(".")[0]
+
+
+def loops(sass: str) -> list[dict]:
+    """Every loop of an `nvdisasm -c` listing (a label and a later branch back to it): dicts with `label`,
+    `instructions` and `ops` (opcode -> count), hottest first: most HGMMA, then shortest (the causal kernel's diagonal
+    loop has the same MMAs as the off-diagonal one, plus its masks, and runs once or twice per tile)."""
+    instr: list[str] = []
+    labels: dict[str, int] = {}
+    for line in sass.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            labels[m.group(1)] = len(instr)
+            continue
+        m = _INSTR.match(line)
+        if m:
+            instr.append(m.group(2))
+    found = []
+    for i, text in enumerate(instr):
+        m = _TARGET.search(text)
+        if m and labels.get(m.group(1), i + 1) <= i:
+            body = instr[labels[m.group(1)]:i + 1]
+            ops: dict[str, int] = {}
+            for b in body:
+                ops[opcode(b)] = ops.get(opcode(b), 0) + 1
+            found.append(dict(label=m.group(1), instructions=len(body), ops=ops))
+    return sorted(found, key=lambda x: (-x["ops"].get("HGMMA", 0), x["instructions"]))
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def compile_full_forward(select: bool, tma: int, ws: bool, block_m: int = 128, block_n: int = 64, warps: int = 8,
+                         stages: int = 3, head_dim: int = 128, nsel: int = 16):
+    """`full_attention._fwd_kernel` compiled for sm_90 with the default's tiles (bf16, block 64, no sinks/softcap,
+    the accumulate-form P @ V); tma 0 (pointer loads) or 2 (2-D descriptors)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hysparse_compile.kernels.triton import full_attention as fa
+
+    sig = dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", Lse="*fp32", CandS="*fp32", CandI="*i32",
+               Sinks="*fp32", Start="*fp32")
+    if tma == 2:
+        sig["K"] = sig["V"] = f"tensordesc<bf16[{block_n},{head_dim}]>"
+    elif tma:
+        raise ValueError(f"sass_loops: tma={tma!r}; 0 (pointer loads) or 2 (2-D descriptors)")
+    for name in "sqb sqh sqt skb skh skt svb svh svt sob soh sot T Hq G".split():
+        sig[name] = "i32"
+    sig.update(qk_scale="fp32", cap2="fp32", S_KV="i32")
+    const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BS=64, NSEL=nsel,
+                 NSEL_P2=triton.next_power_of_2(nsel), IEEE=False, SELECT=select, SOFTCAP=False, HAS_SINKS=False,
+                 HAS_START=False, TMA=tma, ACC_DOT=True, WS=ws)
+    sig.update({k: "constexpr" for k in const})
+    names = list(sig)
+    src = ASTSource(fn=fa._fwd_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def sass_of(kernel, workdir: Path, tag: str) -> tuple[str, dict]:
+    """(SASS listing, {regs, stack}) of a compiled kernel, through its cubin."""
+    cubin = workdir / f"{tag}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    res = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    usage = {k: int(m.group(1)) for k in ("REG", "STACK") if (m := re.search(rf"{k}:(\d+)", res))}
+    return sass, usage
+
+
+def variants(spec: str) -> list[tuple[bool, int, bool]]:
+    """'sel0_tma0_ws0,sel1_tma2_ws1' -> [(select, tma, ws), ...]."""
+    out = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"sel([01])_tma([02])_ws([01])", item.strip())
+        if not m:
+            raise ValueError(f"sass_loops: variant {item!r}; write sel<0|1>_tma<0|2>_ws<0|1>")
+        out.append((m.group(1) == "1", int(m.group(2)), m.group(3) == "1"))
+    return out
+
+
+def main(argv=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="sel0_tma0_ws0,sel1_tma0_ws0,sel0_tma2_ws1,sel1_tma2_ws1")
+    ap.add_argument("--save", default=None, help="write each variant's SASS to this folder")
+    ap.add_argument("--diff", default=None, help="compare each variant's SASS with the one saved in this folder")
+    args = ap.parse_args(argv)
+    try:
+        todo = variants(args.variants)
+    except ValueError as e:
+        ap.error(str(e))
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("TRITON_INTERPRET=1 makes the kernels Python functions: run without it to compile them")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    work = Path(args.save or os.environ.get("TMPDIR", "/tmp")) / ("" if args.save else "sass_loops")
+    work.mkdir(parents=True, exist_ok=True)
+    table = Table(title="full forward, sm_90 SASS (static counts; hottest loop = one key block per iteration)")
+    for col in ("variant", "regs", "stack", "loop instr") + COLUMNS + (("vs saved",) if args.diff else ()):
+        table.add_column(col, justify="left" if col in ("variant", "vs saved") else "right")
+    for select, tma, ws in todo:
+        tag = f"sel{int(select)}_tma{tma}_ws{int(ws)}"
+        sass, usage = sass_of(compile_full_forward(select, tma, ws), work, tag)
+        (work / f"{tag}.sass").write_text(sass)
+        hot = (loops(sass) or [dict(instructions=0, ops={})])[0]
+        row = [tag, str(usage.get("REG", "?")), str(usage.get("STACK", "?")), str(hot["instructions"])]
+        row += [str(hot["ops"].get(c, 0)) for c in COLUMNS]
+        if args.diff:
+            old = Path(args.diff) / f"{tag}.sass"
+            row.append("identical" if old.is_file() and old.read_text() == sass else
+                       ("differs" if old.is_file() else "not saved"))
+        table.add_row(*row)
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,11 +7,11 @@ one iteration of its hottest loop executes, per variant; or whether two trees co
 
 Triton compiles for `GPUTarget("cuda", 90, 32)` and ptxas (bundled with Triton) assembles; `nvdisasm` prints the
 SASS, whose branches name their labels. A loop is the span from a label to a branch back to it; the hottest is the
-one with the most HGMMA (tensor-core) instructions and, among those, the shortest: the off-diagonal key loop (the
-compiler may unroll or pipeline it, so read its HGMMA count: 12 per 64-key block at these tiles). The counts are
-static, not a timing, and the local Triton may differ from the GPU machine's (Triton 3.9 here emits the same SASS with and without
-`warp_specialize`, 3.6 on the H100 does not): use it to check that a refactor leaves the code alone, and to count
-what a change adds to the loop, then time the change on the GPU. Used in the ninth session of 2026-12-06
+innermost one with the most HGMMA (tensor-core) instructions and, among those, the shortest: the off-diagonal key
+loop (read its HGMMA count: 12 per 64-key block at these tiles). The counts are static, not a timing, and the local
+Triton may differ from the GPU machine's (Triton 3.9 here emits the same SASS with and without `warp_specialize`,
+3.6 on the H100 does not): use it to check that a refactor leaves the code alone, and to count what a change adds
+to the loop, then time the change on the GPU. Used in the ninth session of 2026-12-06
 (docs/benchmarks.md, "Ninth session", call l).
 """
 from __future__ import annotations
@@ -36,9 +36,11 @@ def opcode(instr: str) -> str:
 
 
 def loops(sass: str) -> list[dict]:
-    """Every loop of an `nvdisasm -c` listing (a label and a later branch back to it): dicts with `label`,
-    `instructions` and `ops` (opcode -> count), hottest first: most HGMMA, then shortest (the causal kernel's diagonal
-    loop has the same MMAs as the off-diagonal one, plus its masks, and runs once or twice per tile)."""
+    """Every loop of an `nvdisasm -c` listing (a label and a later branch back to it): dicts with `label`, `start`,
+    `end` (instruction indices), `instructions`, `ops` (opcode -> count) and `inner` (no other loop inside it),
+    hottest first: innermost, then most HGMMA, then shortest (the causal kernel's diagonal loop has the same MMAs as
+    the off-diagonal one plus its masks, and runs once or twice per tile; a span that holds other loops, as the
+    warp-specialized code has, is not one iteration)."""
     instr: list[str] = []
     labels: dict[str, int] = {}
     for line in sass.splitlines():
@@ -53,12 +55,14 @@ def loops(sass: str) -> list[dict]:
     for i, text in enumerate(instr):
         m = _TARGET.search(text)
         if m and labels.get(m.group(1), i + 1) <= i:
-            body = instr[labels[m.group(1)]:i + 1]
+            start = labels[m.group(1)]
             ops: dict[str, int] = {}
-            for b in body:
+            for b in instr[start:i + 1]:
                 ops[opcode(b)] = ops.get(opcode(b), 0) + 1
-            found.append(dict(label=m.group(1), instructions=len(body), ops=ops))
-    return sorted(found, key=lambda x: (-x["ops"].get("HGMMA", 0), x["instructions"]))
+            found.append(dict(label=m.group(1), start=start, end=i, instructions=i + 1 - start, ops=ops))
+    for f in found:
+        f["inner"] = not any(g is not f and f["start"] <= g["start"] and g["end"] <= f["end"] for g in found)
+    return sorted(found, key=lambda x: (not x["inner"], -x["ops"].get("HGMMA", 0), x["instructions"]))
 
 
 def _tool(name: str) -> str:

@@ -29,16 +29,24 @@ LISTING = """
 .L_x_2:
         /*00b0*/                   FADD R1, R1, R1 ;
         /*00c0*/                   BRA `(.L_x_2) ;
-        /*00d0*/                   EXIT ;
+.L_x_3:
+        /*00d0*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+.L_x_4:
+        /*00e0*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*00f0*/              @P1  BRA `(.L_x_4) ;
+        /*0100*/              @P2  BRA `(.L_x_3) ;
+        /*0110*/                   EXIT ;
 """
 
 
-def test_loops_are_found_and_the_hot_one_is_the_shortest_with_the_most_mma():
+def test_loops_are_found_and_the_hot_one_is_innermost_shortest_with_the_most_mma():
     found = loops(LISTING)
-    assert [f["label"] for f in found] == ["L_x_0", "L_x_1", "L_x_2"]
-    hot = found[0]
-    assert hot["instructions"] == 4 and hot["ops"] == {"HGMMA": 1, "FSEL": 1, "MUFU": 1, "BRA": 1}
-    assert found[1]["ops"]["SHFL"] == 1 and found[2]["ops"] == {"FADD": 1, "BRA": 1}
+    assert [f["label"] for f in found] == ["L_x_4", "L_x_0", "L_x_1", "L_x_2", "L_x_3"]
+    assert found[0]["ops"] == {"HGMMA": 1, "BRA": 1} and found[0]["inner"]
+    assert found[1]["instructions"] == 4 and found[1]["ops"] == {"HGMMA": 1, "FSEL": 1, "MUFU": 1, "BRA": 1}
+    assert found[2]["ops"]["SHFL"] == 1 and found[3]["ops"] == {"FADD": 1, "BRA": 1}
+    outer = found[-1]  # holds L_x_4: not one iteration, last despite its 2 HGMMA
+    assert outer["label"] == "L_x_3" and not outer["inner"] and outer["ops"]["HGMMA"] == 2
 
 
 def test_an_opcode_drops_its_predicate_and_modifiers():

@@ -81,21 +81,20 @@ def compile_full_forward(select: bool, tma: int, ws: bool, block_m: int = 128, b
 
     from hysparse_compile.kernels.triton import full_attention as fa
 
-    sig = dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", Lse="*fp32", CandS="*fp32", CandI="*i32",
-               Sinks="*fp32", Start="*fp32")
-    if tma == 2:
-        sig["K"] = sig["V"] = f"tensordesc<bf16[{block_n},{head_dim}]>"
-    elif tma:
+    if tma not in (0, 2):
         raise ValueError(f"sass_loops: tma={tma!r}; 0 (pointer loads) or 2 (2-D descriptors)")
-    for name in "sqb sqh sqt skb skh skt svb svh svt sob soh sot T Hq G".split():
-        sig[name] = "i32"
-    sig.update(qk_scale="fp32", cap2="fp32", S_KV="i32")
+    kv = f"tensordesc<bf16[{block_n},{head_dim}]>" if tma == 2 else "*bf16"
+    # the kernel's own parameter list, typed: tensors by name, fp32 scalars by name, every other runtime one an i32
+    tensors = dict(Q="*bf16", K=kv, V=kv, Out="*bf16", Lse="*fp32", CandS="*fp32", CandI="*i32", Sinks="*fp32",
+                   Start="*fp32")
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BS=64, NSEL=nsel,
                  NSEL_P2=triton.next_power_of_2(nsel), IEEE=False, SELECT=select, SOFTCAP=False, HAS_SINKS=False,
                  HAS_START=False, TMA=tma, ACC_DOT=True, WS=ws)
-    sig.update({k: "constexpr" for k in const})
-    names = list(sig)
-    src = ASTSource(fn=fa._fwd_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    params = fa._fwd_kernel.params
+    sig = {p.name: "constexpr" if p.is_constexpr else tensors.get(p.name) or
+           ("fp32" if p.name in ("qk_scale", "cap2") else "i32") for p in params}
+    src = ASTSource(fn=fa._fwd_kernel, signature=sig,
+                    constexprs={(i,): const[p.name] for i, p in enumerate(params) if p.is_constexpr})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 

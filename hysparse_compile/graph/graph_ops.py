@@ -76,8 +76,8 @@ def gate_sigmoid(logits: Tensor) -> Tensor:
     The sparse op's backward needs the gates (the sigmoid's output), and the sigmoid's own backward needs them too.
     With a plain sigmoid, Inductor's partitioner saves the projection's output to recompute the sigmoid in the
     backward *and* the gates the sparse op holds: two `[B, T, 2 Hq e]` tensors per sparse layer where one serves
-    (docs/compiler.md "What the compiled graph does not pay for"). As an opaque op whose backward reads its output, only the gates are kept. Eager
-    autograd keeps one already; `torch.export` sees `torch.sigmoid`."""
+    (docs/compiler.md "What the compiled graph does not pay for"). As an opaque op whose backward reads its output,
+    only the gates are kept. Eager autograd keeps one already; `torch.export` sees `torch.sigmoid`."""
     return torch.sigmoid(logits)
 
 

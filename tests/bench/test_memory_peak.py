@@ -1,4 +1,6 @@
 """bench/memory_peak.py's replay of an allocator trace (the GPU part runs only on a GPU)."""
+import pytest
+
 from bench.kernel_options import inductor_config
 from bench.memory_peak import grouped, live_at_peak, marker_index, where
 
@@ -40,7 +42,6 @@ def test_live_bytes_grouped_by_phase_and_frame():
 
 
 def test_inductor_options_are_set_by_name_and_an_unknown_one_is_named():
-    import pytest
     import torch._inductor.config as cfg
 
     old = cfg.reorder_for_peak_memory

@@ -59,14 +59,9 @@ VARIANTS = {
     "tma_acc_ws_128x64_w8_s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True, acc_dot=True,
                                     ws=True),
     "tma2d_ws_128x64_w8_s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma="2d", ws=True),
-    # the default with queued candidates (`pend`: the running top list takes a row's queue when some row's is full)
-    **{f"tma2d_acc_ws_128x64_w8_s3_pend{p}": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma="2d",
-                                                  acc_dot=True, ws=True, pend=p) for p in (4, 8, 16)},
-    "tma2d_acc_128x64_w8_s3_pend8": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma="2d", acc_dot=True,
-                                         pend=8),
 }
 # every variant names every option, so that FWD_CONFIG.update(VARIANTS[name]) runs exactly that variant
-VARIANTS = {name: {"tma": False, "acc_dot": False, "ws": False, "pend": 0, **cfg} for name, cfg in VARIANTS.items()}
+VARIANTS = {name: {"tma": False, "acc_dot": False, "ws": False, **cfg} for name, cfg in VARIANTS.items()}
 DEFAULT = "tma2d_acc_ws_128x64_w8_s3"  # FWD_CONFIG since 2026-12-05 (m): the fastest of these on the H100
 
 

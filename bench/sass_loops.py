@@ -62,21 +62,7 @@ def loops(sass: str) -> list[dict]:
             found.append(dict(label=m.group(1), start=start, end=i, instructions=i + 1 - start, ops=ops))
     for f in found:
         f["inner"] = not any(g is not f and f["start"] <= g["start"] and g["end"] <= f["end"] for g in found)
-        f["skippable"] = _skippable(instr, labels, f["start"], f["end"])
-    return sorted(found, key=lambda x: (not x["inner"], -x["ops"].get("HGMMA", 0),
-                                        x["instructions"] - x["skippable"]))
-
-
-def _skippable(instr: list[str], labels: dict[str, int], start: int, end: int) -> int:
-    """Instructions of the loop [start, end] that a predicated forward branch inside it jumps over (a rarely taken
-    path such as the candidate queue's flush), outermost spans only."""
-    spans = []
-    for i in range(start, end):
-        m = _TARGET.search(instr[i])
-        if m and instr[i].startswith("@") and i < labels.get(m.group(1), -1) <= end:
-            spans.append((i + 1, labels[m.group(1)]))
-    outer = [(a, b) for a, b in spans if not any((c, d) != (a, b) and c <= a and b <= d for c, d in spans)]
-    return sum(b - a for a, b in outer)
+    return sorted(found, key=lambda x: (not x["inner"], -x["ops"].get("HGMMA", 0), x["instructions"]))
 
 
 def _tool(name: str) -> str:
@@ -86,10 +72,9 @@ def _tool(name: str) -> str:
 
 
 def compile_full_forward(select: bool, tma: int, ws: bool, block_m: int = 128, block_n: int = 64, warps: int = 8,
-                         stages: int = 3, head_dim: int = 128, nsel: int = 16, pend: int = 0):
+                         stages: int = 3, head_dim: int = 128, nsel: int = 16):
     """`full_attention._fwd_kernel` compiled for sm_90 with the default's tiles (bf16, block 64, no sinks/softcap,
-    the accumulate-form P @ V); tma 0 (pointer loads) or 2 (2-D descriptors); pend: the queue of candidates
-    (`full_attention._fwd_kernel`'s PEND; 0 updates the list at every key block)."""
+    the accumulate-form P @ V); tma 0 (pointer loads) or 2 (2-D descriptors)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -104,7 +89,7 @@ def compile_full_forward(select: bool, tma: int, ws: bool, block_m: int = 128, b
                    Start="*fp32")
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BS=64, NSEL=nsel,
                  NSEL_P2=triton.next_power_of_2(nsel), IEEE=False, SELECT=select, SOFTCAP=False, HAS_SINKS=False,
-                 HAS_START=False, TMA=tma, ACC_DOT=True, WS=ws, PEND=pend if select else 0)
+                 HAS_START=False, TMA=tma, ACC_DOT=True, WS=ws)
     params = fa._fwd_kernel.params
     sig = {p.name: "constexpr" if p.is_constexpr else tensors.get(p.name) or
            ("fp32" if p.name in ("qk_scale", "cap2") else "i32") for p in params}
@@ -123,14 +108,14 @@ def sass_of(kernel, workdir: Path, tag: str) -> tuple[str, dict]:
     return sass, usage
 
 
-def variants(spec: str) -> list[tuple[bool, int, bool, int]]:
-    """'sel0_tma0_ws0,sel1_tma2_ws1_pend4' -> [(select, tma, ws, pend), ...] (pend 0 where not named)."""
+def variants(spec: str) -> list[tuple[bool, int, bool]]:
+    """'sel0_tma0_ws0,sel1_tma2_ws1' -> [(select, tma, ws), ...]."""
     out = []
     for item in spec.split(","):
-        m = re.fullmatch(r"sel([01])_tma([02])_ws([01])(?:_pend(1|2|4|8|16))?", item.strip())
+        m = re.fullmatch(r"sel([01])_tma([02])_ws([01])", item.strip())
         if not m:
-            raise ValueError(f"sass_loops: variant {item!r}; write sel<0|1>_tma<0|2>_ws<0|1>[_pend<1|2|4|8|16>]")
-        out.append((m.group(1) == "1", int(m.group(2)), m.group(3) == "1", int(m.group(4) or 0)))
+            raise ValueError(f"sass_loops: variant {item!r}; write sel<0|1>_tma<0|2>_ws<0|1>")
+        out.append((m.group(1) == "1", int(m.group(2)), m.group(3) == "1"))
     return out
 
 
@@ -153,15 +138,14 @@ def main(argv=None) -> None:
     work = Path(args.save or os.environ.get("TMPDIR", "/tmp")) / ("" if args.save else "sass_loops")
     work.mkdir(parents=True, exist_ok=True)
     table = Table(title="full forward, sm_90 SASS (static counts; hottest loop = one key block per iteration)")
-    for col in ("variant", "regs", "stack", "loop instr", "skippable") + COLUMNS + (("vs saved",) if args.diff else ()):
+    for col in ("variant", "regs", "stack", "loop instr") + COLUMNS + (("vs saved",) if args.diff else ()):
         table.add_column(col, justify="left" if col in ("variant", "vs saved") else "right")
-    for select, tma, ws, pend in todo:
-        tag = f"sel{int(select)}_tma{tma}_ws{int(ws)}" + (f"_pend{pend}" if pend else "")
-        sass, usage = sass_of(compile_full_forward(select, tma, ws, pend=pend), work, tag)
+    for select, tma, ws in todo:
+        tag = f"sel{int(select)}_tma{tma}_ws{int(ws)}"
+        sass, usage = sass_of(compile_full_forward(select, tma, ws), work, tag)
         (work / f"{tag}.sass").write_text(sass)
         hot = (loops(sass) or [dict(instructions=0, ops={})])[0]
-        row = [tag, str(usage.get("REG", "?")), str(usage.get("STACK", "?")),
-               str(hot["instructions"] - hot.get("skippable", 0)), str(hot.get("skippable", 0))]
+        row = [tag, str(usage.get("REG", "?")), str(usage.get("STACK", "?")), str(hot["instructions"])]
         row += [str(hot["ops"].get(c, 0)) for c in COLUMNS]
         if args.diff:
             old = Path(args.diff) / f"{tag}.sass"

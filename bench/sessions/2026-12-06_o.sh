@@ -7,6 +7,9 @@
 # always-run path is 383-396 instructions against the per-block update's 420, the flush 356 / 755 / 1496 at
 # pend 4 / 8 / 16; simulated flush counts make it a win only for long rows (128k), a loss at 8k. check_gpu with the
 # pend8 variant at real sizes (indices against the reference), then the variants timed against cuDNN.
+# Ran at 84a2cd4 (the queue's code): check_gpu 92/92 and 46/46 with pend8, every pend variant slower than the
+# per-block update at 8k, 32k and 128k (docs/benchmarks.md, "Tenth session"); the queue was taken out again after
+# this call, so the pend variants below exist only at 84a2cd4.
 BUDGET_S=${BUDGET_S:-560}; . "$(dirname "$0")/steps.sh"; mkdir -p "$W"
 mkdir -p "$W/main" "$W/pend8" "$W/ffv"
 OUT="$W/main" TAIL=4 step check_gpu 110 python -m bench.check_gpu --shapes 32/8/128,64/4/128 --seqlens 4096,32768 --bwd-seqlens 4096 --backends triton --extend 512

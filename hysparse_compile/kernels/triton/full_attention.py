@@ -108,35 +108,9 @@ def _insert_block(top_v, top_i, m_blk, blk):
 
 
 @triton.jit
-def _flush_pending(top_v, top_i, pend_v, pend_i, cnt, PEND: tl.constexpr):
-    """Insert each row's pending candidates (its first `cnt` slots, in arrival order) into its running top list:
-    the same sequence of `_insert_block` updates the rows would have made on arrival (docs/kernels_full.md,
-    "Pending candidates")."""
-    pslot = tl.arange(0, PEND)[None, :]
-    for p in tl.static_range(PEND):
-        x = tl.max(tl.where(pslot == p, pend_v, float("-inf")), 1)
-        j = tl.max(tl.where(pslot == p, pend_i, -1), 1)
-        x = tl.where(p < cnt, x, float("-inf"))  # an empty slot: -inf never beats the worst entry
-        top_v, top_i = _insert_block(top_v, top_i, x, j[:, None])
-    return top_v, top_i
-
-
-@triton.jit
-def _append_pending(pend_v, pend_i, cnt, theta, m_blk, blk, PEND: tl.constexpr):
-    """Queue block `blk` for the rows where its max logit beats the worst entry of their list (`theta`); the
-    others would reject it on arrival, and `theta` only rises, so they would reject it at the flush too."""
-    hit = m_blk > theta
-    put = (tl.arange(0, PEND)[None, :] == cnt[:, None]) & hit[:, None]
-    pend_v = tl.where(put, m_blk[:, None], pend_v)
-    pend_i = tl.where(put, blk, pend_i)
-    return pend_v, pend_i, cnt + hit.to(tl.int32)
-
-
-@triton.jit
-def _fwd_tile(acc, l_i, m_i, top_v, top_i, pend_v, pend_i, cnt, theta, q, K, V, b, g, row0, col0, start_n, offs_m,
-              offs_n, offs_d, skt, svt, T, qk_scale, cap2, DIAG: tl.constexpr, BLOCK_N: tl.constexpr,
-              BS: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr, SOFTCAP: tl.constexpr,
-              TMA: tl.constexpr, ACC_DOT: tl.constexpr, PEND: tl.constexpr):
+def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, b, g, row0, col0, start_n, offs_m, offs_n, offs_d, skt, svt, T,
+              qk_scale, cap2, DIAG: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+              SELECT: tl.constexpr, SOFTCAP: tl.constexpr, TMA: tl.constexpr, ACC_DOT: tl.constexpr):
     kn = start_n + offs_n
     if TMA == 1:  # K, V: [B, Hkv, S, d] tensor descriptors; rows past S arrive as zeros
         k = K.load([b.to(tl.int32), g.to(tl.int32), start_n, 0]).reshape(BLOCK_N, offs_d.shape[0])
@@ -161,22 +135,16 @@ def _fwd_tile(acc, l_i, m_i, top_v, top_i, pend_v, pend_i, cnt, theta, q, K, V, 
     if DIAG:
         qk = tl.where((offs_m[:, None] >= kn[None, :]) & (kn[None, :] < T), qk, float("-inf"))
     # block scores: row max of each key block in this tile (scaled, log2 units)
-    # (off the diagonal with PEND: queued for the next flush, `_append_pending`)
     if (BLOCK_N == BS) or (not SELECT):
         m_tile = tl.max(qk, 1) * qk_scale
-        if SELECT and PEND and not DIAG:
-            pend_v, pend_i, cnt = _append_pending(pend_v, pend_i, cnt, theta, m_tile, start_n // BS, PEND)
-        elif SELECT:
+        if SELECT:
             top_v, top_i = _insert_block(top_v, top_i, m_tile, start_n // BS)
     else:
         m_sub = tl.max(tl.reshape(qk, (qk.shape[0], BLOCK_N // BS, BS)), 2) * qk_scale  # [BLOCK_M, BLOCK_N // BS]
         sub = tl.arange(0, BLOCK_N // BS)[None, :]
         for s in tl.static_range(BLOCK_N // BS):
             m_s = tl.max(tl.where(sub == s, m_sub, float("-inf")), 1)
-            if PEND and not DIAG:
-                pend_v, pend_i, cnt = _append_pending(pend_v, pend_i, cnt, theta, m_s, start_n // BS + s, PEND)
-            else:
-                top_v, top_i = _insert_block(top_v, top_i, m_s, start_n // BS + s)
+            top_v, top_i = _insert_block(top_v, top_i, m_s, start_n // BS + s)
         m_tile = tl.max(m_sub, 1)
     m_new = tl.maximum(m_i, m_tile)
     if DIAG:  # a row may have seen no key yet (m = -inf); off-diagonal rows always have one
@@ -195,7 +163,7 @@ def _fwd_tile(acc, l_i, m_i, top_v, top_i, pend_v, pend_i, cnt, theta, q, K, V, 
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new, top_v, top_i, pend_v, pend_i, cnt
+    return acc, l_i, m_new, top_v, top_i
 
 
 @triton.jit
@@ -206,7 +174,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     NSEL: tl.constexpr, NSEL_P2: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_START: tl.constexpr, TMA: tl.constexpr = 0,
-    ACC_DOT: tl.constexpr = False, WS: tl.constexpr = False, PEND: tl.constexpr = 0,
+    ACC_DOT: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """T query rows per (b, h). Prefill (HAS_START False): row t at position t, keys 0..T-1. Extend (HAS_START):
     row r at position Start[b] + r, keys 0..Start[b] + T - 1 of the cache; outputs indexed by row.
@@ -215,9 +183,7 @@ def _fwd_kernel(
     [B * Hkv * S, d]; 3 over the model's layout [B, S, Hkv, d] seen as [B * S, Hkv * d] (2 and 3: block
     [BLOCK_N, d]). ACC_DOT: the P @ V product accumulates into the rescaled accumulator. WS: the off-diagonal loop
     is warp-specialized (`tl.range(warp_specialize=True)`: producer warps issue the bulk copies, consumer warpgroups
-    do the math; with TMA only). PEND (> 0, with SELECT): off the diagonal, a block that beats a row's worst entry
-    is queued in PEND slots per row; the list takes the queue only when some row's queue is full (one branch for
-    the whole tile) and after the loop, instead of an update per key block."""
+    do the math; with TMA only)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # a traced caller (AOTInductor, wrap_triton) passes Python floats as fp64
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query tiles first
     bh = tl.program_id(1)
@@ -258,28 +224,14 @@ def _fwd_kernel(
         n_keys = T
         lo = start_m * BLOCK_M
         hi = tl.minimum(lo + BLOCK_M, T)
-    PW: tl.constexpr = PEND if PEND > 0 else 1  # the queue's width (unused without PEND)
-    pend_v = tl.zeros([BLOCK_M, PW], tl.float32)
-    pend_i = tl.zeros([BLOCK_M, PW], tl.int32)
-    cnt = tl.zeros([BLOCK_M], tl.int32)
-    theta = tl.full([BLOCK_M], float("-inf"), tl.float32)  # each row's worst entry as of the last flush
     for start_n in tl.range(0, lo, BLOCK_N, warp_specialize=WS):  # strictly below the diagonal: no masks
-        if PEND and SELECT:
-            if tl.max(cnt, 0) > PEND - BLOCK_N // BS:  # some row has no room for this tile's blocks
-                top_v, top_i = _flush_pending(top_v, top_i, pend_v, pend_i, cnt, PEND)
-                theta = tl.min(top_v, 1)
-                cnt = tl.zeros([BLOCK_M], tl.int32)
-        acc, l_i, m_i, top_v, top_i, pend_v, pend_i, cnt = _fwd_tile(
-            acc, l_i, m_i, top_v, top_i, pend_v, pend_i, cnt, theta, q, Kb, Vb, b, g, row0, col0, start_n, pos_m,
-            offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, False, BLOCK_N, BS, IEEE, SELECT, SOFTCAP, TMA, ACC_DOT,
-            PEND)
-    if PEND and SELECT:
-        top_v, top_i = _flush_pending(top_v, top_i, pend_v, pend_i, cnt, PEND)
+        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n,
+                                                pos_m, offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, False,
+                                                BLOCK_N, BS, IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
     for start_n in range(lo, hi, BLOCK_N):  # diagonal tiles: causal + bounds masks
-        acc, l_i, m_i, top_v, top_i, pend_v, pend_i, cnt = _fwd_tile(
-            acc, l_i, m_i, top_v, top_i, pend_v, pend_i, cnt, theta, q, Kb, Vb, b, g, row0, col0, start_n, pos_m,
-            offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, True, BLOCK_N, BS, IEEE, SELECT, SOFTCAP, TMA, ACC_DOT,
-            PEND)
+        acc, l_i, m_i, top_v, top_i = _fwd_tile(acc, l_i, m_i, top_v, top_i, q, Kb, Vb, b, g, row0, col0, start_n,
+                                                pos_m, offs_n, offs_d, skt, svt, n_keys, qk_scale, cap2, True, BLOCK_N,
+                                                BS, IEEE, SELECT, SOFTCAP, TMA, ACC_DOT)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     if HAS_SINKS:  # the sink's exp joins the denominator (rows past T have m = -inf: never stored)
         l_den = l_i + tl.math.exp2(tl.load(Sinks + h).to(tl.float32) * LOG2E_C - m_i)
@@ -433,16 +385,12 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=di
             HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BS=block_size, NSEL=nsel, NSEL_P2=nsel_p2,
             IEEE=q.dtype == torch.float32, SELECT=topk >= block_size, SOFTCAP=bool(softcap),
             HAS_SINKS=sinks is not None, HAS_START=start is not None, TMA=tma, ACC_DOT=bool(cfg.get("acc_dot")),
-            WS=bool(tma and cfg.get("ws")), PEND=int(cfg.get("pend") or 0) if topk >= block_size else 0,
+            WS=bool(tma and cfg.get("ws")),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
-    pend = int(wanted.get("pend") or 0)
-    if pend and (pend & (pend - 1) or pend < wanted["BLOCK_N"] // block_size):
-        raise ValueError(f"full-attention forward config: pend={pend!r}; 0 (no queue) or a power of two at least "
-                         f"BLOCK_N // block_size = {wanted['BLOCK_N'] // block_size} (a tile's blocks must fit)")
     mode = tma_mode(wanted.get("tma"), k, v) if wrap is direct else 0
-    tiles = tuple(wanted.get(n) for n in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "ws", "pend"))
+    tiles = tuple(wanted.get(n) for n in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "ws"))
     with_descriptors(TMA_FAILED, (str(q.device), q.dtype, d, tiles), "the full layer's forward", mode, launch)
     return out, lse, cand_s, cand_i
 

@@ -36,7 +36,7 @@ import hysparse_compile as hs
 from .baselines import copy_bandwidth
 from .timer import time_ms
 from hysparse_compile.kv_plan import storage
-from hysparse_compile.runtime import HySparseCache
+from hysparse_compile.runtime import HySparseCache, layers
 
 GiB = 2**30
 
@@ -265,7 +265,10 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=500.0, help="no new HF baseline / memory search after this")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--inductor", default=None, help="contextxbatch shapes to also run with the compiled model's "
-                                                     "graph under torch.compile (default: the largest)")
+                                                     "graph under torch.compile (default: the largest; none: no rows)")
+    ap.add_argument("--writes", default="fused", choices=("fused", "scatter", "both"),
+                    help="the cache writes of decode: one Triton launch per layer (fused, the runtime's default on "
+                         "CUDA), two scatter_s per layer (scatter; rows named model[scatter]), or both in turn")
     args = ap.parse_args()
     t_start = time.perf_counter()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -302,14 +305,20 @@ def main() -> int:
     meta["compile_s"] = time.perf_counter() - t0
     print(f"compiled both in {meta['compile_s']:.1f}s; weights {weight_bytes_read(model, 1) / 1e9:.2f} GB read "
           f"per step (hybrid adds gates: {weight_bytes_read(hybrid, 1) / 1e9:.2f} GB)", flush=True)
+    writes = ("fused", "scatter") if args.writes == "both" else (args.writes,)
     for ctx in contexts:
         for B in batches:
-            for name, m in (("hysparse", hybrid), ("dense_floor", dense)):
-                row = decode_row(name, m, B, ctx, device, timer, meta["copy_gbs"], tiny)
-                result["decode"].append(row)
-                print(json.dumps(row), flush=True)
-                save()
-    inductor = ([tuple(int(v) for v in s.split("x")) for s in args.inductor.split(",")] if args.inductor
+            for mode in writes:
+                layers.FUSED_WRITES = "cuda" if mode == "fused" else "off"
+                for name, m in (("hysparse", hybrid), ("dense_floor", dense)):
+                    label = name if mode == "fused" else f"{name}[scatter]"
+                    row = decode_row(label, m, B, ctx, device, timer, meta["copy_gbs"], tiny)
+                    result["decode"].append(row)
+                    print(json.dumps(row), flush=True)
+                    save()
+    layers.FUSED_WRITES = "cuda"
+    inductor = ([] if args.inductor == "none" else
+                [tuple(int(v) for v in s.split("x")) for s in args.inductor.split(",")] if args.inductor
                 else [(max(contexts), max(batches))])
     for ctx, B in inductor:
         for name, m in (("hysparse", hybrid), ("dense_floor", dense)):

@@ -41,6 +41,18 @@ def _extend_backend(backend: str, op: str, q: Tensor, k: Tensor) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- cache writes
+# Decode / extend writes: one Triton launch per layer (`kernels.triton.cache_write`) for CUDA tensors ("cuda"), for
+# any tensor ("any": tests, the CPU under TRITON_INTERPRET=1), or never ("off": two `scatter_`s per layer, as
+# before; bench_decode --writes scatter times that). While torch.compile / torch.export trace the runtime, always
+# the scatters.
+FUSED_WRITES = "cuda"
+
+
+def _fused_for(k: Tensor):
+    if FUSED_WRITES == "any" or (FUSED_WRITES == "cuda" and k.is_cuda):
+        return _fused_write()
+    return None
+
 def _new_slots(positions: Tensor, like: Tensor) -> Tensor:
     """Scatter index [B, Hkv, R, d] of slots positions[b, r]."""
     B, H, R, d = like.shape
@@ -55,6 +67,15 @@ def _check_dtype(stored: Tensor, k: Tensor, layer: int) -> None:
                         f"make the cache with HySparseCache(compiled, dtype={k.dtype})")
 
 
+def _fused_write():
+    """`kernels.triton.cache_write` (K and V of a layer in one launch), or None where Triton cannot be imported."""
+    try:
+        from ..kernels.triton import cache_write
+    except ImportError:  # pragma: no cover - a platform without triton: the scatters below
+        return None
+    return cache_write
+
+
 def write_linear(cache, layer: int, k: Tensor, v: Tensor, s: Step) -> None:
     """Store a layer's new K/V [B, Hkv, R, d] at positions start .. start+R-1 (prefill: slots 0..T-1)."""
     kc, vc = cache.full_kv(layer)
@@ -63,6 +84,10 @@ def write_linear(cache, layer: int, k: Tensor, v: Tensor, s: Step) -> None:
         T = k.shape[2]
         kc[:, :, :T].copy_(k)
         vc[:, :, :T].copy_(v)
+        return
+    fused = _fused_for(k)
+    if fused is not None and fused.fused_write_supported(k, v, kc, vc):
+        fused.write_kv(k, v, kc, vc, s.positions)
         return
     idx = _new_slots(s.positions, k)
     kc.scatter_(2, idx, k)
@@ -83,6 +108,10 @@ def write_ring(cache, layer: int, k: Tensor, v: Tensor, s: Step) -> None:
     R = k.shape[2]
     first = max(0, R - W)  # more new tokens than slots: only the last W survive
     k, v = k[:, :, first:], v[:, :, first:]
+    fused = _fused_for(k)
+    if fused is not None and fused.fused_write_supported(k, v, kr, vr):
+        fused.write_kv(k, v, kr, vr, s.positions[:, first:], ring=W)
+        return
     idx = torch.remainder(s.positions[:, first:], W).view(k.shape[0], 1, -1, 1).expand_as(k)
     kr.scatter_(2, idx, k)
     vr.scatter_(2, idx, v)

@@ -77,11 +77,14 @@ def test_what_the_kernel_cannot_write_goes_to_the_scatters():
 def test_cached_decoding_through_the_fused_writes_gives_the_same_logits(monkeypatch):
     """A compiled model with a full layer (linear cache) and sparse layers (SWA rings), prefill then single tokens
     and an extend chunk longer than the window: the fused writes, counted, give the scatters' logits exactly."""
-    from test_decode import _ids, cached_logits, compiled
+    import hysparse_compile as hs
+    from models import build
+    from test_decode import _ids, cached_logits
 
-    _, c = compiled("llama-sdpa", pattern="FSSF")
-    if DEV == "cuda":
-        c = c.to(DEV)
+    # built and compiled on the device it runs on (a graph captured on the CPU keeps the CPU in its asserts)
+    schedule = hs.Schedule.from_pattern("FSSF", block_size=16, topk=32, window=16)
+    c = hs.compile(build("llama-sdpa", layers=4).to(DEV), schedule,
+                   gate_init=lambda w: torch.nn.init.normal_(w, std=0.2), sink_init=0.5)
     ids = _ids(2, 60).to(DEV)
     chunks = (23, 1, 1, 5, 1, 20, 1, 1, 6, 1)
     monkeypatch.setattr(layers, "FUSED_WRITES", "off")

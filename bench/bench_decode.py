@@ -14,6 +14,8 @@ and batch (32k) whose cache fits, found by allocating; and prefill time at 32k (
 
     python -m bench.bench_decode                    # the GPU run (about 6-8 minutes on an H100/H200)
     python -m bench.bench_decode --tiny             # CPU smoke test of every code path at toy sizes
+    python -m bench.bench_decode --contexts 131072 --batches 8 --budget-s 0 --skip-memory --inductor none \
+        --writes both                               # the 128k row with the fused cache writes, then the scatters
 
 Writes `$OUT/bench_decode.json` (or bench/results/) and prints markdown tables.
 """

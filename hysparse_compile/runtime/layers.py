@@ -48,10 +48,21 @@ def _extend_backend(backend: str, op: str, q: Tensor, k: Tensor) -> str:
 FUSED_WRITES = "cuda"
 
 
+def _fused_write():
+    """`kernels.triton.cache_write` (K and V of a layer in one launch), or None where Triton cannot be imported."""
+    try:
+        from ..kernels.triton import cache_write
+    except ImportError:  # pragma: no cover - a platform without triton: the scatters below
+        return None
+    return cache_write
+
+
 def _fused_for(k: Tensor):
+    """The fused-write module where FUSED_WRITES asks for it for `k`'s device, else None (the scatters)."""
     if FUSED_WRITES == "any" or (FUSED_WRITES == "cuda" and k.is_cuda):
         return _fused_write()
     return None
+
 
 def _new_slots(positions: Tensor, like: Tensor) -> Tensor:
     """Scatter index [B, Hkv, R, d] of slots positions[b, r]."""
@@ -65,15 +76,6 @@ def _check_dtype(stored: Tensor, k: Tensor, layer: int) -> None:
     if stored.dtype != k.dtype:
         raise TypeError(f"past_key_values stores {stored.dtype} but layer {layer} computes its K/V in {k.dtype}; "
                         f"make the cache with HySparseCache(compiled, dtype={k.dtype})")
-
-
-def _fused_write():
-    """`kernels.triton.cache_write` (K and V of a layer in one launch), or None where Triton cannot be imported."""
-    try:
-        from ..kernels.triton import cache_write
-    except ImportError:  # pragma: no cover - a platform without triton: the scatters below
-        return None
-    return cache_write
 
 
 def write_linear(cache, layer: int, k: Tensor, v: Tensor, s: Step) -> None:

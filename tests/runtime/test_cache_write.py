@@ -60,6 +60,16 @@ def test_one_launch_writes_what_the_scatters_write(case):
         assert torch.equal(big[mask], before[mask])
 
 
+def test_slots_past_the_cache_are_not_written():
+    """A position past the cache's rows (a CUDA graph replayed beyond what was reserved) writes nothing, not outside
+    the tensor: the cache is a view of a larger buffer here, and the rows after it stay as they were."""
+    big = torch.zeros(1, 2, 12, 16, device=DEV)
+    kc, vc = big[:, :, :8], big[:, :, :8].clone()
+    k = torch.ones(1, 2, 2, 16, device=DEV)
+    cache_write.write_kv(k, k, kc, vc, torch.tensor([[7, 8]], device=DEV))
+    assert (big[:, :, 7] == 1).all() and (big[:, :, 8:] == 0).all() and (vc[:, :, 7] == 1).all()
+
+
 def test_what_the_kernel_cannot_write_goes_to_the_scatters():
     k = torch.zeros(1, 2, 1, 16, device=DEV)
     assert cache_write.fused_write_supported(k, k, k.clone(), k.clone())

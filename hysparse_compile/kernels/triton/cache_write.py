@@ -18,8 +18,10 @@ from .common import INTERPRET
 
 @triton.jit
 def _write_kv_kernel(K, V, KC, VC, POS, skb, skh, skt, svb, svh, svt, scb, sch, sct, sdb, sdh, sdt, spb, spr,
-                     H, R, W, D: tl.constexpr, RING: tl.constexpr):
-    """One program per (b, h, r) new row: K[b, h, r] -> KC[b, h, slot], V likewise; slot = POS[b, r] (% W)."""
+                     H, R, W, S, D: tl.constexpr, RING: tl.constexpr):
+    """One program per (b, h, r) new row: K[b, h, r] -> KC[b, h, slot], V likewise; slot = POS[b, r] (% W). A slot
+    past the cache's S rows is not written (the runtime reserves room before a call; a CUDA graph replayed past
+    it must not write outside the cache)."""
     pid = tl.program_id(0)
     r = pid % R
     bh = pid // R
@@ -28,10 +30,12 @@ def _write_kv_kernel(K, V, KC, VC, POS, skb, skh, skt, svb, svh, svt, scb, sch, 
     pos = tl.load(POS + b * spb + r * spr).to(tl.int64)
     slot = pos % W if RING else pos
     dd = tl.arange(0, D)
+    rows = slot + tl.zeros([D], tl.int64)  # the slot, once per element (a vector mask for the stores)
+    ok = (rows >= 0) & (rows < S)
     k = tl.load(K + b * skb + h * skh + r * skt + dd)
     v = tl.load(V + b * svb + h * svh + r * svt + dd)
-    tl.store(KC + b * scb + h * sch + slot * sct + dd, k.to(KC.dtype.element_ty))
-    tl.store(VC + b * sdb + h * sdh + slot * sdt + dd, v.to(VC.dtype.element_ty))
+    tl.store(KC + b * scb + h * sch + slot * sct + dd, k.to(KC.dtype.element_ty), mask=ok)
+    tl.store(VC + b * sdb + h * sdh + slot * sdt + dd, v.to(VC.dtype.element_ty), mask=ok)
 
 
 def fused_write_supported(k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> bool:
@@ -54,13 +58,15 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tenso
              ring: int | None = None) -> None:
     """kc[b, h, positions[b, r]] = k[b, h, r] (and vc from v), in place; with `ring=W` the slot is positions % W.
 
-    k/v [B, H, R, d], kc/vc [B, H, S, d] (unit last stride; slots below S), positions int [B, R] on their device."""
+    k/v [B, H, R, d], kc/vc [B, H, S, d] (unit last stride), positions int [B, R] on their device; slots outside
+    0 .. S-1 are skipped."""
     B, H, R, d = k.shape
     if B * H * R == 0:
         return
     _write_kv_kernel[(B * H * R,)](
         k, v, kc, vc, positions, *k.stride()[:3], *v.stride()[:3], *kc.stride()[:3], *vc.stride()[:3],
-        positions.stride(0), positions.stride(1), H, R, ring or 1, D=d, RING=ring is not None, num_warps=1)
+        positions.stride(0), positions.stride(1), H, R, ring or 1, kc.shape[2], D=d, RING=ring is not None,
+        num_warps=1)
 
 
 __all__ = ["fused_write_supported", "write_kv"]

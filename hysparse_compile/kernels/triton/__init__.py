@@ -5,8 +5,9 @@ Full layer: `full_attention.py` (flash forward with running per-head top-k of bl
 `full_attention_bwd_cudnn.py`), `full_attention_decode.py` (split-K) and `full_attention_extend.py` (the
 forward kernel with per-row start positions). Sparse layer: `sparse_attention.py` (both branches in one kernel over
 the per-tile block union of `block_union.py`), `sparse_attention_bwd.py`, `sparse_attention_decode.py`,
-`sparse_attention_extend.py` (the token-major tiling for R new rows, SWA keys found by position). Shared constants
-and helpers: `common.py`. Every kernel takes the op parameters' options (soft-capping; sinks on the full layer) as
+`sparse_attention_extend.py` (the token-major tiling for R new rows, SWA keys found by position). The KV-cache
+runtime's writes of decode and extend: `cache_write.py` (K and V of a layer in one launch). Shared constants and
+helpers: `common.py`. Every kernel takes the op parameters' options (soft-capping; sinks on the full layer) as
 constexpr flags. Design notes: docs/kernels_full.md, docs/kernels_sparse.md. The launchers (`launch_*`) are the
 public way in for other code (export/aoti_triton.py); the kernels themselves are private to this folder.
 """

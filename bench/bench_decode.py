@@ -319,9 +319,12 @@ def main() -> int:
                     print(json.dumps(row), flush=True)
                     save()
     layers.FUSED_WRITES = "cuda"
-    inductor = ([] if args.inductor == "none" else
-                [tuple(int(v) for v in s.split("x")) for s in args.inductor.split(",")] if args.inductor
-                else [(max(contexts), max(batches))])
+    if args.inductor == "none":
+        inductor = []
+    elif args.inductor:
+        inductor = [tuple(int(v) for v in s.split("x")) for s in args.inductor.split(",")]
+    else:
+        inductor = [(max(contexts), max(batches))]
     for ctx, B in inductor:
         for name, m in (("hysparse", hybrid), ("dense_floor", dense)):
             try:

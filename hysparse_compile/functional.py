@@ -82,16 +82,23 @@ def _indices(indices, B: int, Hkv: int, T: int, q: Tensor, name: str = "indices"
     return indices.shape[3]
 
 
+def tracing() -> bool:
+    """Whether torch.compile, torch.export or jit tracing is running: values are symbolic, and only torch ops are
+    recorded (a direct kernel launch would run once at trace time and be missing from the trace)."""
+    if torch.compiler.is_compiling():  # first, alone: nothing below is asked while Dynamo traces (no graph break)
+        return True
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def _content_checks(x: Tensor) -> bool:
     """Whether to look at a tensor's values: eagerly, on CPU (no host sync: on CUDA it would stall every call, so
-    there the contents are not checked; `check_indices` does it on request), never while torch.compile,
-    torch.export or jit tracing run (the values are symbolic there) or on fake/meta tensors."""
-    if torch.compiler.is_compiling():  # first, alone: nothing below is asked while Dynamo traces (no graph break)
+    there the contents are not checked; `check_indices` does it on request), never while `tracing()` (the values
+    are symbolic there) or on fake/meta tensors."""
+    if tracing():
         return False
     from torch._subclasses.fake_tensor import is_fake
 
-    tracing = torch.compiler.is_exporting() or torch.jit.is_tracing()
-    return not tracing and x.device.type == "cpu" and not is_fake(x)
+    return x.device.type == "cpu" and not is_fake(x)
 
 
 def check_indices(indices: Tensor, positions: Tensor, num_blocks: int, block_size: int,

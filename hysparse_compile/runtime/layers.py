@@ -17,6 +17,8 @@ The layer's parameters arrive as the node's keywords (readable in the printed gr
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -43,25 +45,31 @@ def _extend_backend(backend: str, op: str, q: Tensor, k: Tensor) -> str:
 # ---------------------------------------------------------------------------------------------- cache writes
 # Decode / extend writes: one Triton launch per layer (`kernels.triton.cache_write`) for CUDA tensors ("cuda"), for
 # any tensor ("any": tests, the CPU under TRITON_INTERPRET=1), or never ("off": two `scatter_`s per layer, as
-# before; bench_decode --writes scatter times that). While torch.compile / torch.export trace the runtime, always
-# the scatters.
+# before; bench_decode --writes scatter times that). While torch.compile, torch.export or jit tracing run, always
+# the scatters (a trace records torch ops, not a direct kernel launch).
 FUSED_WRITES = "cuda"
 
 
-def _fused_write():
-    """`kernels.triton.cache_write` (K and V of a layer in one launch), or None where Triton cannot be imported."""
+@functools.cache
+def _cache_write_module():
+    """`kernels.triton.cache_write`, imported once, or None where Triton cannot be imported."""
     try:
         from ..kernels.triton import cache_write
-    except ImportError:  # pragma: no cover - a platform without triton: the scatters below
+    except ImportError:  # pragma: no cover - a platform without triton: the scatters
         return None
     return cache_write
 
 
-def _fused_for(k: Tensor):
-    """The fused-write module where FUSED_WRITES asks for it for `k`'s device, else None (the scatters)."""
-    if FUSED_WRITES == "any" or (FUSED_WRITES == "cuda" and k.is_cuda):
-        return _fused_write()
-    return None
+def _write_fused(k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, positions: Tensor, ring: int | None = None) -> bool:
+    """Store k/v at `positions` (`% ring`) of kc/vc in one launch where FUSED_WRITES and the tensors allow it;
+    False (nothing written) where the caller's scatters must do it."""
+    if functional.tracing() or not (FUSED_WRITES == "any" or (FUSED_WRITES == "cuda" and k.is_cuda)):
+        return False
+    fused = _cache_write_module()
+    if fused is None or not fused.fused_write_supported(k, v, kc, vc):
+        return False
+    fused.write_kv(k, v, kc, vc, positions, ring=ring)
+    return True
 
 
 def _new_slots(positions: Tensor, like: Tensor) -> Tensor:
@@ -87,9 +95,7 @@ def write_linear(cache, layer: int, k: Tensor, v: Tensor, s: Step) -> None:
         kc[:, :, :T].copy_(k)
         vc[:, :, :T].copy_(v)
         return
-    fused = _fused_for(k)
-    if fused is not None and fused.fused_write_supported(k, v, kc, vc):
-        fused.write_kv(k, v, kc, vc, s.positions)
+    if _write_fused(k, v, kc, vc, s.positions):
         return
     idx = _new_slots(s.positions, k)
     kc.scatter_(2, idx, k)
@@ -110,9 +116,7 @@ def write_ring(cache, layer: int, k: Tensor, v: Tensor, s: Step) -> None:
     R = k.shape[2]
     first = max(0, R - W)  # more new tokens than slots: only the last W survive
     k, v = k[:, :, first:], v[:, :, first:]
-    fused = _fused_for(k)
-    if fused is not None and fused.fused_write_supported(k, v, kr, vr):
-        fused.write_kv(k, v, kr, vr, s.positions[:, first:], ring=W)
+    if _write_fused(k, v, kr, vr, s.positions[:, first:], ring=W):
         return
     idx = torch.remainder(s.positions[:, first:], W).view(k.shape[0], 1, -1, 1).expand_as(k)
     kr.scatter_(2, idx, k)

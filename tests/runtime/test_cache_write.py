@@ -84,6 +84,19 @@ def test_what_the_kernel_cannot_write_goes_to_the_scatters():
         assert not cache_write.fused_write_supported(f, f, f, f)
 
 
+def test_a_trace_gets_the_scatters(monkeypatch):
+    """Under jit tracing (or torch.compile / torch.export) a direct launch would run once and be missing from the
+    trace: the runtime leaves the write to its scatters, which the trace records."""
+    k = torch.ones(1, 2, 1, 16, device=DEV)
+    kc, vc = torch.zeros(1, 2, 4, 16, device=DEV), torch.zeros(1, 2, 4, 16, device=DEV)
+    pos = torch.tensor([[1]], device=DEV)
+    monkeypatch.setattr(layers, "FUSED_WRITES", "any")
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    assert not layers._write_fused(k, k, kc, vc, pos) and (kc == 0).all()
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: False)
+    assert layers._write_fused(k, k, kc, vc, pos) and (kc[:, :, 1] == 1).all() and (vc[:, :, 1] == 1).all()
+
+
 def test_cached_decoding_through_the_fused_writes_gives_the_same_logits(monkeypatch):
     """A compiled model with a full layer (linear cache) and sparse layers (SWA rings), prefill then single tokens
     and an extend chunk longer than the window: the fused writes, counted, give the scatters' logits exactly."""

@@ -39,11 +39,9 @@ def _write_kv_kernel(K, V, KC, VC, POS, skb, skh, skt, svb, svh, svt, scb, sch, 
 
 
 def fused_write_supported(k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> bool:
-    """Whether `write_kv` can store these tensors: real CUDA tensors (or any under the interpreter), outside
-    `torch.compile` / `torch.export` tracing (they see the runtime's `scatter_`s), a power-of-two head dim of unit
-    stride on every side, the cache's dtype equal to the new K/V's."""
-    if torch.compiler.is_compiling():
-        return False
+    """Whether `write_kv` can store these tensors: real CUDA tensors (or any under the interpreter; not fake or
+    functional ones), a power-of-two head dim of unit stride on every side, the cache's dtype equal to the new
+    K/V's. Whether a trace is running is the caller's question (`functional.tracing()`, `runtime.layers`)."""
     ts = (k, v, kc, vc)
     if any(type(t) is not torch.Tensor for t in ts):  # fake / functional tensors: a trace, not a run
         return False

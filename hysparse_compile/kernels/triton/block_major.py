@@ -34,6 +34,10 @@ import triton.language as tl
 
 from .common import LOG2E, soft_cap, soft_cap_with_slope, softcap2
 
+# the kernels index within a batch row of q and within one (batch, group) of the partials (forward) or the whole of
+# dq / do (backward) with int32 offsets when every such offset is below this, else with int64 (tests lower it)
+INT32_OFFSETS = 2**31
+
 
 @triton.jit
 def _work_item(ITEM_BUCKET, ITEM_CHUNK, START, NB, HKV, CHUNK: tl.constexpr):
@@ -66,12 +70,64 @@ def _block_kv(KS, VS, b, g, j, live, T, sksb, sksh, skst, svsb, svsh, svst, BLOC
 
 
 @triton.jit
+def _partials_step(LIST, OPg, LPg, e0, hi, Qg, q_row, row_tok, hh, dd, k, v, kpos, T_BEGIN, sqt, qk_scale2, cap2,
+                   NSEL: tl.constexpr, G: tl.constexpr, TOK: tl.constexpr, D: tl.constexpr, SOFTCAP: tl.constexpr,
+                   DIAG: tl.constexpr, OFF64: tl.constexpr):
+    """Entries e0 .. e0 + TOK - 1 (those < hi) of the block's list: TOK tokens x G heads of scores against K_j, their
+    local softmax and P V_j, written as normalized partial rows with their log2-sum-exps. DIAG: some token may see
+    only part of the block (or none of it), so keys after the token are masked; otherwise every key is visible.
+    Qg, OPg, LPg: this program's batch of q and its (batch, group) of the partial buffers; offsets from them are
+    int32 unless OFF64."""
+    ent = e0 + row_tok
+    ok = (row_tok < TOK) & (ent < hi)
+    pair = tl.load(LIST + ent, mask=ok, other=0).to(tl.uint32)  # t_local * NSEL + s, non-negative
+    t_loc = (pair // NSEL).to(tl.int32)
+    s_slot = (pair % NSEL).to(tl.int32)
+    t = T_BEGIN + t_loc
+    if OFF64:
+        q_off = q_row + t.to(tl.int64) * sqt
+    else:
+        q_off = q_row + t * sqt
+    q = tl.load(Qg + q_off[:, None] + dd[None, :], mask=ok[:, None], other=0.0)
+    if SOFTCAP:
+        s = soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, True)  # [BLOCK_M, BLOCK_N], log2 domain
+        c = 1.0
+    else:  # scaled inside the exp2's argument (one FMA per score); qk_scale2 > 0, so the max commutes with it
+        s = tl.dot(q, tl.trans(k))
+        c = qk_scale2
+    if DIAG:
+        s = tl.where(ok[:, None] & (kpos[None, :] <= t[:, None]), s, float("-inf"))  # t < T: the key exists
+        m = tl.max(s, axis=1) * c
+        m = tl.where(m == float("-inf"), 0.0, m)
+    else:  # every key of the block precedes every token (a padded row has q = 0: finite scores, not stored)
+        m = tl.max(s, axis=1) * c
+    p = tl.exp2(s * c - m[:, None])
+    l = tl.sum(p, axis=1)
+    acc = tl.dot(p.to(v.dtype), v)
+    if DIAG:
+        l_safe = tl.where(l > 0, l, 1.0)
+        inv = tl.where(l > 0, 1.0 / l_safe, 0.0)
+        lse2 = tl.where(l > 0, m + tl.log2(l_safe), float("-inf"))
+    else:  # l >= 1: the row's max contributes 2^0
+        inv = 1.0 / l
+        lse2 = m + tl.log2(l)
+    # partial row (t_local, slot, head) of this (batch, group)'s [TC, NSEL, G, D] part of the buffer
+    prow = (t_loc * NSEL + s_slot) * G + hh
+    if OFF64:
+        prow = prow.to(tl.int64)
+    tl.store(LPg + prow, lse2, mask=ok)
+    # streaming store: the partials are read once, by the combine kernel; keep L2 for K_j, V_j and q
+    tl.store(OPg + prow[:, None] * D + dd[None, :], (acc * inv[:, None]).to(OPg.dtype.element_ty),
+             mask=ok[:, None], eviction_policy="evict_first")
+
+
+@triton.jit
 def _block_partials_kernel(
     Q, KS, VS, LIST, START, ITEM_BUCKET, ITEM_CHUNK, OP, LP,
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst,
-    T, T_BEGIN, TC, HKV, NB, NSEL, qk_scale2, cap2,
-    G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    CHUNK: tl.constexpr, SOFTCAP: tl.constexpr,
+    T, T_BEGIN, TC, HKV, NB, qk_scale2, cap2,
+    NSEL: tl.constexpr, G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, CHUNK: tl.constexpr, SOFTCAP: tl.constexpr, OFF64: tl.constexpr,
 ):
     live, bg, j, b, g, lo, hi = _work_item(ITEM_BUCKET, ITEM_CHUNK, START, NB, HKV, CHUNK)
     dd = tl.arange(0, D)
@@ -80,32 +136,27 @@ def _block_partials_kernel(
     rows = tl.arange(0, BLOCK_M)
     row_tok = rows // G  # entry of the row inside the current tile of TOK entries
     hh = rows % G  # query head of the row inside the group
-    heads = g * G + hh
-    q_base = Q + b.to(tl.int64) * sqb + heads.to(tl.int64) * sqh  # [BLOCK_M] pointers
-    for e0 in range(lo, hi, TOK):
-        ent = e0 + row_tok
-        ok = (row_tok < TOK) & (ent < hi)
-        pair = tl.load(LIST + ent, mask=ok, other=0)  # t_local * NSEL + s
-        t = T_BEGIN + pair // NSEL
-        s_slot = pair % NSEL
-        q = tl.load(q_base[:, None] + t.to(tl.int64)[:, None] * sqt + dd[None, :], mask=ok[:, None], other=0.0)
-        s = soft_cap(tl.dot(q, tl.trans(k)) * qk_scale2, cap2, SOFTCAP)  # [BLOCK_M, BLOCK_N], log2 domain
-        vis = ok[:, None] & (kpos[None, :] <= t[:, None])  # t < T, so the key exists
-        s = tl.where(vis, s, float("-inf"))
-        m = tl.max(s, axis=1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.exp2(s - m_safe[:, None])
-        l = tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v)
-        l_safe = tl.where(l > 0, l, 1.0)
-        inv = tl.where(l > 0, 1.0 / l_safe, 0.0)
-        lse2 = tl.where(l > 0, m_safe + tl.log2(l_safe), float("-inf"))
-        # partial row (b, g, t_local, slot, head) of a contiguous [B, Hkv, TC, NSEL, G, D] buffer
-        prow = ((bg.to(tl.int64) * TC + (t - T_BEGIN)) * NSEL + s_slot) * G + hh
-        tl.store(LP + prow, lse2, mask=ok)
-        # streaming store: the partials are read once, by the combine kernel; keep L2 for K_j, V_j and q
-        tl.store(OP + prow[:, None] * D + dd[None, :], (acc * inv[:, None]).to(OP.dtype.element_ty),
-                 mask=ok[:, None], eviction_policy="evict_first")
+    Qg = Q + b.to(tl.int64) * sqb
+    if OFF64:
+        q_row = (g * G + hh).to(tl.int64) * sqh  # [BLOCK_M] offset of the row's head
+    else:
+        q_row = (g * G + hh) * sqh
+    gb = bg.to(tl.int64) * TC * NSEL * G
+    OPg = OP + gb * D
+    LPg = LP + gb
+    # The list is in ascending t, so the entries whose token precedes the block's end (the tokens inside block j,
+    # and any that picked a block after them) come first: masked steps while a step starts with one, then steps
+    # whose every token sees all of K_j.
+    e0 = lo
+    t0 = T_BEGIN + tl.load(LIST + e0, mask=e0 < hi, other=0) // NSEL
+    while (e0 < hi) & (t0 < (j + 1) * BLOCK_N):
+        _partials_step(LIST, OPg, LPg, e0, hi, Qg, q_row, row_tok, hh, dd, k, v, kpos, T_BEGIN, sqt, qk_scale2, cap2,
+                       NSEL, G, TOK, D, SOFTCAP, True, OFF64)
+        e0 += TOK
+        t0 = T_BEGIN + tl.load(LIST + e0, mask=e0 < hi, other=0) // NSEL
+    for e in range(e0, hi, TOK):
+        _partials_step(LIST, OPg, LPg, e, hi, Qg, q_row, row_tok, hh, dd, k, v, kpos, T_BEGIN, sqt, qk_scale2, cap2,
+                       NSEL, G, TOK, D, SOFTCAP, False, OFF64)
 
 
 @triton.jit
@@ -183,13 +234,16 @@ def combine_partials(op, lp, rows, max_elems=1024):
 def _block_grads_kernel(
     Q, KS, VS, DO, L2, DELTA, LIST, START, ITEM_BUCKET, ITEM_CHUNK, DQ, DK, DV,
     sqb, sqh, sqt, sksb, sksh, skst, svsb, svsh, svst,
-    T, HKV, NB, NSEL, qk_scale2, scale, cap2,
-    G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    CHUNK: tl.constexpr, SOFTCAP: tl.constexpr,
+    T, HKV, NB, qk_scale2, scale, cap2,
+    NSEL: tl.constexpr, G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, CHUNK: tl.constexpr, SOFTCAP: tl.constexpr, OFF64: tl.constexpr,
 ):
     """Sparse-branch gradients of one work item (key block j of one KV group, one chunk of its list): dq rows / scale
     added to DQ (fp32 [B, Hq, T, D]), dK_j/dV_j to DK/DV (fp32 [B, Hkv, T, D]). DO/L2/DELTA are contiguous [B, Hq, T, *]
-    (do of the sparse branch, its log2-sum-exp with sinks folded in, do . o)."""
+    (do of the sparse branch, its log2-sum-exp with sinks folded in, do . o). Offsets inside a batch row of q and
+    inside DQ/DO/L2/DELTA are int32 unless OFF64. Every step keeps the causal mask: splitting the loop into masked
+    and unmasked steps, as the forward does, makes the sm_90 build spill three times as much (dK_j and dV_j live
+    across both loops)."""
     live, bg, j, b, g, lo, hi = _work_item(ITEM_BUCKET, ITEM_CHUNK, START, NB, HKV, CHUNK)
     dd = tl.arange(0, D)
     kpos, kv_ok, k, v = _block_kv(KS, VS, b, g, j, live, T, sksb, sksh, skst, svsb, svsh, svst, BLOCK_N, D)
@@ -199,14 +253,22 @@ def _block_grads_kernel(
     rows = tl.arange(0, BLOCK_M)
     row_tok = rows // G
     heads = g * G + rows % G
-    q_base = Q + b.to(tl.int64) * sqb + heads.to(tl.int64) * sqh
-    r_base = (b * (HKV * G) + heads).to(tl.int64) * T  # row of contiguous [B, Hq, T, *] at t = 0
+    Qg = Q + b.to(tl.int64) * sqb
+    r_row = b * (HKV * G) + heads  # row of contiguous [B, Hq, T, *] at t = 0, times T
+    if OFF64:
+        q_row = heads.to(tl.int64) * sqh
+        r_row = r_row.to(tl.int64) * T
+    else:
+        q_row = heads * sqh
+        r_row = r_row * T
     for e0 in range(lo, hi, TOK):
         ent = e0 + row_tok
         ok = (row_tok < TOK) & (ent < hi)
-        t = tl.load(LIST + ent, mask=ok, other=0) // NSEL
-        q = tl.load(q_base[:, None] + t.to(tl.int64)[:, None] * sqt + dd[None, :], mask=ok[:, None], other=0.0)
-        r = r_base + t
+        t = (tl.load(LIST + ent, mask=ok, other=0).to(tl.uint32) // NSEL).to(tl.int32)  # entries t * NSEL + s >= 0
+        if OFF64:
+            t = t.to(tl.int64)
+        q = tl.load(Qg + (q_row + t * sqt)[:, None] + dd[None, :], mask=ok[:, None], other=0.0)
+        r = r_row + t
         do = tl.load(DO + r[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
         l2 = tl.load(L2 + r, mask=ok, other=0.0)
         delta = tl.load(DELTA + r, mask=ok, other=0.0)
@@ -296,12 +358,14 @@ def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, 
     n_blocks = triton.cdiv(T, block_size)
     tok, block_m, chunk, num_warps, num_stages = default_config(G, D, block_size, tok, chunk, num_warps, num_stages)
     lists, start, item_bucket, item_chunk = token_lists(indices, n_blocks, chunk)
+    # int32 offsets inside one batch row of q and one (batch, group) of the partials unless they could overflow
+    off64 = max((T - 1) * q.stride(2) + (Hq - 1) * q.stride(1) + D, TC * nsel * G * D) >= INT32_OFFSETS
     _block_partials_kernel[(item_bucket.numel(),)](
         q, k_shared, v_shared, lists, start, item_bucket, item_chunk, op, lp,
         *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3],
-        T, t_begin, TC, Hkv, n_blocks, nsel, scale2, softcap2(softcap),
-        G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk, SOFTCAP=bool(softcap),
-        num_warps=num_warps, num_stages=num_stages,
+        T, t_begin, TC, Hkv, n_blocks, scale2, softcap2(softcap),
+        NSEL=nsel, G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk, SOFTCAP=bool(softcap),
+        OFF64=off64, num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -332,11 +396,12 @@ def block_grads(q, k_shared, v_shared, do, l2, delta, indices, block_size, scale
     n_blocks = triton.cdiv(T, block_size)
     tok, block_m, chunk, num_warps, num_stages = grads_config(G, D, block_size, tok, chunk, num_warps, num_stages)
     lists, start, item_bucket, item_chunk = token_lists(indices, n_blocks, chunk)
+    off64 = max((T - 1) * q.stride(2) + (Hq - 1) * q.stride(1) + D, B * Hq * T * D) >= INT32_OFFSETS
     _block_grads_kernel[(item_bucket.numel(),)](
         q, k_shared, v_shared, do, l2, delta, lists, start, item_bucket, item_chunk, dq, dk, dv,
         *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3],
-        T, Hkv, n_blocks, nsel, scale * LOG2E, scale, softcap2(softcap),
-        G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk, SOFTCAP=bool(softcap),
+        T, Hkv, n_blocks, scale * LOG2E, scale, softcap2(softcap),
+        NSEL=nsel, OFF64=off64, G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk, SOFTCAP=bool(softcap),
         num_warps=num_warps, num_stages=num_stages,
     )
 

@@ -117,7 +117,13 @@ def test_unknown_combine_is_named():
                                  block_major=dict(combine="merged"))
 
 
-def test_token_lists_invert_the_selection(gen):
+@pytest.mark.parametrize("keys", ["int16", "int32"])
+def test_token_lists_invert_the_selection(gen, keys, monkeypatch):
+    """Against a brute-force inverse, with the sort's keys int16 (few buckets, the default here) or int32."""
+    from hysparse_compile.kernels.triton import block_major
+
+    if keys == "int32":
+        monkeypatch.setattr(block_major, "INT16_KEYS_BELOW", 0)
     idx = random_indices(2, 3, 37, 4, 3, gen)
     idx[1, 2, 10] = -1
     nb, chunk = 10, 4

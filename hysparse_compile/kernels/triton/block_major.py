@@ -37,6 +37,12 @@ from .common import LOG2E, soft_cap, soft_cap_with_slope, softcap2
 # the kernels index within a batch row of q and within one (batch, group) of the partials (forward) or the whole of
 # dq / do (backward) with int32 offsets when every such offset is below this, else with int64 (tests lower it)
 INT32_OFFSETS = 2**31
+# registers per thread of the partials kernel at 4 warps: 168 lets three programs share an SM (the compiler takes
+# 186 at 32/8/128 without a cap, two programs; H100, 2026-12-06, docs/kernels_sparse.md: 3.06 -> 2.63 ms at 32k,
+# 14.7 -> 12.4 ms at 128k, no spill reported)
+PARTIALS_MAXNREG = 168
+# token_lists sorts int16 bucket keys when there are fewer buckets than this (tests lower it), else int32
+INT16_KEYS_BELOW = 2**15 - 1
 
 
 @triton.jit
@@ -103,7 +109,6 @@ def _partials_step(LIST, OPg, LPg, e0, hi, Qg, q_row, row_tok, hh, dd, k, v, kpo
         m = tl.max(s, axis=1) * c
     p = tl.exp2(s * c - m[:, None])
     l = tl.sum(p, axis=1)
-    acc = tl.dot(p.to(v.dtype), v)
     if DIAG:
         l_safe = tl.where(l > 0, l, 1.0)
         inv = tl.where(l > 0, 1.0 / l_safe, 0.0)
@@ -111,13 +116,14 @@ def _partials_step(LIST, OPg, LPg, e0, hi, Qg, q_row, row_tok, hh, dd, k, v, kpo
     else:  # l >= 1: the row's max contributes 2^0
         inv = 1.0 / l
         lse2 = m + tl.log2(l)
+    acc = tl.dot((p * inv[:, None]).to(v.dtype), v)  # normalized before the product: BLOCK_N, not D, multiplies a row
     # partial row (t_local, slot, head) of this (batch, group)'s [TC, NSEL, G, D] part of the buffer
     prow = (t_loc * NSEL + s_slot) * G + hh
     if OFF64:
         prow = prow.to(tl.int64)
     tl.store(LPg + prow, lse2, mask=ok)
     # streaming store: the partials are read once, by the combine kernel; keep L2 for K_j, V_j and q
-    tl.store(OPg + prow[:, None] * D + dd[None, :], (acc * inv[:, None]).to(OPg.dtype.element_ty),
+    tl.store(OPg + prow[:, None] * D + dd[None, :], acc.to(OPg.dtype.element_ty),
              mask=ok[:, None], eviction_policy="evict_first")
 
 
@@ -306,10 +312,12 @@ def token_lists(indices, n_blocks, chunk):
     idx = indices.to(torch.int32)
     group = torch.arange(B * Hkv, device=dev, dtype=torch.int32).view(B, Hkv, 1, 1) * n_blocks
     valid = (idx >= 0) & (idx < n_blocks)
-    keys = torch.where(valid, group + idx, n_buckets).reshape(-1)
+    # int16 keys where the buckets fit: the radix sort then makes half the passes
+    kdt = torch.int16 if n_buckets < INT16_KEYS_BELOW else torch.int32
+    keys = torch.where(valid, group + idx, n_buckets).to(kdt).reshape(-1)
     skeys, perm = torch.sort(keys, stable=True)  # stable: within a bucket, ascending t
     lists = (perm % (T * nsel)).to(torch.int32)
-    start = torch.searchsorted(skeys, torch.arange(n_buckets + 1, device=dev, dtype=torch.int32))
+    start = torch.searchsorted(skeys, torch.arange(n_buckets + 1, device=dev, dtype=kdt))
     counts = start[1:] - start[:-1]
     n_chunks = (counts + chunk - 1) // chunk
     ends = torch.cumsum(n_chunks, 0)  # exclusive end item of each bucket
@@ -343,13 +351,14 @@ def default_config(G, D, block_size, tok=None, chunk=None, num_warps=None, num_s
 
 
 def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, op, lp, tok=None, chunk=None,
-                   num_warps=None, num_stages=None, softcap=0.0):
+                   num_warps=None, num_stages=None, softcap=0.0, maxnreg=None):
     """Sparse-branch partials of the tokens `t_begin .. t_begin + TC - 1`.
 
     q [B, Hq, T, d]; k_shared, v_shared [B, Hkv, T, d] (last dim unit stride); indices int32 [B, Hkv, TC, nsel]
     (the rows of those tokens, contiguous); scale2 = scale * log2(e). Fills op [B, Hkv, TC, nsel, G, d] (normalized
     partial outputs) and lp [B, Hkv, TC, nsel, G] float32 (log2-sum-exp of each partial); slots without a block are
-    not written (the caller fills lp with -inf first).
+    not written (the caller fills lp with -inf first). Knobs: `default_config`'s, and `maxnreg` (Triton's cap on
+    registers per thread; None: PARTIALS_MAXNREG at 4 warps, else the compiler's choice).
     """
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]
@@ -357,6 +366,8 @@ def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, 
     TC, nsel = indices.shape[2], indices.shape[3]
     n_blocks = triton.cdiv(T, block_size)
     tok, block_m, chunk, num_warps, num_stages = default_config(G, D, block_size, tok, chunk, num_warps, num_stages)
+    if maxnreg is None and num_warps == 4:
+        maxnreg = PARTIALS_MAXNREG
     lists, start, item_bucket, item_chunk = token_lists(indices, n_blocks, chunk)
     # int32 offsets inside one batch row of q and one (batch, group) of the partials unless they could overflow
     off64 = max((T - 1) * q.stride(2) + (Hq - 1) * q.stride(1) + D, TC * nsel * G * D) >= INT32_OFFSETS
@@ -365,7 +376,7 @@ def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, 
         *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3],
         T, t_begin, TC, Hkv, n_blocks, scale2, softcap2(softcap),
         NSEL=nsel, G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk, SOFTCAP=bool(softcap),
-        OFF64=off64, num_warps=num_warps, num_stages=num_stages,
+        OFF64=off64, num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
 
 

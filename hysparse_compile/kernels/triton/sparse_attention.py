@@ -456,9 +456,9 @@ def sparse_attention_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_spar
     `choose_order` on the token-major union sizes (one host sync); token-major when `m_tok` or `pair` is given
     (they tune that kernel). `merge=True` always runs token-major.
     `block_major`: dict of knobs of the block-major pass: tok (tokens per step, ~64 rows), chunk (entries per
-    program), num_warps, num_stages (see `block_major.default_config`), max_partial_bytes (default 1 GiB), combine
-    ("separate": the combine kernel, then the last kernel reads slot 0; "fused": the last kernel folds every slot
-    itself; default BLOCK_COMBINE).
+    program), num_warps, num_stages (see `block_major.default_config`), maxnreg (`block_major.block_partials`),
+    max_partial_bytes (default 1 GiB), combine ("separate": the combine kernel, then the last kernel reads slot 0;
+    "fused": the last kernel folds every slot itself; default BLOCK_COMBINE).
     softcap: 0.0 (off) or c > 0, both branches' logits -> c * tanh(logits / c). `tma` (None = `token_tma`'s
     default): the token-major kernel reads K/V blocks through tensor descriptors (Hopper bulk copies).
     """

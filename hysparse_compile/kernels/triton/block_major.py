@@ -5,8 +5,8 @@ tokens selected; when neighbouring tokens select unrelated blocks (random-like s
 union is ~`m_tok * nsel` blocks and every K/V block is re-read for a few tokens. This branch inverts the loop:
 
 1. `token_lists`: for each (batch, KV group, block j) the list of (token t, slot s) pairs that selected j, in
-   ascending t (torch ops, no host sync: one stable sort of int32 keys `group * n_blocks + j`, a searchsorted for
-   the per-block offsets, and a work table that splits each list into chunks of `chunk` entries).
+   ascending t (torch ops, no host sync: one stable sort of int16 or int32 keys `group * n_blocks + j`, a
+   searchsorted for the per-block offsets, and a work table that splits each list into chunks of `chunk` entries).
 2. `_block_partials_kernel`: one program per (group, block j, chunk of j's list) loads K_j, V_j once and walks its
    entries `tok` at a time (`tok * G` query rows gathered from q, e.g. 16 tokens x 4 heads = 64 rows): one block of
    scores per row, causal mask (only the token's own block is cut), local softmax; it writes per (row, slot) the

@@ -412,8 +412,8 @@ def block_grads(q, k_shared, v_shared, do, l2, delta, indices, block_size, scale
         q, k_shared, v_shared, do, l2, delta, lists, start, item_bucket, item_chunk, dq, dk, dv,
         *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3],
         T, Hkv, n_blocks, scale * LOG2E, scale, softcap2(softcap),
-        NSEL=nsel, OFF64=off64, G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk, SOFTCAP=bool(softcap),
-        num_warps=num_warps, num_stages=num_stages,
+        NSEL=nsel, G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_size, D=D, CHUNK=chunk, SOFTCAP=bool(softcap),
+        OFF64=off64, num_warps=num_warps, num_stages=num_stages,
     )
 
 

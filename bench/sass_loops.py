@@ -1,9 +1,12 @@
-"""The full forward's machine code for sm_90, compiled on this machine (no GPU needed): registers, stack, and what
-one iteration of its hottest loop executes, per variant; or whether two trees compile to the same SASS.
+"""The full forward's (or the block-major sparse kernels') machine code for sm_90, compiled on this machine (no GPU
+needed): registers, stack, and what one iteration of its hottest loop executes, per variant; or whether two trees
+compile to the same SASS.
 
     python -m bench.sass_loops                                   # selection off / on, pointer and 2-D descriptors
     python -m bench.sass_loops --save /tmp/before                # keep each variant's SASS ...
     python -m bench.sass_loops --diff /tmp/before                # ... and after a change, compare with it
+    python -m bench.sass_loops --variants partials_r0,partials,grads   # block-major partials (no register cap,
+                                                                 # the launch's cap) and gradients, 32/8/128
 
 Triton compiles for `GPUTarget("cuda", 90, 32)` and ptxas (bundled with Triton) assembles; `nvdisasm` prints the
 SASS, whose branches name their labels. A loop is the span from a label to a branch back to it; the hottest is the
@@ -12,7 +15,9 @@ loop (read its HGMMA count: 12 per 64-key block at these tiles). The counts are 
 Triton may differ from the GPU machine's (Triton 3.9 here emits the same SASS with and without `warp_specialize`,
 3.6 on the H100 does not): use it to check that a refactor leaves the code alone, and to count what a change adds
 to the loop, then time the change on the GPU. Used in the ninth session of 2026-12-06
-(docs/benchmarks.md, "Ninth session", call l).
+(docs/benchmarks.md, "Ninth session", call l), and for the block-major kernels in the eleventh
+(docs/kernels_sparse.md, "Integer work per step, and registers"; their hottest loop is one step of 64 query rows
+against a key block: 12 HGMMA in the partials kernel, 28 in the gradients kernel).
 """
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ import subprocess
 from pathlib import Path
 
 # opcodes worth a column: tensor-core MMA, special-function (exp2), float / int min-max, selects, compares, shuffles,
-# barriers, local-memory loads and stores (register spills inside the loop)
-COLUMNS = ("HGMMA", "MUFU", "FMNMX", "VIMNMX", "FSEL", "SEL", "FSETP", "ISETP", "SHFL", "BAR", "LDL", "STL")
+# barriers, local-memory loads and stores (register spills inside the loop), integer absolute values (what a signed
+# division by a runtime value compiles to)
+COLUMNS = ("HGMMA", "MUFU", "FMNMX", "VIMNMX", "FSEL", "SEL", "FSETP", "ISETP", "SHFL", "BAR", "LDL", "STL", "IABS")
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^\s*\.(L_x_\d+):")
 _TARGET = re.compile(r"\bBRA\b.*?`?\(?\.(L_x_\d+)")
@@ -98,6 +104,40 @@ def compile_full_forward(select: bool, tma: int, ws: bool, block_m: int = 128, b
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
+def compile_block_major(kind: str, maxnreg: int | None = None, G: int = 4, head_dim: int = 128, nsel: int = 16):
+    """`block_major._block_partials_kernel` ("partials") or `_block_grads_kernel` ("grads") compiled for sm_90 as the
+    32/8/128 model launches them (bf16, block 64, no softcap, int32 offsets, the launch's default tiles); pointers,
+    strides and lengths carry Triton's divisibility-by-16 attribute, as a real launch specializes them (without it
+    no load is vectorized). maxnreg: a register cap (None: none)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hysparse_compile.kernels.triton import block_major as bm
+
+    if kind == "partials":
+        kern = bm._block_partials_kernel
+        tok, block_m, chunk, warps, stages = bm.default_config(G, head_dim, 64)
+        tensors = dict(OP="*bf16", LP="*fp32")
+    else:
+        kern = bm._block_grads_kernel
+        tok, block_m, chunk, warps, stages = bm.grads_config(G, head_dim, 64)
+        tensors = dict(DO="*bf16", L2="*fp32", DELTA="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32")
+    tensors.update(Q="*bf16", KS="*bf16", VS="*bf16", LIST="*i32", START="*i64", ITEM_BUCKET="*i32",
+                   ITEM_CHUNK="*i32")
+    const = dict(NSEL=nsel, G=G, TOK=tok, BLOCK_M=block_m, BLOCK_N=64, D=head_dim, CHUNK=chunk, SOFTCAP=False,
+                 OFF64=False)
+    aligned = set(tensors) | {"sqb", "sqh", "sqt", "sksb", "sksh", "skst", "svsb", "svsh", "svst", "T", "TC", "NB"}
+    params = kern.params
+    sig = {p.name: "constexpr" if p.is_constexpr else tensors.get(p.name) or
+           ("fp32" if p.name in ("qk_scale2", "scale", "cap2") else "i32") for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p.name in aligned}
+    src = ASTSource(fn=kern, signature=sig, attrs=attrs,
+                    constexprs={(i,): const[p.name] for i, p in enumerate(params) if p.is_constexpr})
+    options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def sass_of(kernel, workdir: Path, tag: str) -> tuple[str, dict]:
     """(SASS listing, {regs, stack}) of a compiled kernel, through its cubin."""
     cubin = workdir / f"{tag}.cubin"
@@ -108,15 +148,38 @@ def sass_of(kernel, workdir: Path, tag: str) -> tuple[str, dict]:
     return sass, usage
 
 
-def variants(spec: str) -> list[tuple[bool, int, bool]]:
-    """'sel0_tma0_ws0,sel1_tma2_ws1' -> [(select, tma, ws), ...]."""
+_FULL = re.compile(r"sel([01])_tma([02])_ws([01])")
+_BLOCK = re.compile(r"(partials|grads)(?:_r(\d+))?")
+
+
+def variants(spec: str) -> list[str]:
+    """'sel0_tma0_ws0, partials_r0' -> ['sel0_tma0_ws0', 'partials_r0'], each checked: sel<0|1>_tma<0|2>_ws<0|1>
+    (the full forward: selection, pointer loads or 2-D descriptors, warp specialization), or partials / grads with
+    an optional _r<maxnreg> (the block-major sparse kernels; `partials` alone has the launch's cap,
+    `block_major.PARTIALS_MAXNREG`, and _r0 none)."""
     out = []
     for item in spec.split(","):
-        m = re.fullmatch(r"sel([01])_tma([02])_ws([01])", item.strip())
-        if not m:
-            raise ValueError(f"sass_loops: variant {item!r}; write sel<0|1>_tma<0|2>_ws<0|1>")
-        out.append((m.group(1) == "1", int(m.group(2)), m.group(3) == "1"))
+        item = item.strip()
+        if not (_FULL.fullmatch(item) or _BLOCK.fullmatch(item)):
+            raise ValueError(f"sass_loops: variant {item!r}; write sel<0|1>_tma<0|2>_ws<0|1> (the full forward) or "
+                             "partials / grads, optionally with _r<maxnreg> (the block-major sparse kernels)")
+        out.append(item)
     return out
+
+
+def compile_variant(tag: str):
+    """The compiled kernel of one `variants` tag."""
+    m = _FULL.fullmatch(tag)
+    if m:
+        return compile_full_forward(m.group(1) == "1", int(m.group(2)), m.group(3) == "1")
+    m = _BLOCK.fullmatch(tag)
+    if m.group(2) is not None:
+        cap = int(m.group(2)) or None
+    else:
+        from hysparse_compile.kernels.triton import block_major as bm
+
+        cap = bm.PARTIALS_MAXNREG if m.group(1) == "partials" else None
+    return compile_block_major(m.group(1), cap)
 
 
 def main(argv=None) -> None:
@@ -137,12 +200,12 @@ def main(argv=None) -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     work = Path(args.save or os.environ.get("TMPDIR", "/tmp")) / ("" if args.save else "sass_loops")
     work.mkdir(parents=True, exist_ok=True)
-    table = Table(title="full forward, sm_90 SASS (static counts; hottest loop = one key block per iteration)")
+    table = Table(title="sm_90 SASS (static counts; hottest loop = one key block per iteration, or one 64-row step "
+                        "of a block-major kernel)")
     for col in ("variant", "regs", "stack", "loop instr") + COLUMNS + (("vs saved",) if args.diff else ()):
         table.add_column(col, justify="left" if col in ("variant", "vs saved") else "right")
-    for select, tma, ws in todo:
-        tag = f"sel{int(select)}_tma{tma}_ws{int(ws)}"
-        sass, usage = sass_of(compile_full_forward(select, tma, ws), work, tag)
+    for tag in todo:
+        sass, usage = sass_of(compile_variant(tag), work, tag)
         (work / f"{tag}.sass").write_text(sass)
         hot = (loops(sass) or [dict(instructions=0, ops={})])[0]
         row = [tag, str(usage.get("REG", "?")), str(usage.get("STACK", "?")), str(hot["instructions"])]

@@ -1,6 +1,7 @@
 """bench/sass_loops.py: loops found in a SASS listing, and (where Triton's sm_90 tools are installed) the full
 forward compiled for sm_90 on this machine."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,9 +56,11 @@ def test_an_opcode_drops_its_predicate_and_modifiers():
 
 
 def test_a_variant_that_is_not_one_is_named():
-    assert variants("sel1_tma2_ws0, sel0_tma0_ws1") == [(True, 2, False), (False, 0, True)]
-    with pytest.raises(ValueError, match="'sel1_tma4_ws0'.*sel<0\\|1>_tma<0\\|2>_ws<0\\|1>"):
-        variants("sel1_tma4_ws0")
+    assert variants("sel1_tma2_ws0, sel0_tma0_ws1,partials_r0 , grads") == [
+        "sel1_tma2_ws0", "sel0_tma0_ws1", "partials_r0", "grads"]
+    for bad in ("sel1_tma4_ws0", "partials_168", "grad"):
+        with pytest.raises(ValueError, match=f"'{bad}'.*sel<0\\|1>_tma<0\\|2>_ws<0\\|1>.*partials / grads"):
+            variants(bad)
 
 
 @pytest.mark.skipif(not Path(sass_loops._tool("nvdisasm")).is_file(),
@@ -82,3 +85,27 @@ def test_it_refuses_to_run_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-m", "bench.sass_loops"], env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "TRITON_INTERPRET=1" in r.stderr
+
+
+@pytest.mark.skipif(not Path(sass_loops._tool("nvdisasm")).is_file(),
+                    reason="Triton's NVIDIA tools (ptxas, nvdisasm) are not installed here")
+def test_the_block_major_steps_keep_their_integer_work_small(tmp_path):
+    """The block-major kernels' 64-row step (docs/kernels_sparse.md, "Integer work per step"): 12 MMAs in the
+    partials kernel, 28 in the gradients kernel; no signed division (nsel is a constexpr), and the partials' hottest
+    step has no per-score causal mask (fewer selects than the 32 scores a thread holds); the launch's register cap
+    holds."""
+    from hysparse_compile.kernels.triton import block_major
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "bench.sass_loops", "--variants", "partials_r0,partials,grads", "--save",
+           str(tmp_path)]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT)
+    hot = {t: loops((tmp_path / f"{t}.sass").read_text())[0] for t in ("partials_r0", "partials", "grads")}
+    assert hot["partials_r0"]["ops"]["HGMMA"] == hot["partials"]["ops"]["HGMMA"] == 12
+    assert hot["grads"]["ops"]["HGMMA"] == 28
+    for h in hot.values():
+        assert h["ops"].get("IABS", 0) == 0
+    assert hot["partials_r0"]["ops"].get("FSEL", 0) < 32
+    res = subprocess.run([sass_loops._tool("cuobjdump"), "-res-usage", str(tmp_path / "partials.cubin")],
+                         capture_output=True, text=True).stdout
+    assert int(re.search(r"REG:(\d+)", res).group(1)) <= block_major.PARTIALS_MAXNREG

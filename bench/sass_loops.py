@@ -108,7 +108,8 @@ def compile_block_major(kind: str, maxnreg: int | None = None, G: int = 4, head_
     """`block_major._block_partials_kernel` ("partials") or `_block_grads_kernel` ("grads") compiled for sm_90 as the
     32/8/128 model launches them (bf16, block 64, no softcap, int32 offsets, the launch's default tiles); pointers,
     strides and lengths carry Triton's divisibility-by-16 attribute, as a real launch specializes them (without it
-    no load is vectorized). maxnreg: a register cap (None: none)."""
+    no load is vectorized). maxnreg: the partials kernel's cap as its launch takes it (`partials_maxnreg`: None the
+    launch's default, 0 none); the gradients kernel's cap (None or 0: none)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -134,7 +135,8 @@ def compile_block_major(kind: str, maxnreg: int | None = None, G: int = 4, head_
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p.name in aligned}
     src = ASTSource(fn=kern, signature=sig, attrs=attrs,
                     constexprs={(i,): const[p.name] for i, p in enumerate(params) if p.is_constexpr})
-    options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    cap = bm.partials_maxnreg(warps, maxnreg) if kind == "partials" else maxnreg or None
+    options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": cap} if cap else {}))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
@@ -173,13 +175,7 @@ def compile_variant(tag: str):
     if m:
         return compile_full_forward(m.group(1) == "1", int(m.group(2)), m.group(3) == "1")
     m = _BLOCK.fullmatch(tag)
-    if m.group(2) is not None:
-        cap = int(m.group(2)) or None
-    else:
-        from hysparse_compile.kernels.triton import block_major as bm
-
-        cap = bm.PARTIALS_MAXNREG if m.group(1) == "partials" else None
-    return compile_block_major(m.group(1), cap)
+    return compile_block_major(m.group(1), None if m.group(2) is None else int(m.group(2)))
 
 
 def main(argv=None) -> None:

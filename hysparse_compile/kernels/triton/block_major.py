@@ -350,6 +350,21 @@ def default_config(G, D, block_size, tok=None, chunk=None, num_warps=None, num_s
     return tok, block_m, chunk, num_warps, num_stages or 3
 
 
+def partials_maxnreg(num_warps, maxnreg=None):
+    """The partials kernel's register cap: `maxnreg` if given (0: none), else PARTIALS_MAXNREG at 4 warps (three
+    programs per SM) and none otherwise."""
+    if maxnreg is None:
+        return PARTIALS_MAXNREG if num_warps == 4 else None
+    return maxnreg or None
+
+
+def _int64_offsets(q, span):
+    """Whether the block-major kernels need int64 offsets: an element offset inside one batch row of q, or `span`
+    (the largest offset from a kernel's other per-program bases), could reach INT32_OFFSETS."""
+    B, Hq, T, D = q.shape
+    return max((T - 1) * q.stride(2) + (Hq - 1) * q.stride(1) + D, span) >= INT32_OFFSETS
+
+
 def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, op, lp, tok=None, chunk=None,
                    num_warps=None, num_stages=None, softcap=0.0, maxnreg=None):
     """Sparse-branch partials of the tokens `t_begin .. t_begin + TC - 1`.
@@ -358,7 +373,7 @@ def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, 
     (the rows of those tokens, contiguous); scale2 = scale * log2(e). Fills op [B, Hkv, TC, nsel, G, d] (normalized
     partial outputs) and lp [B, Hkv, TC, nsel, G] float32 (log2-sum-exp of each partial); slots without a block are
     not written (the caller fills lp with -inf first). Knobs: `default_config`'s, and `maxnreg` (Triton's cap on
-    registers per thread; None: PARTIALS_MAXNREG at 4 warps, else the compiler's choice).
+    registers per thread, `partials_maxnreg`).
     """
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]
@@ -366,11 +381,9 @@ def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, 
     TC, nsel = indices.shape[2], indices.shape[3]
     n_blocks = triton.cdiv(T, block_size)
     tok, block_m, chunk, num_warps, num_stages = default_config(G, D, block_size, tok, chunk, num_warps, num_stages)
-    if maxnreg is None and num_warps == 4:
-        maxnreg = PARTIALS_MAXNREG
+    maxnreg = partials_maxnreg(num_warps, maxnreg)
     lists, start, item_bucket, item_chunk = token_lists(indices, n_blocks, chunk)
-    # int32 offsets inside one batch row of q and one (batch, group) of the partials unless they could overflow
-    off64 = max((T - 1) * q.stride(2) + (Hq - 1) * q.stride(1) + D, TC * nsel * G * D) >= INT32_OFFSETS
+    off64 = _int64_offsets(q, TC * nsel * G * D)  # one (batch, group) of the partials
     _block_partials_kernel[(item_bucket.numel(),)](
         q, k_shared, v_shared, lists, start, item_bucket, item_chunk, op, lp,
         *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3],
@@ -407,7 +420,7 @@ def block_grads(q, k_shared, v_shared, do, l2, delta, indices, block_size, scale
     n_blocks = triton.cdiv(T, block_size)
     tok, block_m, chunk, num_warps, num_stages = grads_config(G, D, block_size, tok, chunk, num_warps, num_stages)
     lists, start, item_bucket, item_chunk = token_lists(indices, n_blocks, chunk)
-    off64 = max((T - 1) * q.stride(2) + (Hq - 1) * q.stride(1) + D, B * Hq * T * D) >= INT32_OFFSETS
+    off64 = _int64_offsets(q, B * Hq * T * D)  # dq and do, whole
     _block_grads_kernel[(item_bucket.numel(),)](
         q, k_shared, v_shared, do, l2, delta, lists, start, item_bucket, item_chunk, dq, dk, dv,
         *q.stride()[:3], *k_shared.stride()[:3], *v_shared.stride()[:3],
@@ -417,4 +430,5 @@ def block_grads(q, k_shared, v_shared, do, l2, delta, indices, block_size, scale
     )
 
 
-__all__ = ["token_lists", "block_partials", "combine_partials", "block_grads", "default_config", "grads_config"]
+__all__ = ["token_lists", "block_partials", "combine_partials", "block_grads", "default_config", "grads_config",
+           "partials_maxnreg"]

@@ -73,9 +73,10 @@ from .inject import KINDS, injected_selections
 from .timer import samples_ms, time_ms
 
 GiB = 2**30
-LABELS = ("8k", "16k", "32k", "128k")
-SEQLENS = {"8k": 8192, "16k": 16384, "32k": 32768, "128k": 131072}
-SMOKE_SEQLENS = {"8k": 64, "16k": 96, "32k": 128, "128k": 192}
+DEFAULT_LABELS = ("8k", "16k", "32k", "128k")
+LABELS = ("4k",) + DEFAULT_LABELS  # 4k only when named: the length of the paper miniature's selections.npz
+SEQLENS = {"4k": 4096, "8k": 8192, "16k": 16384, "32k": 32768, "128k": 131072}
+SMOKE_SEQLENS = {"4k": 48, "8k": 64, "16k": 96, "32k": 128, "128k": 192}
 FWD_TARGETS = {"8k": 1.0, "32k": 1.15, "128k": 1.5}
 FWDBWD_TARGETS = {"8k": 1.0, "32k": 1.1}
 MEMORY_TOLERANCE = 1.05  # compiled peak / original peak
@@ -93,12 +94,15 @@ def model_config(smoke: bool) -> dict:
                 num_key_value_heads=8, vocab_size=32000)
 
 
-def schedule_options(smoke: bool, gate: str = "element") -> dict:
+def schedule_options(smoke: bool, gate: str = "element", topk: int | None = None) -> dict:
     sizes = dict(block_size=16, topk=32, window=16) if smoke else {}  # GPU: the defaults (64, 1024, 128)
+    if topk is not None:
+        sizes["topk"] = topk
     return {**sizes, "gate": gate}
 
 
-def build(smoke: bool, device, dtype, backend: str, save_branches: bool = False, gate: str = "element"):
+def build(smoke: bool, device, dtype, backend: str, save_branches: bool = False, gate: str = "element",
+          topk: int | None = None):
     import transformers as tf
 
     config = tf.LlamaConfig(**model_config(smoke), max_position_embeddings=1 << 18, attn_implementation="sdpa",
@@ -108,8 +112,8 @@ def build(smoke: bool, device, dtype, backend: str, save_branches: bool = False,
         model = tf.LlamaForCausalLM(config).to(dtype).eval()
     t0 = time.perf_counter()
     layers = config.num_hidden_layers  # 8 (F S S S F S S F); 4 in --smoke (F S S F)
-    compiled = hs.compile(model, hs.Schedule.hybrid(layers, 3, **schedule_options(smoke, gate)), backend=backend,
-                          save_branches=save_branches)
+    schedule = hs.Schedule.hybrid(layers, 3, **schedule_options(smoke, gate, topk))
+    compiled = hs.compile(model, schedule, backend=backend, save_branches=save_branches)
     return model, compiled, time.perf_counter() - t0
 
 
@@ -802,6 +806,8 @@ def main(argv=None) -> int:
                     help="the sparse layers' gates: element (the paper's per-channel gates, a [hidden, 2 * Hq * d] "
                          "projection per sparse layer; the default), head (one per head) or none: what the gates' "
                          "projection costs end to end")
+    ap.add_argument("--topk", type=int, default=None, help="the schedule's top-k (default 1024; 512 for the paper "
+                    "miniature's selections.npz, at --seqlens 4k)")
     ap.add_argument("--selections", default="model",
                     help="what the compiled model's sparse layers attend to: model (its full layers' own selections; "
                          "with random weights they are random-like), tile or random (drawn, bench/inject.py), or a "
@@ -826,8 +832,10 @@ def main(argv=None) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-    labels = args.seqlens.split(",") if args.seqlens else (["8k", "32k"] if args.quick else list(LABELS))
-    fwd_order = sorted(labels, key=lambda l: ["8k", "32k", "128k", "16k"].index(l))  # the targets first
+    labels = args.seqlens.split(",") if args.seqlens else (["8k", "32k"] if args.quick else list(DEFAULT_LABELS))
+    if set(labels) - set(LABELS):
+        ap.error(f"--seqlens {args.seqlens!r}: choose from {','.join(LABELS)}")
+    fwd_order = sorted(labels, key=lambda l: ["8k", "32k", "128k", "16k", "4k"].index(l))  # the targets first
     bwd_labels = [label for label in ("8k", "32k") if label in labels or not args.seqlens]
 
     cfg = model_config(b.smoke)
@@ -838,8 +846,9 @@ def main(argv=None) -> int:
                   model=("LlamaForCausalLM hidden {hidden_size}, Hq/Hkv/d {num_attention_heads}/"
                          "{num_key_value_heads}/{d}, intermediate {intermediate_size}, {num_hidden_layers} layers, "
                          "vocab {vocab_size}").format(d=cfg["hidden_size"] // cfg["num_attention_heads"], **cfg),
-                  schedule=("hybrid(4, 3) block 16, topk 32, window 16" if b.smoke
-                            else "hybrid(8, 3) block 64, topk 1024, window 128"),
+                  schedule=("hybrid(4, 3) block 16, topk {}, window 16" if b.smoke
+                            else "hybrid(8, 3) block 64, topk {}, window 128").format(
+                                args.topk or (32 if b.smoke else 1024)),
                   seqlens={k: v for k, v in b.seqlens.items()}, budget_s=args.budget_s,
                   targets=dict(fwd=FWD_TARGETS, fwdbwd=FWDBWD_TARGETS, memory=MEMORY_TOLERANCE,
                                stack_moonshot=STACK_MOONSHOT))
@@ -857,7 +866,8 @@ def main(argv=None) -> int:
     b.meta["gate"] = args.gate
     b.meta["full_fwd"] = args.full_fwd
     b.meta["inductor"] = args.inductor
-    model, compiled, compile_s = build(b.smoke, b.device, b.dtype, b.backend, args.save_branches, args.gate)
+    model, compiled, compile_s = build(b.smoke, b.device, b.dtype, b.backend, args.save_branches, args.gate,
+                                       args.topk)
     b.meta["hs_compile_s"] = compile_s
     b.log(f"built and compiled ({compiled.schedule.pattern}) in {compile_s:.1f}s")
     b.save()

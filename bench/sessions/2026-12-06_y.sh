@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pending from the eleventh session of 2026-12-06 (its device time ran out): the rows its kernels changed but it did
+# Run in the twelfth session (2026-12-06), pending from the eleventh (its device time ran out): the rows its kernels changed but it did
 # not rerun. The sparse layer's kernel rows with the partials kernel's register cap (G = 4 and G = 16, random and
 # tile-correlated, fwd, fwd+bwd and fwd+bwd with the model's recomputation; the G = 4 random one is a SPEC §6 target
 # row, 1.98x before the cap), then the model's forward on tile-correlated selections at 32k and 128k (1.07x / 1.57x

@@ -117,9 +117,11 @@ def test_unknown_combine_is_named():
                                  block_major=dict(combine="merged"))
 
 
+@pytest.mark.parametrize("tc", [None, 8, 36])
 @pytest.mark.parametrize("keys", ["int16", "int32"])
-def test_token_lists_invert_the_selection(gen, keys, monkeypatch):
-    """Against a brute-force inverse, with the sort's keys int16 (few buckets, the default here) or int32."""
+def test_token_lists_invert_the_selection(gen, keys, tc, monkeypatch):
+    """Against a brute-force inverse, per chunk of tc tokens (None: one chunk; 8: five chunks, the last one of 5
+    tokens; 36: a last chunk of one token), with the sort's keys int16 (few buckets, the default here) or int32."""
     from hysparse_compile.kernels.triton import block_major
 
     if keys == "int32":
@@ -127,21 +129,27 @@ def test_token_lists_invert_the_selection(gen, keys, monkeypatch):
     idx = random_indices(2, 3, 37, 4, 3, gen)
     idx[1, 2, 10] = -1
     nb, chunk = 10, 4
-    lists, start, item_bucket, item_chunk = token_lists(idx, nb, chunk)
     B, Hkv, T, nsel = idx.shape
-    covered = []
-    for b in range(B):
-        for g in range(Hkv):
-            for j in range(nb):
-                k = (b * Hkv + g) * nb + j
-                got = lists[start[k]:start[k + 1]].tolist()
-                want = [t * nsel + s for t in range(T) for s in range(nsel) if idx[b, g, t, s] == j]
-                assert got == want, (b, g, j)
-    for bucket, c in zip(item_bucket.tolist(), item_chunk.tolist()):
-        if bucket >= 0:
-            lo = int(start[bucket]) + c * chunk
-            covered += range(lo, min(int(start[bucket + 1]), lo + chunk))
-    assert sorted(covered) == list(range(int((idx >= 0).sum())))  # every entry in exactly one work item
+    per_chunk = token_lists(idx, nb, chunk, tc)
+    size = tc or T
+    assert len(per_chunk) == -(-T // size)
+    for c, (lists, start, item_bucket, item_chunk) in enumerate(per_chunk):
+        t0, t1 = c * size, min(T, (c + 1) * size)
+        for b in range(B):
+            for g in range(Hkv):
+                for j in range(nb):
+                    k = (b * Hkv + g) * nb + j
+                    got = lists[start[k]:start[k + 1]].tolist()
+                    want = [(t - t0) * nsel + s for t in range(t0, t1) for s in range(nsel) if idx[b, g, t, s] == j]
+                    assert got == want, (c, b, g, j)
+        covered = []
+        for bucket, i in zip(item_bucket.tolist(), item_chunk.tolist()):
+            if bucket >= 0:
+                lo = int(start[bucket]) + i * chunk
+                covered += range(lo, min(int(start[bucket + 1]), lo + chunk))
+        # every entry of the chunk in exactly one of its work items
+        assert sorted(covered) == list(range(int(start[0]), int(start[-1])))
+        assert int(start[-1]) - int(start[0]) == int((idx[:, :, t0:t1] >= 0).sum())
 
 
 @pytest.mark.parametrize("nsel,G,d,max_elems", [(3, 3, 16, 32), (4, 8, 32, 1024), (5, 1, 16, 1024), (17, 2, 16, 1024),

@@ -4,9 +4,10 @@ The token-major kernel (`sparse_attention._sparse_fwd_kernel`) walks, per tile o
 tokens selected; when neighbouring tokens select unrelated blocks (random-like selections, small GQA groups) the
 union is ~`m_tok * nsel` blocks and every K/V block is re-read for a few tokens. This branch inverts the loop:
 
-1. `token_lists`: for each (batch, KV group, block j) the list of (token t, slot s) pairs that selected j, in
-   ascending t (torch ops, no host sync: one stable sort of int16 or int32 keys `group * n_blocks + j`, a
-   searchsorted for the per-block offsets, and a work table that splits each list into chunks of `chunk` entries).
+1. `token_lists`: for each chunk of tokens and each (batch, KV group, block j) the list of (token t, slot s) pairs
+   that selected j, in ascending t (torch ops, no host sync, once for every chunk: one stable sort of int16 or int32
+   keys `(chunk * B * Hkv + group) * n_blocks + j`, a searchsorted for the per-block offsets, and a work table that
+   splits each list into pieces of `chunk` entries).
 2. `_block_partials_kernel`: one program per (group, block j, chunk of j's list) loads K_j, V_j once and walks its
    entries `tok` at a time (`tok * G` query rows gathered from q, e.g. 16 tokens x 4 heads = 64 rows): one block of
    scores per row, causal mask (only the token's own block is cut), local softmax; it writes per (row, slot) the
@@ -295,42 +296,59 @@ def _block_grads_kernel(
     tl.atomic_add(DV + g_off, dv, mask=kmask, sem="relaxed")
 
 
-def token_lists(indices, n_blocks, chunk):
-    """Inverse of a selection: for each (batch, KV group, block) the (token, slot) pairs that selected it.
+def token_lists(indices, n_blocks, chunk, tc=None):
+    """Inverse of a selection: for each chunk of `tc` tokens and each (batch, KV group, block) the (token, slot) pairs
+    of that chunk that selected the block.
 
-    indices: int32 [B, Hkv, T, nsel] (distinct per row, -1 padded; entries outside [0, n_blocks) are ignored).
-    Returns (lists int32 [B * Hkv * T * nsel]: `t * nsel + s` sorted by (group, block, t), valid entries first;
-    start int64 [B * Hkv * n_blocks + 1]: list of bucket `(b * Hkv + g) * n_blocks + j` is
-    lists[start[k]:start[k + 1]]; item_bucket, item_chunk int32 [n_items]: work item i covers entries
-    `start[bucket] + chunk * chunk_len ...` of its bucket, bucket -1 = no work). No host synchronization: n_items is
-    an upper bound (`min(buckets, entries) + ceil(entries / chunk)`).
+    indices: int32 [B, Hkv, T, nsel] (distinct per row, -1 padded; entries outside [0, n_blocks) are ignored); tc:
+    tokens per chunk (None: T, one chunk). Returns one (lists, start, item_bucket, item_chunk) per chunk: lists int32
+    (entries `t_local * nsel + s`, t_local counted from the chunk's first token, sorted by (chunk, group, block, t),
+    valid entries first; shared by every chunk); start int64 [B * Hkv * n_blocks + 1] (a view): the list of the
+    chunk's bucket `(b * Hkv + g) * n_blocks + j` is lists[start[k]:start[k + 1]]; item_bucket, item_chunk int32
+    [n_items]: work item i covers entries `start[bucket] + chunk * chunk_len ...` of its bucket, bucket -1 = no work.
+    One stable sort of int16 or int32 keys for every chunk at once (a few small ops, not a few per chunk), no host
+    synchronization: n_items is an upper bound (`min(buckets, entries) + ceil(entries / chunk)` of the chunk).
     """
     B, Hkv, T, nsel = indices.shape
     dev = indices.device
-    n_buckets = B * Hkv * n_blocks
+    tc = min(tc or T, T)
+    n_ch = -(-T // tc)
+    nb = B * Hkv * n_blocks  # buckets per chunk
+    n_buckets = n_ch * nb
     assert n_buckets < 2**31 - 1 and T * nsel < 2**31, "token_lists: int32 keys"
     idx = indices.to(torch.int32)
-    group = torch.arange(B * Hkv, device=dev, dtype=torch.int32).view(B, Hkv, 1, 1) * n_blocks
+    base = torch.arange(B * Hkv, device=dev, dtype=torch.int32).view(B, Hkv, 1, 1) * n_blocks
+    if n_ch > 1:  # key (chunk, group, block): each chunk's lists are contiguous
+        base = base + (torch.arange(T, device=dev, dtype=torch.int32) // tc * nb).view(1, 1, T, 1)
     valid = (idx >= 0) & (idx < n_blocks)
     # int16 keys where the buckets fit: the radix sort then makes half the passes
     kdt = torch.int16 if n_buckets < INT16_KEYS_BELOW else torch.int32
-    keys = torch.where(valid, group + idx, n_buckets).to(kdt).reshape(-1)
+    keys = torch.where(valid, base + idx, n_buckets).to(kdt).reshape(-1)
     skeys, perm = torch.sort(keys, stable=True)  # stable: within a bucket, ascending t
-    lists = (perm % (T * nsel)).to(torch.int32)
+    lists = perm % (T * nsel)  # t * nsel + s
+    if n_ch > 1:  # t_local (the sentinel keys past the last chunk hold entries nobody reads)
+        lists -= (skeys.to(torch.int32) // nb).clamp(max=n_ch - 1) * (tc * nsel)
+    lists = lists.to(torch.int32)
     start = torch.searchsorted(skeys, torch.arange(n_buckets + 1, device=dev, dtype=kdt))
     counts = start[1:] - start[:-1]
-    n_chunks = (counts + chunk - 1) // chunk
-    ends = torch.cumsum(n_chunks, 0)  # exclusive end item of each bucket
-    n_entries = keys.numel()
-    n_items = max(1, min(n_buckets, n_entries) + -(-n_entries // chunk))
-    item = torch.arange(n_items, device=dev, dtype=ends.dtype)
+    pieces = (counts + chunk - 1) // chunk  # work items per bucket
+    ends = torch.cumsum(pieces, 0)  # exclusive end item of each bucket
+    n_items = []
+    for c in range(n_ch):
+        entries = B * Hkv * min(tc, T - c * tc) * nsel
+        n_items.append(max(1, min(nb, entries) + -(-entries // chunk)))
+    first = torch.zeros(n_ch, device=dev, dtype=ends.dtype)  # the first item of each chunk
+    first[1:] = ends[nb - 1:-1:nb]
+    item = first[:, None] + torch.arange(max(n_items), device=dev, dtype=ends.dtype)  # [n_ch, max items]
     bucket = torch.searchsorted(ends, item, right=True)  # first bucket whose end is past the item
-    live = bucket < n_buckets
+    chunk_first = torch.arange(n_ch, device=dev, dtype=bucket.dtype)[:, None] * nb
+    live = bucket < chunk_first + nb
     bucket_c = bucket.clamp(max=n_buckets - 1)
-    item_chunk = item - (ends[bucket_c] - n_chunks[bucket_c])
-    item_bucket = torch.where(live, bucket_c, -1).to(torch.int32)
+    item_chunk = item - (ends[bucket_c] - pieces[bucket_c])
+    item_bucket = torch.where(live, bucket_c - chunk_first, -1).to(torch.int32)
     item_chunk = torch.where(live, item_chunk, 0).to(torch.int32)
-    return lists, start, item_bucket, item_chunk
+    return [(lists, start[c * nb:(c + 1) * nb + 1], item_bucket[c, :n_items[c]], item_chunk[c, :n_items[c]])
+            for c in range(n_ch)]
 
 
 def default_config(G, D, block_size, tok=None, chunk=None, num_warps=None, num_stages=None):
@@ -358,6 +376,13 @@ def partials_maxnreg(num_warps, maxnreg=None):
     return maxnreg or None
 
 
+def chunk_lists(indices, block_size, G, D, tc, tok=None, chunk=None):
+    """`token_lists` of every chunk of `tc` tokens of `indices` [B, Hkv, T, nsel], for `block_partials(lists=...)`
+    with the same `tok` / `chunk` knobs."""
+    chunk = default_config(G, D, block_size, tok, chunk)[2]
+    return token_lists(indices, triton.cdiv(indices.shape[2], block_size), chunk, tc)
+
+
 def _int64_offsets(q, span):
     """Whether the block-major kernels need int64 offsets: an element offset inside one batch row of q, or `span`
     (the largest offset from a kernel's other per-program bases), could reach INT32_OFFSETS."""
@@ -366,14 +391,15 @@ def _int64_offsets(q, span):
 
 
 def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, op, lp, tok=None, chunk=None,
-                   num_warps=None, num_stages=None, softcap=0.0, maxnreg=None):
+                   num_warps=None, num_stages=None, softcap=0.0, maxnreg=None, lists=None):
     """Sparse-branch partials of the tokens `t_begin .. t_begin + TC - 1`.
 
     q [B, Hq, T, d]; k_shared, v_shared [B, Hkv, T, d] (last dim unit stride); indices int32 [B, Hkv, TC, nsel]
     (the rows of those tokens, contiguous); scale2 = scale * log2(e). Fills op [B, Hkv, TC, nsel, G, d] (normalized
     partial outputs) and lp [B, Hkv, TC, nsel, G] float32 (log2-sum-exp of each partial); slots without a block are
     not written (the caller fills lp with -inf first). Knobs: `default_config`'s, and `maxnreg` (Triton's cap on
-    registers per thread, `partials_maxnreg`).
+    registers per thread, `partials_maxnreg`). `lists`: this chunk's `token_lists` entry, made for every chunk at
+    once by `chunk_lists` (None: made here from `indices`).
     """
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]
@@ -382,7 +408,7 @@ def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, 
     n_blocks = triton.cdiv(T, block_size)
     tok, block_m, chunk, num_warps, num_stages = default_config(G, D, block_size, tok, chunk, num_warps, num_stages)
     maxnreg = partials_maxnreg(num_warps, maxnreg)
-    lists, start, item_bucket, item_chunk = token_lists(indices, n_blocks, chunk)
+    lists, start, item_bucket, item_chunk = lists or token_lists(indices, n_blocks, chunk)[0]
     off64 = _int64_offsets(q, TC * nsel * G * D)  # one (batch, group) of the partials
     _block_partials_kernel[(item_bucket.numel(),)](
         q, k_shared, v_shared, lists, start, item_bucket, item_chunk, op, lp,
@@ -419,7 +445,7 @@ def block_grads(q, k_shared, v_shared, do, l2, delta, indices, block_size, scale
     nsel = indices.shape[-1]
     n_blocks = triton.cdiv(T, block_size)
     tok, block_m, chunk, num_warps, num_stages = grads_config(G, D, block_size, tok, chunk, num_warps, num_stages)
-    lists, start, item_bucket, item_chunk = token_lists(indices, n_blocks, chunk)
+    lists, start, item_bucket, item_chunk = token_lists(indices, n_blocks, chunk)[0]
     off64 = _int64_offsets(q, B * Hq * T * D)  # dq and do, whole
     _block_grads_kernel[(item_bucket.numel(),)](
         q, k_shared, v_shared, do, l2, delta, lists, start, item_bucket, item_chunk, dq, dk, dv,
@@ -430,5 +456,5 @@ def block_grads(q, k_shared, v_shared, do, l2, delta, indices, block_size, scale
     )
 
 
-__all__ = ["token_lists", "block_partials", "combine_partials", "block_grads", "default_config", "grads_config",
+__all__ = ["token_lists", "chunk_lists", "block_partials", "combine_partials", "block_grads", "default_config", "grads_config",
            "partials_maxnreg"]

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_major import block_partials, combine_partials
+from .block_major import block_partials, chunk_lists, combine_partials
 from .block_union import choose_tokens_per_tile, tile_block_union, tokens_per_tile
 from .common import (INTERPRET, LN2_C, LOG2E, LOG2E_C, capturing, descriptor, direct, soft_cap, softcap2, timed_at,
                      tma_mode, with_descriptors)
@@ -573,11 +573,13 @@ def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, 
     op = torch.empty(B, Hkv, tc, nsel, G, D, device=q.device, dtype=q.dtype)
     lp = torch.empty(B, Hkv, tc, nsel, G, device=q.device, dtype=torch.float32)
     scale2 = scale * LOG2E
-    for t_begin in range(0, T, tc):
+    lists = chunk_lists(indices, block_size, G, D, tc, knobs.get("tok"), knobs.get("chunk"))  # every chunk's at once
+    for t_begin, chunk_work in zip(range(0, T, tc), lists):
         n = min(tc, T - t_begin)
         lp.fill_(float("-inf"))  # slots that selected no block keep -inf (the combine drops them)
         idx = indices[:, :, t_begin:t_begin + n]
-        block_partials(q, k_shared, v_shared, idx, block_size, scale2, t_begin, op, lp, softcap=softcap, **knobs)
+        block_partials(q, k_shared, v_shared, idx, block_size, scale2, t_begin, op, lp, softcap=softcap,
+                       lists=chunk_work, **knobs)
         if combine == "separate":
             combine_partials(op, lp, B * Hkv * n)  # the chunk's rows are packed at the buffers' start
         _sparse_fwd_partials_kernel[(triton.cdiv(n, m_tok), B * Hkv)](

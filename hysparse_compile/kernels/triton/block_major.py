@@ -456,5 +456,5 @@ def block_grads(q, k_shared, v_shared, do, l2, delta, indices, block_size, scale
     )
 
 
-__all__ = ["token_lists", "chunk_lists", "block_partials", "combine_partials", "block_grads", "default_config", "grads_config",
-           "partials_maxnreg"]
+__all__ = ["token_lists", "chunk_lists", "block_partials", "combine_partials", "block_grads", "default_config",
+           "grads_config", "partials_maxnreg"]

@@ -101,6 +101,17 @@ def schedule_options(smoke: bool, gate: str = "element", topk: int | None = None
     return {**sizes, "gate": gate}
 
 
+def make_schedule(smoke: bool, gate: str = "element", topk: int | None = None):
+    """The compiled model's schedule: hybrid(layers, 3), 8 layers (F S S S F S S F), 4 in --smoke (F S S F)."""
+    return hs.Schedule.hybrid(model_config(smoke)["num_hidden_layers"], 3, **schedule_options(smoke, gate, topk))
+
+
+def describe(schedule) -> str:
+    """'hybrid(8, 3) block 64, topk 1024, window 128'"""
+    return (f"hybrid({len(schedule.pattern)}, 3) block {schedule.block_size}, topk {schedule.topk}, "
+            f"window {schedule.window}")
+
+
 def build(smoke: bool, device, dtype, backend: str, save_branches: bool = False, gate: str = "element",
           topk: int | None = None):
     import transformers as tf
@@ -111,9 +122,7 @@ def build(smoke: bool, device, dtype, backend: str, save_branches: bool = False,
     with torch.device(device):
         model = tf.LlamaForCausalLM(config).to(dtype).eval()
     t0 = time.perf_counter()
-    layers = config.num_hidden_layers  # 8 (F S S S F S S F); 4 in --smoke (F S S F)
-    schedule = hs.Schedule.hybrid(layers, 3, **schedule_options(smoke, gate, topk))
-    compiled = hs.compile(model, schedule, backend=backend, save_branches=save_branches)
+    compiled = hs.compile(model, make_schedule(smoke, gate, topk), backend=backend, save_branches=save_branches)
     return model, compiled, time.perf_counter() - t0
 
 
@@ -846,9 +855,7 @@ def main(argv=None) -> int:
                   model=("LlamaForCausalLM hidden {hidden_size}, Hq/Hkv/d {num_attention_heads}/"
                          "{num_key_value_heads}/{d}, intermediate {intermediate_size}, {num_hidden_layers} layers, "
                          "vocab {vocab_size}").format(d=cfg["hidden_size"] // cfg["num_attention_heads"], **cfg),
-                  schedule=("hybrid(4, 3) block 16, topk {}, window 16" if b.smoke
-                            else "hybrid(8, 3) block 64, topk {}, window 128").format(
-                                args.topk or (32 if b.smoke else 1024)),
+                  schedule=describe(make_schedule(b.smoke, args.gate, args.topk)),
                   seqlens={k: v for k, v in b.seqlens.items()}, budget_s=args.budget_s,
                   targets=dict(fwd=FWD_TARGETS, fwdbwd=FWDBWD_TARGETS, memory=MEMORY_TOLERANCE,
                                stack_moonshot=STACK_MOONSHOT))

@@ -390,16 +390,16 @@ def _int64_offsets(q, span):
     return max((T - 1) * q.stride(2) + (Hq - 1) * q.stride(1) + D, span) >= INT32_OFFSETS
 
 
-def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, op, lp, tok=None, chunk=None,
-                   num_warps=None, num_stages=None, softcap=0.0, maxnreg=None, lists=None):
+def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, op, lp, lists, tok=None, chunk=None,
+                   num_warps=None, num_stages=None, softcap=0.0, maxnreg=None):
     """Sparse-branch partials of the tokens `t_begin .. t_begin + TC - 1`.
 
     q [B, Hq, T, d]; k_shared, v_shared [B, Hkv, T, d] (last dim unit stride); indices int32 [B, Hkv, TC, nsel]
     (the rows of those tokens, contiguous); scale2 = scale * log2(e). Fills op [B, Hkv, TC, nsel, G, d] (normalized
     partial outputs) and lp [B, Hkv, TC, nsel, G] float32 (log2-sum-exp of each partial); slots without a block are
     not written (the caller fills lp with -inf first). Knobs: `default_config`'s, and `maxnreg` (Triton's cap on
-    registers per thread, `partials_maxnreg`). `lists`: this chunk's `token_lists` entry, made for every chunk at
-    once by `chunk_lists` (None: made here from `indices`).
+    registers per thread, `partials_maxnreg`). `lists`: this chunk's entry of `chunk_lists`, made for every chunk at
+    once with the same `tok` / `chunk` knobs.
     """
     B, Hq, T, D = q.shape
     Hkv = k_shared.shape[1]
@@ -408,7 +408,7 @@ def block_partials(q, k_shared, v_shared, indices, block_size, scale2, t_begin, 
     n_blocks = triton.cdiv(T, block_size)
     tok, block_m, chunk, num_warps, num_stages = default_config(G, D, block_size, tok, chunk, num_warps, num_stages)
     maxnreg = partials_maxnreg(num_warps, maxnreg)
-    lists, start, item_bucket, item_chunk = lists or token_lists(indices, n_blocks, chunk)[0]
+    lists, start, item_bucket, item_chunk = lists
     off64 = _int64_offsets(q, TC * nsel * G * D)  # one (batch, group) of the partials
     _block_partials_kernel[(item_bucket.numel(),)](
         q, k_shared, v_shared, lists, start, item_bucket, item_chunk, op, lp,

@@ -578,8 +578,8 @@ def _block_major_fwd(q, k_own, v_own, k_shared, v_shared, indices, gate_sparse, 
         n = min(tc, T - t_begin)
         lp.fill_(float("-inf"))  # slots that selected no block keep -inf (the combine drops them)
         idx = indices[:, :, t_begin:t_begin + n]
-        block_partials(q, k_shared, v_shared, idx, block_size, scale2, t_begin, op, lp, softcap=softcap,
-                       lists=chunk_work, **knobs)
+        block_partials(q, k_shared, v_shared, idx, block_size, scale2, t_begin, op, lp, chunk_work, softcap=softcap,
+                       **knobs)
         if combine == "separate":
             combine_partials(op, lp, B * Hkv * n)  # the chunk's rows are packed at the buffers' start
         _sparse_fwd_partials_kernel[(triton.cdiv(n, m_tok), B * Hkv)](

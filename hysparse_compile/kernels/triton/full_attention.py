@@ -42,8 +42,8 @@ from .select_blocks import launch_merge_heads
 # copies; common.tma_mode; pointer loads where a tensor can't be described or the kernel fails to build); "acc_dot":
 # P @ V accumulates into the rescaled acc; "ws" (with tma): a warp-specialized off-diagonal loop. This set was
 # 1.33x cuDNN against the pointer kernel's 1.42x (64x64 tiles, no descriptors), mean of 8k/32k at 32/8/128, 64/4/128.
-# "persist" (programs per SM; absent or 0: off): a persistent 1-D grid over the same heaviest-first tile order, not
-# yet timed (twelfth session of 2026-12-06, no device time left), so off.
+# "persist" (programs per SM; absent or 0: off): a persistent 1-D grid over the same heaviest-first tile order; off:
+# 5-9% slower than this 2-D grid at 32k and 128k on the H100 (docs/benchmarks.md, "Thirteenth session").
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "tma": "2d", "acc_dot": True,
               "ws": True}
 # Where descriptors cannot run (before Hopper, an unaddressable tensor, under wrap_triton, a failed build): the tiles

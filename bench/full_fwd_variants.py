@@ -6,8 +6,7 @@ SDPA cuDNN in one run (GPU; issue #22 item 3, the forward).
 
 Variants (`VARIANTS`): the pointer kernel as tuned (`ptr`, the default), the same with the P @ V product accumulating
 into the rescaled accumulator (`acc`), and K/V through tensor descriptors (Hopper bulk copies, `tma`) at several
-tiles, and the default on a persistent grid (`_p<programs per SM>`). A descriptor variant that fails to build
-falls back to pointer loads inside `launch_forward`; the bench
+tiles. A descriptor variant that fails to build falls back to pointer loads inside `launch_forward`; the bench
 reports that as `fell_back` and does not time it as TMA.
 
 1. Checks at `--check-seqlen` (bf16 against the float32 reference): out relative L2, lse max abs, the share of rows
@@ -60,16 +59,9 @@ VARIANTS = {
     "tma_acc_ws_128x64_w8_s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True, acc_dot=True,
                                     ws=True),
     "tma2d_ws_128x64_w8_s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma="2d", ws=True),
-    # the default on a persistent grid (`persist` programs per SM walking the same heaviest-first tile order)
-    "tma2d_acc_ws_128x64_w8_s3_p1": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma="2d", acc_dot=True,
-                                         ws=True, persist=1),
-    "tma2d_acc_ws_128x64_w8_s3_p2": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma="2d", acc_dot=True,
-                                         ws=True, persist=2),
-    "tma2d_acc_128x64_w8_s3_p1": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma="2d", acc_dot=True,
-                                      persist=1),
 }
 # every variant names every option, so that FWD_CONFIG.update(VARIANTS[name]) runs exactly that variant
-VARIANTS = {name: {"tma": False, "acc_dot": False, "ws": False, "persist": 0, **cfg} for name, cfg in VARIANTS.items()}
+VARIANTS = {name: {"tma": False, "acc_dot": False, "ws": False, **cfg} for name, cfg in VARIANTS.items()}
 DEFAULT = "tma2d_acc_ws_128x64_w8_s3"  # FWD_CONFIG since 2026-12-05 (m): the fastest of these on the H100
 
 

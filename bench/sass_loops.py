@@ -78,7 +78,7 @@ def _tool(name: str) -> str:
 
 
 def compile_full_forward(select: bool, tma: int, ws: bool, block_m: int = 128, block_n: int = 64, warps: int = 8,
-                         stages: int = 3, head_dim: int = 128, nsel: int = 16, persist: bool = False):
+                         stages: int = 3, head_dim: int = 128, nsel: int = 16):
     """`full_attention._fwd_kernel` compiled for sm_90 with the default's tiles (bf16, block 64, no sinks/softcap,
     the accumulate-form P @ V); tma 0 (pointer loads) or 2 (2-D descriptors)."""
     import triton
@@ -95,7 +95,7 @@ def compile_full_forward(select: bool, tma: int, ws: bool, block_m: int = 128, b
                    Start="*fp32")
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BS=64, NSEL=nsel,
                  NSEL_P2=triton.next_power_of_2(nsel), IEEE=False, SELECT=select, SOFTCAP=False, HAS_SINKS=False,
-                 HAS_START=False, TMA=tma, ACC_DOT=True, WS=ws, PERSIST=persist)
+                 HAS_START=False, TMA=tma, ACC_DOT=True, WS=ws)
     params = fa._fwd_kernel.params
     sig = {p.name: "constexpr" if p.is_constexpr else tensors.get(p.name) or
            ("fp32" if p.name in ("qk_scale", "cap2") else "i32") for p in params}
@@ -150,21 +150,20 @@ def sass_of(kernel, workdir: Path, tag: str) -> tuple[str, dict]:
     return sass, usage
 
 
-_FULL = re.compile(r"sel([01])_tma([02])_ws([01])(_p)?")
+_FULL = re.compile(r"sel([01])_tma([02])_ws([01])")
 _BLOCK = re.compile(r"(partials|grads)(?:_r(\d+))?")
 
 
 def variants(spec: str) -> list[str]:
     """'sel0_tma0_ws0, partials_r0' -> ['sel0_tma0_ws0', 'partials_r0'], each checked: sel<0|1>_tma<0|2>_ws<0|1>
-    (the full forward: selection, pointer loads or 2-D descriptors, warp specialization; a `_p` suffix: its
-    persistent grid), or partials / grads with
+    (the full forward: selection, pointer loads or 2-D descriptors, warp specialization), or partials / grads with
     an optional _r<maxnreg> (the block-major sparse kernels; `partials` alone has the launch's cap,
     `block_major.PARTIALS_MAXNREG`, and _r0 none)."""
     out = []
     for item in spec.split(","):
         item = item.strip()
         if not (_FULL.fullmatch(item) or _BLOCK.fullmatch(item)):
-            raise ValueError(f"sass_loops: variant {item!r}; write sel<0|1>_tma<0|2>_ws<0|1>[_p] (the full forward) or "
+            raise ValueError(f"sass_loops: variant {item!r}; write sel<0|1>_tma<0|2>_ws<0|1> (the full forward) or "
                              "partials / grads, optionally with _r<maxnreg> (the block-major sparse kernels)")
         out.append(item)
     return out
@@ -174,7 +173,7 @@ def compile_variant(tag: str):
     """The compiled kernel of one `variants` tag."""
     m = _FULL.fullmatch(tag)
     if m:
-        return compile_full_forward(m.group(1) == "1", int(m.group(2)), m.group(3) == "1", persist=bool(m.group(4)))
+        return compile_full_forward(m.group(1) == "1", int(m.group(2)), m.group(3) == "1")
     m = _BLOCK.fullmatch(tag)
     return compile_block_major(m.group(1), None if m.group(2) is None else int(m.group(2)))
 

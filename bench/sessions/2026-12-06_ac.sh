@@ -4,7 +4,8 @@
 # item 3), built and checked on the CPU only before this call (interpreter; the default's sm_90 SASS is
 # byte-identical): check_gpu with every full-layer op on the persistent variant, then timed against the default and
 # SDPA cuDNN at 8k / 32k / 128k; (2) the model's fwd+bwd at 32k against the original at its best on the tree whose
-# block-major forward builds its lists with one sort (call ab timed the forward only).
+# block-major forward builds its lists with one sort (call ab timed the forward only). Ran at 0e4a58c; the
+# persistent grid was slower and is removed after it, with its variants (`..._p1`, `..._p2`; code at bb18a2a).
 BUDGET_S=${BUDGET_S:-590}; . "$(dirname "$0")/steps.sh"; mkdir -p "$W"
 mkdir -p "$W/full" "$W/e2e_fwdbwd"
 OUT="$W" TAIL=4 step check_gpu_persist 110 python -m bench.check_gpu --shapes 32/8/128 --seqlens 4096,32768 --bwd-seqlens 4096 --backends triton --full-fwd tma2d_acc_ws_128x64_w8_s3_p1

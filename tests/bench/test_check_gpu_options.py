@@ -41,7 +41,7 @@ def test_the_previous_defaults_are_one_flag_each(clean):
     assert fa.FWD_CONFIG["tma"] and fa.FWD_CONFIG["ws"] and tsa.TOKEN_TMA
     check_gpu.kernel_options(argparse.Namespace(full_fwd="ptr_64x64_w4_s3", combine=None, token_tma="off"))
     assert fa.FWD_CONFIG == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "tma": False,
-                             "acc_dot": False, "ws": False, "persist": 0}
+                             "acc_dot": False, "ws": False}
     assert tsa.TOKEN_TMA is False
 
 

@@ -30,11 +30,9 @@ fa_ext = importlib.import_module("hysparse_compile.kernels.triton.full_attention
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 VARIANTS = {"tma+acc_dot": dict(tma=True, acc_dot=True), "tma": dict(tma=True), "acc_dot": dict(acc_dot=True),
             "tma2d+acc_dot": dict(tma="2d", acc_dot=True),  # 2-D: contiguous K/V (mode 2), the model's layout (3)
-            "tma2d+acc_dot+ws": dict(tma="2d", acc_dot=True, ws=True),  # the interpreter runs the loop plainly
-            # a persistent grid (1 program per SM; the interpreter says 3 SMs, fewer programs than tiles)
-            "persist": dict(persist=1), "tma2d+acc_dot+ws+persist": dict(tma="2d", acc_dot=True, ws=True, persist=1)}
-if common.TensorDescriptor is None:  # a Triton without host-side descriptors: only pointer loads can run
-    VARIANTS = {"acc_dot": dict(acc_dot=True), "persist": dict(persist=1)}
+            "tma2d+acc_dot+ws": dict(tma="2d", acc_dot=True, ws=True)}  # the interpreter runs the loop plainly
+if common.TensorDescriptor is None:  # a Triton without host-side descriptors: only the accumulate form can run
+    VARIANTS = {"acc_dot": dict(acc_dot=True)}
 
 
 def use_config(monkeypatch, block_n=32, **opts):
@@ -71,9 +69,9 @@ CASES = {  # name: (B, Hq, Hkv, T, d, block, topk, options)
 }
 
 
-# Each option alone (the combinations cover it), the warp-specialized loop (the interpreter runs it as the plain
-# one) and the persistent grids run on one case by default, on every case with --full.
-SAMPLED = ("tma", "acc_dot", "tma2d+acc_dot+ws", "persist", "tma2d+acc_dot+ws+persist")
+# Each option alone (the combinations cover it) and the warp-specialized loop (the interpreter runs it as the plain
+# one) run on one case by default, on every case with --full.
+SAMPLED = ("tma", "acc_dot", "tma2d+acc_dot+ws")
 GRID = [pytest.param(c, v, marks=pytest.mark.full_grid) if v in SAMPLED and c != "g4_T70_transposed" else (c, v)
         for v in VARIANTS for c in CASES]
 

@@ -42,8 +42,8 @@ from .select_blocks import launch_merge_heads
 # copies; common.tma_mode; pointer loads where a tensor can't be described or the kernel fails to build); "acc_dot":
 # P @ V accumulates into the rescaled acc; "ws" (with tma): a warp-specialized off-diagonal loop. This set was
 # 1.33x cuDNN against the pointer kernel's 1.42x (64x64 tiles, no descriptors), mean of 8k/32k at 32/8/128, 64/4/128.
-# "persist" (programs per SM; absent or 0: off): a persistent 1-D grid over the same heaviest-first tile order; off:
-# 5-9% slower than this 2-D grid at 32k and 128k on the H100 (docs/benchmarks.md, "Thirteenth session").
+# A persistent grid over the same heaviest-first tile order was 5-9% slower at 32k / 128k and is not kept
+# (docs/kernels_full.md, "A persistent grid").
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "tma": "2d", "acc_dot": True,
               "ws": True}
 # Where descriptors cannot run (before Hopper, an unaddressable tensor, under wrap_triton, a failed build): the tiles
@@ -172,11 +172,11 @@ def _fwd_tile(acc, l_i, m_i, top_v, top_i, q, K, V, b, g, row0, col0, start_n, o
 def _fwd_kernel(
     Q, K, V, Out, Lse, CandS, CandI, Sinks, Start,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, Hq, G, qk_scale, cap2, S_KV, BH,
+    T, Hq, G, qk_scale, cap2, S_KV,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     NSEL: tl.constexpr, NSEL_P2: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_START: tl.constexpr, TMA: tl.constexpr = 0,
-    ACC_DOT: tl.constexpr = False, WS: tl.constexpr = False, PERSIST: tl.constexpr = False,
+    ACC_DOT: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """T query rows per (b, h). Prefill (HAS_START False): row t at position t, keys 0..T-1. Extend (HAS_START):
     row r at position Start[b] + r, keys 0..Start[b] + T - 1 of the cache; outputs indexed by row.
@@ -185,35 +185,10 @@ def _fwd_kernel(
     [B * Hkv * S, d]; 3 over the model's layout [B, S, Hkv, d] seen as [B * S, Hkv * d] (2 and 3: block
     [BLOCK_N, d]). ACC_DOT: the P @ V product accumulates into the rescaled accumulator. WS: the off-diagonal loop
     is warp-specialized (`tl.range(warp_specialize=True)`: producer warps issue the bulk copies, consumer warpgroups
-    do the math; with TMA only). Grid: (query tiles, BH = B * Hq), heaviest (last) query tiles first; PERSIST: a 1-D
-    grid of fewer programs, each taking tiles tile = pid, pid + programs, ... of the same heaviest-first order over
-    all heads (tile // BH counts query tiles from the last)."""
-    if PERSIST:
-        n_m = tl.cdiv(T, BLOCK_M)
-        for tile in range(tl.program_id(0), n_m * BH, tl.num_programs(0)):
-            _fwd_rows(n_m - 1 - tile // BH, tile % BH, Q, K, V, Out, Lse, CandS, CandI, Sinks, Start,
-                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, T, Hq, G, qk_scale, cap2, S_KV,
-                      HEAD_DIM, BLOCK_M, BLOCK_N, BS, NSEL, NSEL_P2, IEEE, SELECT, SOFTCAP, HAS_SINKS, HAS_START, TMA,
-                      ACC_DOT, WS)
-    else:
-        _fwd_rows(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), Q, K, V, Out, Lse, CandS, CandI,
-                  Sinks, Start, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, T, Hq, G, qk_scale, cap2,
-                  S_KV, HEAD_DIM, BLOCK_M, BLOCK_N, BS, NSEL, NSEL_P2, IEEE, SELECT, SOFTCAP, HAS_SINKS, HAS_START,
-                  TMA, ACC_DOT, WS)
-
-
-@triton.jit
-def _fwd_rows(
-    start_m, bh, Q, K, V, Out, Lse, CandS, CandI, Sinks, Start,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, Hq, G, qk_scale, cap2, S_KV,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-    NSEL: tl.constexpr, NSEL_P2: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_START: tl.constexpr, TMA: tl.constexpr,
-    ACC_DOT: tl.constexpr, WS: tl.constexpr,
-):
-    """Query tile `start_m` of (batch, head) `bh`: `_fwd_kernel`'s work for one program of its 2-D grid."""
+    do the math; with TMA only)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # a traced caller (AOTInductor, wrap_triton) passes Python floats as fp64
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query tiles first
+    bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
     h = (bh % Hq).to(tl.int64)
     g = h // G
@@ -381,22 +356,6 @@ def merged_indices(cand_s, cand_i, Hkv, block_size, topk):
     return torch.empty(B, Hkv, rows, 0, dtype=torch.int32, device=cand_s.device)
 
 
-INTERPRET_SMS = 3  # what `sm_count` says in the interpreter: a persistent grid smaller than the tiles
-
-
-@functools.cache
-def _device_sms(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device):
-    """Streaming multiprocessors of `device` (INTERPRET_SMS in the interpreter)."""
-    if INTERPRET or torch.device(device).type != "cuda":
-        return INTERPRET_SMS
-    index = torch.device(device).index
-    return _device_sms(torch.cuda.current_device() if index is None else index)
-
-
 def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=direct, *, start=None, cfg=None):
     """The flash pass: out [B, Hq, T, d], lse [B, Hq, T], per-head candidates cand_s float32 / cand_i int32
     [B, Hq, T, NSEL_P2] (log block score, block index; -inf / -1 in empty slots). q/k/v: unit last stride; sinks
@@ -419,24 +378,21 @@ def launch_forward(q, k, v, sinks, block_size, topk, scale, softcap=0.0, wrap=di
         if tma:
             kd, vd = (descriptor(x, tma, cfg["BLOCK_N"]) for x in (k, v))
         grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
-        persist = cfg.get("persist") or 0
-        if persist:  # programs per SM: a 1-D grid that walks the same heaviest-first order
-            grid = (min(grid[0] * grid[1], persist * sm_count(q.device)),)
         wrap(_fwd_kernel)[grid](
             q, kd, vd, out, lse, cand_s, cand_i, sinks if sinks is not None else lse,
             start if start is not None else lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            T, Hq, Hq // Hkv, scale * LOG2E, softcap2(softcap), k.shape[2], B * Hq,
+            T, Hq, Hq // Hkv, scale * LOG2E, softcap2(softcap), k.shape[2],
             HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BS=block_size, NSEL=nsel, NSEL_P2=nsel_p2,
             IEEE=q.dtype == torch.float32, SELECT=topk >= block_size, SOFTCAP=bool(softcap),
             HAS_SINKS=sinks is not None, HAS_START=start is not None, TMA=tma, ACC_DOT=bool(cfg.get("acc_dot")),
-            WS=bool(tma and cfg.get("ws")), PERSIST=bool(persist),
+            WS=bool(tma and cfg.get("ws")),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
     mode = tma_mode(wanted.get("tma"), k, v) if wrap is direct else 0
-    tiles = tuple(wanted.get(n) for n in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "ws", "persist"))
+    tiles = tuple(wanted.get(n) for n in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "ws"))
     with_descriptors(TMA_FAILED, (str(q.device), q.dtype, d, tiles), "the full layer's forward", mode, launch)
     return out, lse, cand_s, cand_i
 
